@@ -1,0 +1,230 @@
+"""The Flax decoder (Llama / Mistral / Qwen2 / Qwen3) over a fixed-shape KV cache.
+
+One forward serves prefill (many tokens of one or a few sequences) and decode (one token
+per slot): every token carries its absolute position, its K/V are written into the cache
+at (slot, position), and attention reads the slot's cache rows with a causal mask on
+positions. Stale entries beyond a sequence's position are masked, never cleared, so a
+slot can be reused without touching memory.
+
+Layout choices made for speed (see DESIGN.md, "Rules that make it fast"):
+- q, k and v are one fused weight of shape [embed, kv_heads, q_per_kv + 2, head_dim]: one
+  matmul per layer, and the kv-head axis can be sharded without splitting a group;
+- gate and up are one fused weight [embed, 2, mlp];
+- the cache is one array pair per layer (no re-stacking per step), donated by callers.
+
+Every parameter is declared with logical axis names (`nn.with_logical_partitioning`);
+`model/sharding.py` maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+
+# Logical axis names of the KV cache arrays [slots, max_len, kv_heads, head_dim].
+CACHE_AXES = ("cache_batch", "cache_seq", "cache_heads", "head_dim")
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies, with the configured scaling (as in HF transformers)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    kind = config.rope_scaling[0]
+    if kind == "linear":
+        inv_freq = inv_freq / config.rope_scaling[1]
+    elif kind == "llama3":
+        factor, low, high, old_len = config.rope_scaling[1:]
+        low_wavelen = old_len / low
+        high_wavelen = old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE. x: [B, T, ..., head_dim]; positions: [B, T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B,T,D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    extra = x.ndim - 3
+    emb = emb.reshape(emb.shape[:2] + (1,) * extra + emb.shape[-1:])
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (scale.astype(jnp.float32) * xf).astype(x.dtype)
+
+
+def _param(module: nn.Module, name: str, shape, axes, dtype, init=None):
+    init = init or nn.initializers.normal(stddev=0.02)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: str
+    axis: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (x.shape[-1],), (self.axis,), self.dtype, nn.initializers.ones)
+        return rms_norm(x, scale, self.eps)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, k_cache, v_cache, slot_ids):
+        cfg = self.config
+        kvh, g, hd = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
+        qkv_w = _param(self, "qkv", (cfg.hidden_size, kvh, g + 2, hd),
+                       ("embed", "kv_heads", None, "head_dim"), cfg.dtype)
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, qkv_w)
+        if cfg.qkv_bias:
+            qkv = qkv + _param(self, "qkv_bias", (kvh, g + 2, hd), ("kv_heads", None, "head_dim"),
+                               cfg.dtype, nn.initializers.zeros)
+        q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, "head_dim", name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, cfg.dtype, "head_dim", name="k_norm")(k)
+        inv_freq = rope_inv_freq(cfg)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+
+        # Write this call's K/V at (slot, position); out-of-range positions are dropped.
+        rows = (jnp.arange(x.shape[0]) if slot_ids is None else slot_ids)[:, None]
+        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        keys = k_cache if slot_ids is None else k_cache[slot_ids]
+        values = v_cache if slot_ids is None else v_cache[slot_ids]
+
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys,
+                            preferred_element_type=jnp.float32) / math.sqrt(hd)
+        key_pos = jnp.arange(keys.shape[1])
+        mask = key_pos[None, None, :] <= positions[:, :, None]  # [B,T,S]
+        window = cfg.layer_window(self.layer)
+        if window is not None:
+            mask &= key_pos[None, None, :] > positions[:, :, None] - window
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, values)
+        o_w = _param(self, "o", (kvh, g, hd, cfg.hidden_size),
+                     ("kv_heads", None, "head_dim", "embed"), cfg.dtype)
+        y = jnp.einsum("btkgh,kghd->btd", out, o_w)
+        if cfg.o_bias:
+            y = y + _param(self, "o_bias", (cfg.hidden_size,), ("embed",), cfg.dtype,
+                           nn.initializers.zeros)
+        return y, k_cache, v_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate_up = _param(self, "gate_up", (cfg.hidden_size, 2, cfg.intermediate_size),
+                         ("embed", None, "mlp"), cfg.dtype)
+        down = _param(self, "down", (cfg.intermediate_size, cfg.hidden_size), ("mlp", "embed"),
+                      cfg.dtype)
+        h = jnp.einsum("btd,dcf->btcf", x, gate_up)
+        return (jax.nn.silu(h[..., 0, :]) * h[..., 1, :]) @ down
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, k_cache, v_cache, slot_ids):
+        cfg = self.config
+        h, k_cache, v_cache = Attention(cfg, self.layer, name="attn")(
+            RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="attn_norm")(x), positions, k_cache,
+            v_cache, slot_ids)
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="mlp_norm")(x))
+        return x, k_cache, v_cache
+
+
+class Decoder(nn.Module):
+    """tokens [B, T], positions [B, T], cache: tuple of (k, v) per layer -> (logits, cache).
+
+    slot_ids [B] selects which cache rows the B sequences use (None: row b is slot b).
+    logits_index [B] picks one position per sequence to project to the vocabulary
+    (prefill needs only the last); None projects every position.
+    Logits are float32.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache, slot_ids=None, logits_index=None):
+        cfg = self.config
+        embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                       cfg.dtype)
+        x = embed[tokens]
+        new_cache = []
+        for i in range(cfg.num_layers):
+            k_cache, v_cache = cache[i]
+            x, k_cache, v_cache = DecoderLayer(cfg, i, name=f"layer_{i}")(
+                x, positions, k_cache, v_cache, slot_ids)
+            new_cache.append((k_cache, v_cache))
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
+        x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="final_norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = jnp.einsum("...d,vd->...v", x, embed, preferred_element_type=jnp.float32)
+        else:
+            head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                          cfg.dtype)
+            logits = jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+        return logits, tuple(new_cache)
+
+
+def init_cache(config: ModelConfig, slots: int, max_len: int, dtype=None) -> tuple:
+    """A zeroed KV cache: per layer a (k, v) pair of [slots, max_len, kv_heads, head_dim]."""
+    shape = (slots, max_len, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.dtype
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                 for _ in range(config.num_layers))
+
+
+def abstract_params(config: ModelConfig):
+    """Shapes and logical axes of the parameters, without allocating them."""
+    model = Decoder(config)
+    cache = jax.eval_shape(lambda: init_cache(config, 1, 1))
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens, cache))["params"]
+
+
+def init_params(config: ModelConfig, seed: int = 0):
+    """Random parameters (plain arrays, metadata boxes removed)."""
+    model = Decoder(config)
+    cache = init_cache(config, 1, 1)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params = model.init(jax.random.key(seed), tokens, tokens, cache)["params"]
+    return nn.meta.unbox(params)
+
+
+def forward(config: ModelConfig, params, cache, tokens, positions, slot_ids=None,
+            logits_index=None):
+    """Pure forward; jit it at the call site (with the cache donated)."""
+    return Decoder(config).apply({"params": params}, tokens, positions, cache, slot_ids,
+                                 logits_index)

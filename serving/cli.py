@@ -1,0 +1,68 @@
+"""The `flaxserve` command line: a thin dispatcher.
+
+Each subcommand lives in the module that does the work, which exposes
+`add_arguments(parser)` and `run(args) -> int`; this file only maps names to modules, and
+imports a module (and so JAX) only when its command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "serve": ("serving.serve", "engine and HTTP front end together (one command)"),
+    "engine": ("serving.engine.main", "the gRPC batch server alone"),
+    "http": ("serving.http.main", "the HTTP front end alone, against a running engine"),
+    "generate": ("serving.generate", "generate in process, no servers"),
+    "convert": ("checkpoints.convert", "convert a Hugging Face checkpoint to orbax"),
+}
+
+BENCH_COMMANDS = {
+    "decode": ("serving.bench_decode", "decode tokens/s, roofline fraction, vs transformers"),
+    "sampling": ("sampling.bench", "cost of the sampler, all stages on vs off"),
+    "serve": ("serving.bench_serve", "load generator against the gRPC or HTTP server"),
+}
+
+
+def _add(sub, name, module, help_text):
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(_module=module)
+    try:
+        importlib.import_module(module).add_arguments(parser)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        parser.set_defaults(_missing=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flaxserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        _add(sub, name, module, help_text)
+    bench = sub.add_parser("bench", help="benchmarks that print figures")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for name, (module, help_text) in BENCH_COMMANDS.items():
+        _add(bench_sub, name, module, help_text)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "_missing", False):
+        print(f"flaxserve: this command is not available in this build ({args._module})",
+              file=sys.stderr)
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except ValueError as e:  # bad input: one clear line, non-zero exit
+        print(f"flaxserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
