@@ -96,7 +96,10 @@ class Attention(nn.Module):
         kvh, g, hd = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
         qkv_w = _param(self, "qkv", (cfg.hidden_size, kvh, g + 2, hd),
                        ("embed", "kv_heads", None, "head_dim"), cfg.dtype)
-        qkv = jnp.einsum("btd,dkgh->btkgh", x, qkv_w)
+        b, t = x.shape[:2]
+        # Plain 2-D matmuls on free reshapes: an einsum lets XLA transpose the weight
+        # instead of the activation, which copies megabytes per layer per step.
+        qkv = (x @ qkv_w.reshape(cfg.hidden_size, -1)).reshape(b, t, kvh, g + 2, hd)
         if cfg.qkv_bias:
             qkv = qkv + _param(self, "qkv_bias", (kvh, g + 2, hd), ("kv_heads", None, "head_dim"),
                                cfg.dtype, nn.initializers.zeros)
@@ -127,7 +130,7 @@ class Attention(nn.Module):
         out = jnp.einsum("bkgts,bskh->btkgh", probs, values)
         o_w = _param(self, "o", (kvh, g, hd, cfg.hidden_size),
                      ("kv_heads", None, "head_dim", "embed"), cfg.dtype)
-        y = jnp.einsum("btkgh,kghd->btd", out, o_w)
+        y = out.reshape(b, t, -1) @ o_w.reshape(-1, cfg.hidden_size)
         if cfg.o_bias:
             y = y + _param(self, "o_bias", (cfg.hidden_size,), ("embed",), cfg.dtype,
                            nn.initializers.zeros)
@@ -144,7 +147,7 @@ class MLP(nn.Module):
                          ("embed", None, "mlp"), cfg.dtype)
         down = _param(self, "down", (cfg.intermediate_size, cfg.hidden_size), ("mlp", "embed"),
                       cfg.dtype)
-        h = jnp.einsum("btd,dcf->btcf", x, gate_up)
+        h = (x @ gate_up.reshape(cfg.hidden_size, -1)).reshape(x.shape[:-1] + (2, -1))
         return (jax.nn.silu(h[..., 0, :]) * h[..., 1, :]) @ down
 
 

@@ -1,0 +1,260 @@
+"""The device side of the batch server: jitted prefill, insert and decode step.
+
+Everything that touches the accelerator lives here, behind a narrow interface in the
+spirit of JetStream's engine API: the scheduler (one thread) decides which slot gets what,
+this class only runs compiled programs over a decode state that never leaves the device.
+
+- The decode state (KV cache, per-slot sampling rows and sampler state, last token,
+  position, active flag) is one pytree, donated to every call, so XLA updates it in place.
+- `step` is one program: model forward for every slot, the sampler, the state update.
+  Only sampled ids, their logprobs and the top-N logprobs come back to the host.
+- Prompts run in power-of-two buckets (padding writes are dropped), so a new prompt
+  length never compiles anything once `warmup` has run.
+- Inactive slots still ride along in the fixed-shape batch, but write nothing: a released
+  slot keeps its KV intact for the prefix cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import monitoring
+
+from model.config import ModelConfig
+from model.decoder import forward, init_cache
+from sampling.params import SamplingParams
+from sampling.rows import make_rows, set_row
+from sampling.sampler import sample
+from sampling.state import init_state, reset_row
+
+_compiles = 0
+_compiles_lock = threading.Lock()
+
+
+def _count_compile(name: str, *_args, **_kw) -> None:
+    global _compiles
+    if name == "/jax/core/compile/backend_compile_duration":
+        with _compiles_lock:
+            _compiles += 1
+
+
+monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_count() -> int:
+    """XLA compilations in this process so far (tests: none after warm-up)."""
+    return _compiles
+
+
+@dataclass
+class StepOutput:
+    """Host copies of one call's results, indexed by slot (insert: one row)."""
+
+    tokens: np.ndarray          # [S] int32
+    logprobs: np.ndarray        # [S] float32, sampled token, in the row's logprobs_mode
+    ranks: np.ndarray           # [S] int32
+    top_ids: np.ndarray         # [S, K] int32
+    top_logprobs: np.ndarray    # [S, K] float32
+    errors: np.ndarray          # [S] bool: every token was masked
+    device_seconds: float
+
+
+class Pending:
+    """A dispatched call; `result()` waits for the device and copies the outputs."""
+
+    def __init__(self, engine: "DeviceEngine", out):
+        self._engine = engine
+        self._out = out
+        self._dispatched = time.perf_counter()
+        self._result: StepOutput | None = None
+
+    def result(self) -> StepOutput:
+        if self._result is None:
+            out = jax.device_get(self._out)
+            done = time.perf_counter()
+            seconds = done - max(self._dispatched, self._engine._last_done)
+            self._engine._last_done = done
+            self._result = StepOutput(
+                tokens=np.asarray(out.tokens), logprobs=np.asarray(out.logprob),
+                ranks=np.asarray(out.rank), top_ids=np.asarray(out.top_ids),
+                top_logprobs=np.asarray(out.top_logprobs), errors=np.asarray(out.error),
+                device_seconds=max(seconds, 0.0))
+            self._out = None
+        return self._result
+
+
+def default_buckets(max_len: int, smallest: int = 16, largest: int = 512) -> tuple[int, ...]:
+    buckets, b = [], smallest
+    while b < min(largest, max_len):
+        buckets.append(b)
+        b *= 2
+    buckets.append(min(largest, max_len))
+    return tuple(buckets)
+
+
+class DeviceEngine:
+    """Owns params and the decode state; call every method from one thread."""
+
+    def __init__(self, config: ModelConfig, params, *, max_slots: int, max_len: int,
+                 mesh=None, prefill_buckets: tuple[int, ...] | None = None,
+                 num_top_logprobs: int = 20, eos_ids=()):
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if not 2 <= max_len <= config.max_position_embeddings:
+            raise ValueError(f"max_len must be in [2, {config.max_position_embeddings}] "
+                             f"(the model's max_position_embeddings), got {max_len}")
+        self.config = config
+        self.max_slots = max_slots
+        self.max_len = max_len
+        self.vocab_size = config.vocab_size
+        self.prefill_buckets = tuple(sorted(prefill_buckets or default_buckets(max_len)))
+        self.num_top_logprobs = num_top_logprobs
+        self.eos_ids = tuple(eos_ids)
+        self.mesh = mesh
+        self._last_done = 0.0
+        self.params = params
+        if mesh is not None:
+            from model import sharding
+            self.params = sharding.shard_params(params, sharding.param_shardings(config, mesh))
+        self.state = self._init_state()
+        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self._insert = jax.jit(self._insert_fn, donate_argnums=(1,))
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._copy = jax.jit(self._copy_fn, donate_argnums=(0,))
+        self._release = jax.jit(lambda active, slot: active.at[slot].set(False),
+                                donate_argnums=(0,))
+
+    # -- state ------------------------------------------------------------------------
+
+    def _init_state(self) -> dict:
+        s, length = self.max_slots, self.max_len
+        cache = init_cache(self.config, s, length)
+        if self.mesh is not None:
+            from model import sharding
+            cache = sharding.shard_cache(
+                cache, sharding.cache_shardings(self.config, self.mesh, s, length))
+        rows = make_rows([None] * s, self.vocab_size, [0] * s, [0] * s)
+        return {
+            "cache": cache,
+            "rows": jax.tree.map(jnp.asarray, rows),
+            "sampler": init_state(s, self.vocab_size, length),
+            "last": jnp.zeros((s,), jnp.int32),
+            "pos": jnp.zeros((s,), jnp.int32),
+            "active": jnp.zeros((s,), bool),
+        }
+
+    # -- jitted programs ---------------------------------------------------------------
+
+    def _step_fn(self, params, state):
+        active, pos = state["active"], state["pos"]
+        write_pos = jnp.where(active, pos, self.max_len)  # inactive rows write nothing
+        logits, cache = forward(self.config, params, state["cache"], state["last"][:, None],
+                                write_pos[:, None])
+        out, sampler = sample(logits[:, 0], state["rows"], state["sampler"],
+                              num_top=self.num_top_logprobs)
+        state = dict(state, cache=cache, sampler=sampler,
+                     last=jnp.where(active, out.tokens, state["last"]),
+                     pos=jnp.where(active, pos + 1, pos))
+        return state, out
+
+    def _run_chunk(self, params, state, tokens, start, true_len, slot):
+        n = tokens.shape[0]
+        idx = jnp.arange(n)
+        positions = jnp.where(idx < true_len, start + idx, self.max_len)[None]
+        logits, cache = forward(self.config, params, state["cache"], tokens[None], positions,
+                                slot_ids=slot[None], logits_index=(true_len - 1)[None])
+        return logits, dict(state, cache=cache)
+
+    def _prefill_fn(self, params, state, tokens, start, true_len, slot):
+        _, state = self._run_chunk(params, state, tokens, start, true_len, slot)
+        return state
+
+    def _insert_fn(self, params, state, tokens, start, true_len, slot, row, prompt, prompt_len):
+        logits, state = self._run_chunk(params, state, tokens, start, true_len, slot)
+        sampler = reset_row(state["sampler"], slot, prompt, prompt_len, row)
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
+        one_state = jax.tree.map(take, sampler)
+        out, one_state = sample(logits, row, one_state, num_top=self.num_top_logprobs)
+        put = lambda full, one: jax.lax.dynamic_update_slice_in_dim(full, one, slot, axis=0)
+        sampler = jax.tree.map(put, sampler, one_state)
+        state = dict(state, sampler=sampler, rows=set_row(state["rows"], slot, row),
+                     last=state["last"].at[slot].set(out.tokens[0]),
+                     pos=state["pos"].at[slot].set(prompt_len),
+                     active=state["active"].at[slot].set(True))
+        return state, out
+
+    def _copy_fn(self, state, src, dst):
+        cache = tuple((k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in state["cache"])
+        return dict(state, cache=cache)
+
+    # -- host API -------------------------------------------------------------------------
+
+    def _bucket(self, n: int) -> int:
+        for b in self.prefill_buckets:
+            if n <= b:
+                return b
+        raise ValueError(f"chunk of {n} tokens exceeds the largest prefill bucket "
+                         f"{self.prefill_buckets[-1]}")
+
+    def _chunk_args(self, slot: int, token_ids, start: int):
+        token_ids = np.asarray(token_ids, np.int32)
+        n = len(token_ids)
+        if n < 1:
+            raise ValueError("a prefill chunk needs at least one token")
+        if start + n > self.max_len:
+            raise ValueError(f"prompt of {start + n} tokens exceeds max_len {self.max_len}")
+        padded = np.zeros(self._bucket(n), np.int32)
+        padded[:n] = token_ids
+        return padded, np.int32(start), np.int32(n), np.int32(slot)
+
+    def prefill_chunk(self, slot: int, token_ids, start: int) -> None:
+        """Write the KV of `token_ids` at positions start.. of `slot`; no sampling."""
+        self.state = self._prefill(self.params, self.state, *self._chunk_args(slot, token_ids, start))
+
+    def insert(self, slot: int, prompt_ids, start: int, sampling: SamplingParams, seed: int,
+               sample_index: int = 0) -> Pending:
+        """Run prompt_ids[start:], sample the first token, activate `slot` for decode."""
+        prompt_ids = np.asarray(prompt_ids, np.int32)
+        args = self._chunk_args(slot, prompt_ids[start:], start)
+        prompt = np.zeros(self.max_len, np.int32)
+        prompt[:len(prompt_ids)] = prompt_ids
+        row = make_rows([sampling], self.vocab_size, [seed], [sample_index])
+        self.state, out = self._insert(self.params, self.state, *args, row, prompt,
+                                       np.int32(len(prompt_ids)))
+        return Pending(self, out)
+
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        """Give dst_slot the KV of src_slot's positions [0, length) (the whole row is copied;
+        entries past `length` are never attended before being overwritten)."""
+        if length > 0 and src_slot != dst_slot:
+            self.state = self._copy(self.state, np.int32(src_slot), np.int32(dst_slot))
+
+    def step(self) -> Pending:
+        """Dispatch one decode step over all slots; returns at once."""
+        self.state, out = self._step(self.params, self.state)
+        return Pending(self, out)
+
+    def release(self, slot: int) -> None:
+        self.state["active"] = self._release(self.state["active"], np.int32(slot))
+
+    def warmup(self, progress: Callable[[str], None] | None = None) -> None:
+        """Compile the step, every prefill bucket and the slot copy."""
+        say = progress or (lambda _msg: None)
+        greedy = SamplingParams(temperature=0.0)
+        for i, b in enumerate(self.prefill_buckets):
+            say(f"warm-up: prefill bucket {b} ({i + 1}/{len(self.prefill_buckets)})")
+            n = min(b, self.max_len - 1)
+            self.prefill_chunk(0, np.zeros(n, np.int32), 0)
+            self.insert(0, np.zeros(n, np.int32), 0, greedy, 0).result()
+        say("warm-up: decode step")
+        self.step().result()
+        self.copy_prefix(0, min(1, self.max_slots - 1), 1)
+        self.release(0)
+        jax.block_until_ready(self.state)
+        say("warm-up: done")
