@@ -51,13 +51,17 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half RoPE. x: [B, T, ..., head_dim]; positions: [B, T]."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, head_dim] for the rotate-half RoPE; computed once per forward."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B,T,D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate-half RoPE. x: [B, T, ..., head_dim]; rope: tables from `rope_tables`."""
     extra = x.ndim - 3
-    emb = emb.reshape(emb.shape[:2] + (1,) * extra + emb.shape[-1:])
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    cos, sin = (t.reshape(t.shape[:2] + (1,) * extra + t.shape[-1:]) for t in rope)
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
@@ -91,7 +95,7 @@ class Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, k_cache, v_cache, slot_ids):
+    def __call__(self, x, positions, rope, k_cache, v_cache, slot_ids):
         cfg = self.config
         kvh, g, hd = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
         qkv_w = _param(self, "qkv", (cfg.hidden_size, kvh, g + 2, hd),
@@ -107,9 +111,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, cfg.dtype, "head_dim", name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, cfg.dtype, "head_dim", name="k_norm")(k)
-        inv_freq = rope_inv_freq(cfg)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
 
         # Write this call's K/V at (slot, position); out-of-range positions are dropped.
         rows = (jnp.arange(x.shape[0]) if slot_ids is None else slot_ids)[:, None]
@@ -156,11 +159,11 @@ class DecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, k_cache, v_cache, slot_ids):
+    def __call__(self, x, positions, rope, k_cache, v_cache, slot_ids):
         cfg = self.config
         h, k_cache, v_cache = Attention(cfg, self.layer, name="attn")(
-            RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="attn_norm")(x), positions, k_cache,
-            v_cache, slot_ids)
+            RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="attn_norm")(x), positions, rope,
+            k_cache, v_cache, slot_ids)
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="mlp_norm")(x))
         return x, k_cache, v_cache
@@ -183,11 +186,12 @@ class Decoder(nn.Module):
         embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                        cfg.dtype)
         x = embed[tokens]
+        rope = rope_tables(positions, rope_inv_freq(cfg))
         new_cache = []
         for i in range(cfg.num_layers):
             k_cache, v_cache = cache[i]
             x, k_cache, v_cache = DecoderLayer(cfg, i, name=f"layer_{i}")(
-                x, positions, k_cache, v_cache, slot_ids)
+                x, positions, rope, k_cache, v_cache, slot_ids)
             new_cache.append((k_cache, v_cache))
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
