@@ -1,0 +1,247 @@
+"""`SamplingParams`: every control of SAMPLING.md, with defaults and strict validation.
+
+This is the one place a sampling value is checked. Nothing is clamped behind the user's
+back: a value out of range is a ValueError that names the field and its valid range, and
+an unknown key is an error too (no silent drift). Protocol adapters (OpenAI, Anthropic,
+gRPC, the CLI) build a dict and call `SamplingParams.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+# Stage names for `sampler_order` (the default order of SAMPLING.md).
+STAGES = ("penalties", "dry", "processors", "temperature", "top_n_sigma", "min_p", "top_k",
+          "top_p", "typical", "epsilon", "eta", "xtc")
+DEFAULT_ORDER = STAGES
+# llama.cpp's default: truncation first, temperature last.
+TEMPERATURE_LAST_ORDER = tuple(s for s in STAGES if s != "temperature" and s != "xtc") + (
+    "xtc", "temperature")
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 16
+MAX_BAD_WORDS = 16
+MAX_BAD_WORD_LEN = 8
+MAX_DRY_BREAKERS = 32
+MAX_NGRAM = 16
+
+
+def _err(name: str, rule: str, value) -> ValueError:
+    return ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+@dataclass
+class SamplingParams:
+    # -- the distribution -----------------------------------------------------------------
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    top_n_sigma: float = 0.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    mirostat_mode: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    # -- penalties ----------------------------------------------------------------------------
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty_scope: str = "prompt_and_output"   # or "output"
+    presence_frequency_scope: str = "output"              # or "prompt_and_output"
+    penalty_window: int = 0                               # last N tokens of the scope; 0 = all
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 0
+    dry_sequence_breakers: list[str] = field(default_factory=lambda: ["\n", ":", "\"", "*"])
+    dry_sequence_breaker_ids: list[int] | None = None     # resolved from the strings by a tokenizer
+    no_repeat_ngram_size: int = 0
+    # -- masks and bias ------------------------------------------------------------------------
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    allowed_token_ids: list[int] | None = None
+    bad_words_ids: list[list[int]] = field(default_factory=list)
+    min_tokens: int = 0
+    # -- stopping (host side, except min_tokens' EOS mask) ----------------------------------------
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    # -- randomness and samples -----------------------------------------------------------------
+    seed: int | None = None
+    n: int = 1
+    best_of: int | None = None
+    # -- what comes back --------------------------------------------------------------------------
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logprobs_mode: str = "raw"                            # or "processed"
+    prompt_logprobs: int | None = None
+    return_entropy: bool = False
+    # -- research controls -----------------------------------------------------------------------
+    sampler_order: list[str] | None = None
+    temperature_last: bool = False
+    logits_processors: list[dict] = field(default_factory=list)
+
+    # ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: dict, vocab_size: int | None = None) -> "SamplingParams":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        values = {k: v for k, v in d.items() if v is not None or k in (
+            "seed", "max_tokens", "best_of", "prompt_logprobs", "allowed_token_ids",
+            "sampler_order", "dry_sequence_breaker_ids")}
+        if isinstance(values.get("logit_bias"), dict):
+            try:
+                values["logit_bias"] = {int(k): v for k, v in values["logit_bias"].items()}
+            except (TypeError, ValueError):
+                raise ValueError("logit_bias keys must be token ids (integers)") from None
+        if isinstance(values.get("stop"), str):
+            values["stop"] = [values["stop"]]
+        return cls(**values).validate(vocab_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 and self.mirostat_mode == 0
+
+    def order(self) -> tuple[str, ...]:
+        if self.sampler_order is not None:
+            return tuple(self.sampler_order)
+        return TEMPERATURE_LAST_ORDER if self.temperature_last else DEFAULT_ORDER
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        def number(name, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
+            v = getattr(self, name)
+            kind = "an integer" if integer else "a number"
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+                    integer and not isinstance(v, int)):
+                raise _err(name, kind, v)
+            if not integer and not math.isfinite(v):
+                raise _err(name, "finite", v)
+            lo_bad = lo is not None and (v <= lo if lo_open else v < lo)
+            hi_bad = hi is not None and (v >= hi if hi_open else v > hi)
+            if lo_bad or hi_bad:
+                left = "(" if lo_open else "["
+                right = ")" if hi_open else "]"
+                raise _err(name, f"in {left}{'-inf' if lo is None else lo}, "
+                                 f"{'inf' if hi is None else hi}{right}", v)
+
+        def flag(name):
+            if not isinstance(getattr(self, name), bool):
+                raise _err(name, "true or false", getattr(self, name))
+
+        def token_id(name, t):
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (
+                    vocab_size is not None and t >= vocab_size):
+                bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+                raise _err(name, f"token ids in {bound}", t)
+
+        number("temperature", 0.0)
+        number("top_k", -1, integer=True)
+        number("top_p", 0.0, 1.0, lo_open=True)
+        number("min_p", 0.0, 1.0)
+        number("typical_p", 0.0, 1.0, lo_open=True)
+        number("epsilon_cutoff", 0.0, 1.0, hi_open=True)
+        number("eta_cutoff", 0.0, 1.0, hi_open=True)
+        number("top_n_sigma", 0.0)
+        number("xtc_probability", 0.0, 1.0)
+        number("xtc_threshold", 0.0, 0.5)
+        number("dynatemp_range", 0.0)
+        number("dynatemp_exponent", 0.0)
+        if self.mirostat_mode not in (0, 2) or isinstance(self.mirostat_mode, bool):
+            raise _err("mirostat_mode", "0 (off) or 2 (mirostat v2)", self.mirostat_mode)
+        number("mirostat_tau", 0.0)
+        number("mirostat_eta", 0.0)
+        number("repetition_penalty", 0.0, lo_open=True)
+        number("presence_penalty", -2.0, 2.0)
+        number("frequency_penalty", -2.0, 2.0)
+        for name in ("repetition_penalty_scope", "presence_frequency_scope"):
+            if getattr(self, name) not in ("prompt_and_output", "output"):
+                raise _err(name, "'prompt_and_output' or 'output'", getattr(self, name))
+        number("penalty_window", 0, integer=True)
+        number("dry_multiplier", 0.0)
+        number("dry_base", 1.0, lo_open=True)
+        number("dry_allowed_length", 1, integer=True)
+        number("dry_penalty_last_n", -1, integer=True)
+        if not isinstance(self.dry_sequence_breakers, list) or not all(
+                isinstance(s, str) for s in self.dry_sequence_breakers):
+            raise _err("dry_sequence_breakers", "a list of strings", self.dry_sequence_breakers)
+        if self.dry_sequence_breaker_ids is not None:
+            if len(self.dry_sequence_breaker_ids) > MAX_DRY_BREAKERS:
+                raise _err("dry_sequence_breaker_ids", f"at most {MAX_DRY_BREAKERS} ids",
+                           len(self.dry_sequence_breaker_ids))
+            for t in self.dry_sequence_breaker_ids:
+                token_id("dry_sequence_breaker_ids", t)
+        number("no_repeat_ngram_size", 0, MAX_NGRAM, integer=True)
+        if not isinstance(self.logit_bias, dict):
+            raise _err("logit_bias", "a map of token id to bias", self.logit_bias)
+        for t, b in self.logit_bias.items():
+            token_id("logit_bias", t)
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                raise _err(f"logit_bias[{t}]", "in [-100, 100]", b)
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids:
+                raise _err("allowed_token_ids", "a non-empty list of token ids",
+                           self.allowed_token_ids)
+            for t in self.allowed_token_ids:
+                token_id("allowed_token_ids", t)
+        if not isinstance(self.bad_words_ids, list) or len(self.bad_words_ids) > MAX_BAD_WORDS:
+            raise _err("bad_words_ids", f"a list of at most {MAX_BAD_WORDS} token-id lists",
+                       self.bad_words_ids)
+        for word in self.bad_words_ids:
+            if not isinstance(word, list) or not 1 <= len(word) <= MAX_BAD_WORD_LEN:
+                raise _err("bad_words_ids", f"lists of 1 to {MAX_BAD_WORD_LEN} token ids", word)
+            for t in word:
+                token_id("bad_words_ids", t)
+        number("min_tokens", 0, integer=True)
+        if self.max_tokens is not None:
+            number("max_tokens", 1, integer=True)
+            if self.min_tokens > self.max_tokens:
+                raise _err("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise _err("stop", "a list of non-empty strings", self.stop)
+        if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise _err("stop_token_ids", f"a list of at most {MAX_STOP_TOKEN_IDS} token ids",
+                       self.stop_token_ids)
+        for t in self.stop_token_ids:
+            token_id("stop_token_ids", t)
+        flag("include_stop_str_in_output")
+        flag("ignore_eos")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+                    -(2 ** 63) <= self.seed < 2 ** 64):
+                raise _err("seed", "an integer that fits in 64 bits", self.seed)
+        number("n", 1, 128, integer=True)
+        if self.best_of is not None:
+            number("best_of", self.n, 128, integer=True)
+        flag("logprobs")
+        number("top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+        if self.logprobs_mode not in ("raw", "processed"):
+            raise _err("logprobs_mode", "'raw' or 'processed'", self.logprobs_mode)
+        if self.prompt_logprobs is not None:
+            number("prompt_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+        flag("return_entropy")
+        flag("temperature_last")
+        if self.sampler_order is not None:
+            order = self.sampler_order
+            if (not isinstance(order, list) or len(set(order)) != len(order)
+                    or not set(order) <= set(STAGES)):
+                raise _err("sampler_order", f"a list of distinct stages from {list(STAGES)}", order)
+        if not isinstance(self.logits_processors, list):
+            raise _err("logits_processors", "a list of {name, args} objects", self.logits_processors)
+        from sampling.registry import validate_processors
+        validate_processors(self.logits_processors)
+        return self

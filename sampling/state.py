@@ -1,0 +1,68 @@
+"""Per-sequence sampler state that lives on the device and is updated inside the step.
+
+Penalties, DRY, no-repeat n-grams and mirostat all depend on what a sequence has seen, so
+each slot keeps its token history (prompt then output), output token counts, prompt token
+counts, its step index (which also feeds its PRNG key) and mirostat's mu. Forking a
+sequence for n > 1 is a row copy; nothing here is shared between rows.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class SamplerState:
+    history: jax.Array        # int32 [S, L]: prompt then output tokens
+    length: jax.Array         # int32 [S]: tokens in history
+    prompt_len: jax.Array     # int32 [S]
+    step: jax.Array           # int32 [S]: tokens sampled so far
+    out_counts: jax.Array     # int32 [S, V]: output token counts
+    prompt_counts: jax.Array  # int32 [S, V]: prompt token counts
+    mu: jax.Array             # float32 [S]: mirostat v2 state
+
+
+def init_state(slots: int, vocab_size: int, max_len: int) -> SamplerState:
+    return SamplerState(
+        history=jnp.zeros((slots, max_len), jnp.int32),
+        length=jnp.zeros((slots,), jnp.int32),
+        prompt_len=jnp.zeros((slots,), jnp.int32),
+        step=jnp.zeros((slots,), jnp.int32),
+        out_counts=jnp.zeros((slots, vocab_size), jnp.int32),
+        prompt_counts=jnp.zeros((slots, vocab_size), jnp.int32),
+        mu=jnp.zeros((slots,), jnp.float32),
+    )
+
+
+def reset_row(state: SamplerState, slot, prompt_ids: jax.Array, prompt_len,
+              rows_one) -> SamplerState:
+    """Start a new sequence in `slot` with prompt_ids[:prompt_len] (prompt_ids padded to L)."""
+    vocab = state.out_counts.shape[1]
+    valid = jnp.arange(prompt_ids.shape[0]) < prompt_len
+    counts = jnp.zeros((vocab,), jnp.int32).at[prompt_ids].add(valid.astype(jnp.int32))
+    put = lambda full, row: jax.lax.dynamic_update_slice_in_dim(full, row[None], slot, axis=0)
+    return SamplerState(
+        history=put(state.history, jnp.where(valid, prompt_ids, 0).astype(jnp.int32)),
+        length=state.length.at[slot].set(prompt_len),
+        prompt_len=state.prompt_len.at[slot].set(prompt_len),
+        step=state.step.at[slot].set(0),
+        out_counts=put(state.out_counts, jnp.zeros((vocab,), jnp.int32)),
+        prompt_counts=put(state.prompt_counts, counts),
+        mu=state.mu.at[slot].set(2.0 * rows_one.mirostat_tau[0]),
+    )
+
+
+def append(state: SamplerState, tokens: jax.Array, mu: jax.Array) -> SamplerState:
+    """Record one sampled token per row (every row; the engine ignores inactive ones)."""
+    s, max_len = state.history.shape
+    rows = jnp.arange(s)
+    pos = jnp.minimum(state.length, max_len - 1)
+    return state.replace(
+        history=state.history.at[rows, pos].set(tokens),
+        length=jnp.minimum(state.length + 1, max_len),
+        step=state.step + 1,
+        out_counts=state.out_counts.at[rows, tokens].add(1),
+        mu=mu,
+    )
