@@ -123,9 +123,11 @@ class DeviceEngine:
             from model import sharding
             self.params = sharding.shard_params(params, sharding.param_shardings(config, mesh))
         self.state = self._init_state()
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
-        self._insert = jax.jit(self._insert_fn, donate_argnums=(1,))
+        # custom=True compiles the reorderable sampler; used only while a row needs it
+        self._step = jax.jit(self._step_fn, donate_argnums=(1,), static_argnums=(2,))
+        self._custom_slots: set[int] = set()
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(6,))
         self._copy = jax.jit(self._copy_fn, donate_argnums=(0,))
         self._release = jax.jit(lambda active, slot: active.at[slot].set(False),
                                 donate_argnums=(0,))
@@ -151,13 +153,13 @@ class DeviceEngine:
 
     # -- jitted programs ---------------------------------------------------------------
 
-    def _step_fn(self, params, state):
+    def _step_fn(self, params, state, custom):
         active, pos = state["active"], state["pos"]
         write_pos = jnp.where(active, pos, self.max_len)  # inactive rows write nothing
         logits, cache = forward(self.config, params, state["cache"], state["last"][:, None],
                                 write_pos[:, None])
         out, sampler = sample(logits[:, 0], state["rows"], state["sampler"],
-                              num_top=self.num_top_logprobs)
+                              num_top=self.num_top_logprobs, custom_order=custom)
         state = dict(state, cache=cache, sampler=sampler,
                      last=jnp.where(active, out.tokens, state["last"]),
                      pos=jnp.where(active, pos + 1, pos))
@@ -172,15 +174,18 @@ class DeviceEngine:
         return logits, dict(state, cache=cache)
 
     def _prefill_fn(self, params, state, tokens, start, true_len, slot):
-        _, state = self._run_chunk(params, state, tokens, start, true_len, slot)
-        return state
+        """One chunk into one slot; returns the logits of its last real token [1, V]."""
+        return self._run_chunk(params, state, tokens, start, true_len, slot)[::-1]
 
-    def _insert_fn(self, params, state, tokens, start, true_len, slot, row, prompt, prompt_len):
-        logits, state = self._run_chunk(params, state, tokens, start, true_len, slot)
+    def _first_fn(self, state, logits, slot, row, prompt, prompt_len, custom):
+        """Sample a slot's first token from its prompt's last logits and activate it.
+
+        Separate from the per-bucket prefill programs so the sampler compiles once."""
         sampler = reset_row(state["sampler"], slot, prompt, prompt_len, row)
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
         one_state = jax.tree.map(take, sampler)
-        out, one_state = sample(logits, row, one_state, num_top=self.num_top_logprobs)
+        out, one_state = sample(logits, row, one_state, num_top=self.num_top_logprobs,
+                                custom_order=custom)
         put = lambda full, one: jax.lax.dynamic_update_slice_in_dim(full, one, slot, axis=0)
         sampler = jax.tree.map(put, sampler, one_state)
         state = dict(state, sampler=sampler, rows=set_row(state["rows"], slot, row),
@@ -215,7 +220,8 @@ class DeviceEngine:
 
     def prefill_chunk(self, slot: int, token_ids, start: int) -> None:
         """Write the KV of `token_ids` at positions start.. of `slot`; no sampling."""
-        self.state = self._prefill(self.params, self.state, *self._chunk_args(slot, token_ids, start))
+        self.state, _ = self._prefill(self.params, self.state,
+                                      *self._chunk_args(slot, token_ids, start))
 
     def insert(self, slot: int, prompt_ids, start: int, sampling: SamplingParams, seed: int,
                sample_index: int = 0) -> Pending:
@@ -224,9 +230,12 @@ class DeviceEngine:
         args = self._chunk_args(slot, prompt_ids[start:], start)
         prompt = np.zeros(self.max_len, np.int32)
         prompt[:len(prompt_ids)] = prompt_ids
-        row = make_rows([sampling], self.vocab_size, [seed], [sample_index])
-        self.state, out = self._insert(self.params, self.state, *args, row, prompt,
-                                       np.int32(len(prompt_ids)))
+        row = make_rows([sampling], self.vocab_size, [seed], [sample_index], self.eos_ids)
+        self.state, logits = self._prefill(self.params, self.state, *args)
+        custom = sampling.sampler_order is not None or sampling.temperature_last
+        (self._custom_slots.add if custom else self._custom_slots.discard)(slot)
+        self.state, out = self._first(self.state, logits, np.int32(slot), row, prompt,
+                                      np.int32(len(prompt_ids)), custom)
         return Pending(self, out)
 
     def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
@@ -237,10 +246,11 @@ class DeviceEngine:
 
     def step(self) -> Pending:
         """Dispatch one decode step over all slots; returns at once."""
-        self.state, out = self._step(self.params, self.state)
+        self.state, out = self._step(self.params, self.state, bool(self._custom_slots))
         return Pending(self, out)
 
     def release(self, slot: int) -> None:
+        self._custom_slots.discard(slot)
         self.state["active"] = self._release(self.state["active"], np.int32(slot))
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
@@ -251,7 +261,8 @@ class DeviceEngine:
             say(f"warm-up: prefill bucket {b} ({i + 1}/{len(self.prefill_buckets)})")
             n = min(b, self.max_len - 1)
             self.prefill_chunk(0, np.zeros(n, np.int32), 0)
-            self.insert(0, np.zeros(n, np.int32), 0, greedy, 0).result()
+        say("warm-up: first-token sampler")
+        self.insert(0, np.zeros(1, np.int32), 0, greedy, 0).result()
         say("warm-up: decode step")
         self.step().result()
         self.copy_prefix(0, min(1, self.max_slots - 1), 1)
