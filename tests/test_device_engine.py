@@ -1,0 +1,117 @@
+"""The device engine: what the scheduler relies on, checked against the plain forward.
+
+- greedy tokens equal the argmax of the model's own full forward (no cache tricks);
+- a seeded request gives the same tokens alone and inside a busy batch, in any slot;
+- chunked prefill, copy_prefix and slot reuse change nothing;
+- nothing compiles after warm-up, whatever the prompt lengths.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.config import named_config
+from model.decoder import forward, init_cache, init_params
+from sampling.params import SamplingParams
+from serving.engine.device import DeviceEngine, compile_count
+
+CFG = named_config("tiny", dtype="float32")
+PARAMS = init_params(CFG, seed=3)
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = DeviceEngine(CFG, PARAMS, max_slots=4, max_len=64, prefill_buckets=(8, 16, 32))
+    eng.warmup()
+    return eng
+
+
+def reference_greedy(prompt, steps):
+    """Greedy continuation by re-running the full forward on the whole sequence each time."""
+    seq = list(prompt)
+    f = jax.jit(lambda p, c, t, q: forward(CFG, p, c, t, q))
+    for _ in range(steps):
+        n = len(seq)
+        logits, _ = f(PARAMS, init_cache(CFG, 1, 64), jnp.asarray([seq]), jnp.arange(n)[None])
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    return seq[len(prompt):]
+
+
+def run(engine, slot, prompt, params, seed, steps, chunk=None):
+    prompt = np.asarray(prompt, np.int32)
+    start = 0
+    if chunk:
+        while len(prompt) - start > chunk:
+            engine.prefill_chunk(slot, prompt[start:start + chunk], start)
+            start += chunk
+    out = engine.insert(slot, prompt, start, params, seed).result()
+    tokens = [int(out.tokens[0])]
+    for _ in range(steps - 1):
+        tokens.append(int(engine.step().result().tokens[slot]))
+    return tokens
+
+
+def test_greedy_equals_full_forward_argmax(engine):
+    prompt = [5, 17, 99, 3, 250, 8, 41]
+    got = run(engine, 0, prompt, GREEDY, 0, 8)
+    engine.release(0)
+    assert got == reference_greedy(prompt, 8)
+
+
+def test_chunked_prefill_gives_the_same_tokens(engine):
+    prompt = list(np.random.default_rng(0).integers(0, CFG.vocab_size, 27))
+    whole = run(engine, 1, prompt, GREEDY, 0, 6)
+    engine.release(1)
+    chunked = run(engine, 1, prompt, GREEDY, 0, 6, chunk=8)
+    engine.release(1)
+    assert whole == chunked
+
+
+def test_seeded_request_is_batch_invariant(engine):
+    params = SamplingParams(temperature=0.9, top_k=50, seed=11)
+    alone = run(engine, 0, [1, 2, 3, 4, 5], params, 11, 10)
+    engine.release(0)
+    # fill other slots with different requests, then run the same one in slot 3
+    engine.insert(0, np.array([7, 7, 7]), 0, SamplingParams(temperature=1.5), 1).result()
+    engine.insert(1, np.arange(20), 0, SamplingParams(temperature=0.5, top_p=0.8), 2).result()
+    engine.insert(2, np.array([9]), 0, GREEDY, 3).result()
+    crowded = run(engine, 3, [1, 2, 3, 4, 5], params, 11, 10)
+    for slot in range(4):
+        engine.release(slot)
+    assert alone == crowded
+    other_seed = run(engine, 0, [1, 2, 3, 4, 5], params, 12, 10)
+    engine.release(0)
+    assert other_seed != alone
+
+
+def test_copy_prefix_then_insert_equals_full_prefill(engine):
+    prompt = list(np.random.default_rng(1).integers(0, CFG.vocab_size, 12))
+    ref = run(engine, 0, prompt, GREEDY, 0, 5)
+    engine.release(0)
+    # slot 0 still holds the prompt's KV: copy it to slot 2 and run only the last token
+    engine.copy_prefix(0, 2, len(prompt) - 1)
+    out = engine.insert(2, np.asarray(prompt), len(prompt) - 1, GREEDY, 0).result()
+    got = [int(out.tokens[0])] + [int(engine.step().result().tokens[2]) for _ in range(4)]
+    engine.release(2)
+    assert got == ref
+
+
+def test_no_compilation_after_warmup(engine):
+    before = compile_count()
+    rng = np.random.default_rng(2)
+    for n in (1, 3, 8, 9, 15, 16, 17, 31, 32):
+        run(engine, 0, rng.integers(0, CFG.vocab_size, n), SamplingParams(temperature=0.7,
+                                                                          min_p=0.1), n, 3)
+        engine.release(0)
+    assert compile_count() == before
+
+
+def test_bad_chunks_are_rejected(engine):
+    with pytest.raises(ValueError, match="largest prefill bucket"):
+        engine.prefill_chunk(0, np.zeros(33, np.int32), 0)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        engine.prefill_chunk(0, np.zeros(10, np.int32), 60)
+    with pytest.raises(ValueError, match="max_len"):
+        DeviceEngine(CFG, PARAMS, max_slots=1, max_len=CFG.max_position_embeddings + 1)
