@@ -218,7 +218,8 @@ def abstract_params(config: ModelConfig):
     model = Decoder(config)
     cache = jax.eval_shape(lambda: init_cache(config, 1, 1))
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens, cache))["params"]
+    init = lambda t, c: model.init(jax.random.key(0), t, t, c)
+    return jax.eval_shape(init, tokens, cache)["params"]
 
 
 def init_params(config: ModelConfig, seed: int = 0):
