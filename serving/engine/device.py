@@ -63,6 +63,7 @@ class StepOutput:
     top_logprobs: np.ndarray    # [S, K] float32
     errors: np.ndarray          # [S] bool: every token was masked
     device_seconds: float
+    entropies: np.ndarray | None = None  # [S] float32, if a row asked for it
 
 
 class Pending:
@@ -84,7 +85,7 @@ class Pending:
                 tokens=np.asarray(out.tokens), logprobs=np.asarray(out.logprob),
                 ranks=np.asarray(out.rank), top_ids=np.asarray(out.top_ids),
                 top_logprobs=np.asarray(out.top_logprobs), errors=np.asarray(out.error),
-                device_seconds=max(seconds, 0.0))
+                device_seconds=max(seconds, 0.0), entropies=np.asarray(out.entropy))
             self._out = None
         return self._result
 
