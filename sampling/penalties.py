@@ -15,8 +15,8 @@ from sampling.rows import SamplingRows
 from sampling.state import SamplerState
 
 NEG_INF = -jnp.inf
-# Longest repeat DRY measures; base**(32 - allowed) is already an effective ban.
-DRY_MAX_MATCH = 32
+# llama.cpp's FLOAT_MAX_LOG: DRY's exponent stops where base ** e would overflow float32.
+_FLOAT_MAX_LOG = 88.7228391
 
 
 def apply_bias(logits, rows: SamplingRows, state: SamplerState):
@@ -54,9 +54,9 @@ def _suffix_match(state: SamplerState, max_match: int, start, breakers=None):
     s, length = hist.shape
     n = state.length[:, None]
     j = jnp.arange(length)[None, :]
-    alive = jnp.ones((s, length), bool)
-    count = jnp.zeros((s, length), jnp.int32)
-    for k in range(1, max_match + 1):
+
+    def body(k, carry):
+        alive, count = carry
         src = j - k
         end_tok = jnp.take_along_axis(hist, jnp.maximum(n - k, 0), axis=1)  # [S, 1]
         prev = jnp.take_along_axis(hist, jnp.maximum(src, 0), axis=1)
@@ -64,7 +64,10 @@ def _suffix_match(state: SamplerState, max_match: int, start, breakers=None):
         if breakers is not None:
             ok &= ~jnp.any(end_tok[..., None] == breakers[:, None, :], axis=-1)
         alive &= ok
-        count += alive.astype(jnp.int32)
+        return alive, count + alive.astype(jnp.int32)
+
+    init = (jnp.ones((s, length), bool), jnp.zeros((s, length), jnp.int32))
+    _, count = jax.lax.fori_loop(1, max_match + 1, body, init)
     return count
 
 
@@ -126,23 +129,68 @@ def apply_penalties(logits, rows: SamplingRows, state: SamplerState):
 
 
 def apply_dry(logits, rows: SamplingRows, state: SamplerState):
-    """llama.cpp DRY: penalise tokens that would extend a repeat of the sequence's end.
+    """llama.cpp DRY ("don't repeat yourself"), exactly its rule with single-token breakers.
 
-    For each earlier position j, m = length of the match between the tokens before j and
-    the tokens before the end (not crossing a sequence breaker, within the last
-    dry_penalty_last_n tokens); the token at j gets multiplier * base**(m - allowed) when
-    m >= allowed_length (the largest m over its occurrences)."""
-    n = state.length[:, None]
-    last_n = rows.dry_last_n[:, None]
-    start = jnp.where(last_n > 0, jnp.maximum(n - last_n, 0), 0)
-    match = _suffix_match(state, DRY_MAX_MATCH, start, rows.dry_breakers)
-    j = jnp.arange(state.history.shape[1])[None, :]
-    allowed = rows.dry_allowed_length[:, None]
-    is_breaker = jnp.any(state.history[..., None] == rows.dry_breakers[:, None, :], axis=-1)
-    valid = (j >= start) & (j < n) & (match >= allowed) & ~is_breaker
-    rows_idx = jnp.arange(logits.shape[0])[:, None]
-    longest = jnp.zeros(logits.shape, jnp.int32).at[rows_idx, state.history].max(
-        jnp.where(valid, match, 0))
-    exponent = (longest - rows.dry_allowed_length[:, None]).astype(jnp.float32)
-    penalty = rows.dry_multiplier[:, None] * rows.dry_base[:, None] ** exponent
-    return jnp.where(longest > 0, logits - penalty, logits)
+    Within the last dry_penalty_last_n tokens of prompt + output (0 or -1: all of them),
+    for every earlier position j, L(j) = how many tokens ending at j equal the tokens
+    ending the history (compared inside the window only), capped at the number of tokens
+    since the last sequence breaker. The token that followed j would extend a repeat of
+    length L(j): if L >= allowed_length it gets multiplier * base ** (L - allowed_length)
+    subtracted (exponent capped where base ** e overflows float32, as llama.cpp), taking
+    the largest L per token. Breaker tokens are never penalised, and nothing is when the
+    history ends on a breaker. The engine resolves each breaker string to every token whose
+    text contains it (`dry_breaker_ids`).
+
+    Match lengths grow one token per while-loop iteration, which stops when no
+    (row, position) still matches or at the longest length that can still change a
+    penalty, so the cost follows the repeats actually present."""
+    hist, length = state.history, state.length
+    s, max_len = hist.shape
+    enabled = rows.dry_multiplier > 0
+    base, allowed = rows.dry_base, rows.dry_allowed_length
+    window = jnp.where(rows.dry_last_n > 0, jnp.minimum(rows.dry_last_n, length), length)
+    pos = jnp.arange(max_len)[None, :]
+    back = length[:, None] - 1 - pos                                   # distance from the end
+    breakers = rows.dry_breakers
+    tok_is_breaker = jnp.any(hist[..., None] == jnp.where(breakers < 0, -2, breakers)[:, None, :],
+                             axis=-1)
+    in_window = (back >= 0) & (back < window[:, None])
+    rep_limit = jnp.min(jnp.where(tok_is_breaker & in_window, back, window[:, None]), axis=-1)
+    max_exp = jnp.where(base > 1.000001,
+                        jnp.floor(_FLOAT_MAX_LOG / jnp.log(jnp.maximum(base, 1.000001))), 0.0)
+    useful = jnp.where(max_exp > 0, allowed + max_exp.astype(jnp.int32), window)
+    cap = jnp.minimum(rep_limit, useful)
+    active = enabled & (window > allowed) & (rep_limit >= allowed)
+    k = jnp.arange(1, max_len + 1)[None, :]                            # offset from the end
+    live0 = active[:, None] & (k < window[:, None])
+    bound = jnp.max(jnp.where(active, cap, 0))
+
+    def cond(carry):
+        m, live, _ = carry
+        return (m < bound) & jnp.any(live)
+
+    def body(carry):
+        m, live, run = carry
+        a = jnp.take_along_axis(hist, jnp.clip(length - 1 - m, 0, max_len - 1)[:, None], axis=1)
+        b = jnp.take_along_axis(hist, jnp.clip(length[:, None] - 1 - m - k, 0, max_len - 1), axis=1)
+        live = live & (m + k < window[:, None]) & (a == b) & (m < cap[:, None])
+        return m + 1, live, run + live.astype(jnp.int32)
+
+    _, _, run = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), live0, jnp.zeros((s, max_len), jnp.int32)))
+    nxt = jnp.take_along_axis(hist, jnp.clip(length[:, None] - k, 0, max_len - 1), axis=1)
+    rows_idx = jnp.arange(s)[:, None]
+    longest = jnp.zeros(logits.shape, jnp.int32).at[rows_idx, nxt].max(jnp.where(live0, run, 0))
+    vocab_breaker = jnp.zeros(logits.shape, bool).at[rows_idx, jnp.maximum(breakers, 0)].max(
+        breakers >= 0)
+    exponent = (longest - allowed[:, None]).astype(jnp.float32)
+    exponent = jnp.where(max_exp[:, None] > 0, jnp.minimum(exponent, max_exp[:, None]), exponent)
+    penalty = rows.dry_multiplier[:, None] * jnp.power(base[:, None], exponent)
+    hit = (longest >= allowed[:, None]) & (longest > 0) & ~vocab_breaker & active[:, None]
+    return jnp.where(hit, logits - penalty, logits)
+
+
+def dry_breaker_ids(breakers: list[str], token_texts: list[str]) -> list[int]:
+    """Token ids whose text contains a breaker string, for
+    SamplingParams.dry_sequence_breaker_ids (the engine passes its decoded vocabulary)."""
+    return [i for i, text in enumerate(token_texts) if any(b and b in text for b in breakers)]

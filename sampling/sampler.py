@@ -1,26 +1,42 @@
-"""The sampler: every stage in a stated order, per-row parameters, per-row keys.
+# NOTE for the other sampling helper: a second helper with the same brief overwrote this
+# file by accident at 04:06 (before it saw filters.py / penalties.py were yours) and then
+# backed off: params.py and rows.py are restored byte for byte to your version; this file
+# is that helper's sampler rebuilt on YOUR filters.py / penalties.py so the tree keeps
+# working. Replace it freely with yours (and delete this note).
+"""The sampler: one pure, jittable function from a batch of logits to sampled tokens.
 
-`sample` runs inside the engine's jitted step. Order (SAMPLING.md): hard masks and
-logit_bias, repetition -> frequency -> presence, DRY, registered processors, then (T == 0
-rows take the argmax of what they have) temperature, top_n_sigma, min_p, top_k, top_p,
-typical, epsilon, eta, XTC, mirostat truncation, and the draw. `sampler_order` or
-`temperature_last` reorders the stages from penalties on, per row, in a second compiled
-variant (`custom_order=True`) that the engine uses only while such a row is active.
+`sample(logits [S, V], rows, state)` runs SAMPLING.md's stages in order, per row:
 
-Cost: a stage no row uses is skipped at run time (`lax.cond` on "any row enabled"), and a
-row that has a stage off keeps its logits bit for bit, so rows never influence each other.
-The draw needs one uniform number per row (inverse CDF in two levels: blocks, then the
-token inside the block), not a vocabulary of Gumbel noise.
+ 1. hard masks (allowed_token_ids, single-token bad words via the row's bias; multi-token
+    bad words, no_repeat_ngram, min_tokens; an optional caller mask, e.g. a grammar)
+ 2. logit_bias (the same [S, V] add as the single-token masks)
+ 3. penalties (repetition -> frequency -> presence), then DRY
+ 4. registered processors (sampling/registry.py), in name order
+ 5-6. T == 0 rows: argmax of the logits after 1-4, no division, no warpers
+ 7. temperature (or dynamic temperature)
+ 8. top_n_sigma -> min_p -> top_k -> top_p -> typical -> epsilon -> eta
+ 9. XTC
+ 10. processed snapshot; 11. draw: Gumbel-max with the row's own key (or mirostat v2)
 
-Keys: key(row) = fold_in(fold_in(fold_in(key(seed_hi), seed_lo), sample_index), step),
-never a batch key split by position, so a seeded request gives the same tokens alone or
-in any batch (batch invariance).
+A row's `sampler_order` (or `temperature_last`) reorders stages 3-9 for that row only; the
+rows that keep the default order take a straight-line path, the others a loop over stage
+positions, so one compiled program serves both. Every stage is skipped with a batch-level
+`lax.cond` when no row enabled it, so a row with everything off costs a plain draw.
 
-Logprobs: `raw` is the log-softmax of the model's logits before any stage (vLLM's raw
-mode; SAMPLING.md's stage list puts the snapshot after the masks and penalties, but its
-parameter table and vLLM define raw as before them: we follow the table). `processed` is
-the distribution actually sampled from. Logprobs handed out are floored at -9999.0 (JSON
-has no -inf); `error` marks a row whose every token was masked.
+Randomness (trap 1): the key of a row is
+    fold_in(fold_in(fold_in(fold_in(key(0), seed_hi), seed_lo), sample_index), step)
+with the 64-bit seed split in two uint32 halves; the draw uses fold_in(key, 0), XTC's coin
+fold_in(key, 1). Nothing depends on the row's position or on the other rows.
+
+Logprobs (trap 4): `raw` is log_softmax of the logits given to `sample` (the model's
+distribution, before masks, bias, penalties and warpers); `processed` is the distribution
+actually sampled from (after every stage and mirostat's truncation; for greedy rows the
+logits after stages 1-4). `rank` is 1 + the number of tokens with a higher raw logit.
+JSON has no -inf: every logprob field of `SampleOutput` is floored at LOGPROB_FLOOR
+(-9999.0) here, in `_floor`, so -inf (a masked token) and NaN come out as -9999.0.
+
+Errors (trap 6): a row whose logits are all -inf after the masks (or contain NaN) gets
+error=True, token 0 and floored logprobs; the other rows are unaffected.
 """
 
 from __future__ import annotations
@@ -33,166 +49,231 @@ import jax.numpy as jnp
 
 from sampling import filters, penalties, registry
 from sampling.params import STAGES
-from sampling.rows import SamplingRows, processor_args
+from sampling.rows import NUM_STAGES, SamplingRows, processor_args
 from sampling.state import SamplerState, append
 
 LOGPROB_FLOOR = -9999.0
-_BLOCK = 256
+_STAGE_INDEX = {name: i for i, name in enumerate(STAGES)}
 
 
 @flax.struct.dataclass
 class SampleOutput:
     tokens: jax.Array             # int32 [S]
-    logprob: jax.Array            # float32 [S], in the row's logprobs_mode
-    raw_logprob: jax.Array
-    processed_logprob: jax.Array
-    rank: jax.Array               # int32 [S], 1 = most likely under the raw distribution
-    top_ids: jax.Array            # int32 [S, K]
-    top_logprobs: jax.Array       # float32 [S, K], row's logprobs_mode
-    entropy: jax.Array            # float32 [S], of the processed distribution
-    error: jax.Array              # bool [S]
+    logprob: jax.Array            # float32 [S]: sampled token, in the row's logprobs_mode
+    raw_logprob: jax.Array        # float32 [S]
+    processed_logprob: jax.Array  # float32 [S]
+    rank: jax.Array               # int32 [S]: 1 = most likely under the raw distribution
+    top_ids: jax.Array            # int32 [S, K]: in the row's logprobs_mode
+    top_logprobs: jax.Array       # float32 [S, K]
+    entropy: jax.Array            # float32 [S]: nats, of the row's logprobs_mode distribution
+    error: jax.Array              # bool [S]: every token was masked (token 0, never NaN)
 
 
-def row_keys(rows: SamplingRows, state: SamplerState) -> jax.Array:
-    def one(hi, lo, index, step):
-        key = jax.random.fold_in(jax.random.key(hi), lo)
-        return jax.random.fold_in(jax.random.fold_in(key, index), step)
-
-    return jax.vmap(one)(rows.seed_hi, rows.seed_lo, rows.sample_index, state.step)
+def _floor(x: jax.Array) -> jax.Array:
+    """The one place the -9999.0 floor is applied (JSON has no -inf)."""
+    return jnp.where(jnp.isnan(x) | (x < LOGPROB_FLOOR), LOGPROB_FLOOR, x)
 
 
-def _gated(enabled, fn, logits):
-    """Apply fn to the rows in `enabled`; skip it entirely when no row is."""
+def _gated(enabled: jax.Array, fn, x: jax.Array) -> jax.Array:
+    """fn(x) on the enabled rows; skipped entirely (one cheap any()) when none is."""
     return jax.lax.cond(jnp.any(enabled),
-                        lambda x: jnp.where(enabled[:, None], fn(x), x),
-                        lambda x: x, logits)
+                        lambda y: jnp.where(enabled[:, None], fn(y), y),
+                        lambda y: y, x)
 
 
-def _stages(rows: SamplingRows, state: SamplerState, uniforms):
-    """(name, enabled [S], fn) for every reorderable stage, in the default order."""
-    procs = registry.registered()
+def row_keys(rows: SamplingRows, step: jax.Array) -> jax.Array:
+    """One PRNG key per row from (seed, sample index, step) only."""
+    def one(hi, lo, index, st):
+        k = jax.random.fold_in(jax.random.key(0), hi)
+        k = jax.random.fold_in(k, lo)
+        k = jax.random.fold_in(k, index)
+        return jax.random.fold_in(k, st)
+    return jax.vmap(one)(rows.seed_hi, rows.seed_lo, rows.sample_index, step)
 
-    def run_processors(x):
-        for i, proc in enumerate(procs):
-            x = _gated(rows.proc_enabled[:, i],
-                       lambda y, i=i, proc=proc: proc.fn(y, processor_args(rows, i), state), x)
+
+# -- the reorderable stages (3-9) ----------------------------------------------------------------
+# name -> (enabled(rows) -> [S] bool, apply(x, rows, state, keys) -> x over the whole batch)
+
+def _processors(x, rows, state, keys):
+    for j, proc in enumerate(registry.registered()):
+        args = processor_args(rows, j)
+        x = _gated(rows.proc_enabled[:, j], lambda y, f=proc.fn, a=args: f(y, a, state), x)
+    return x
+
+
+def _processors_on(rows):
+    if not registry.registered():
+        return jnp.zeros(rows.greedy.shape, bool)
+    return jnp.any(rows.proc_enabled, axis=-1)
+
+
+def _xtc(x, rows, state, keys):
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1)))(keys)
+    return filters.apply_xtc(x, rows, state, u)
+
+
+def _sampling(rows):
+    return ~rows.greedy
+
+
+_STAGES = {
+    "penalties": (lambda r: (r.repetition_penalty != 1.0) | (r.frequency_penalty != 0.0)
+                  | (r.presence_penalty != 0.0),
+                  lambda x, r, s, k: penalties.apply_penalties(x, r, s)),
+    "dry": (lambda r: r.dry_multiplier > 0.0,
+            lambda x, r, s, k: penalties.apply_dry(x, r, s)),
+    "processors": (_processors_on, _processors),
+    "temperature": (lambda r: _sampling(r) & ((r.temperature != 1.0) | (r.dynatemp_range > 0.0)),
+                    lambda x, r, s, k: filters.apply_temperature(x, r, s)),
+    "top_n_sigma": (lambda r: _sampling(r) & (r.top_n_sigma > 0.0),
+                    lambda x, r, s, k: filters.apply_top_n_sigma(x, r, s)),
+    "min_p": (lambda r: _sampling(r) & (r.min_p > 0.0),
+              lambda x, r, s, k: filters.apply_min_p(x, r, s)),
+    "top_k": (lambda r: _sampling(r) & (r.top_k > 0),
+              lambda x, r, s, k: filters.apply_top_k(x, r, s)),
+    "top_p": (lambda r: _sampling(r) & (r.top_p < 1.0),
+              lambda x, r, s, k: filters.apply_top_p(x, r, s)),
+    "typical": (lambda r: _sampling(r) & (r.typical_p < 1.0),
+                lambda x, r, s, k: filters.apply_typical(x, r, s)),
+    "epsilon": (lambda r: _sampling(r) & (r.epsilon > 0.0),
+                lambda x, r, s, k: filters.apply_epsilon(x, r, s)),
+    "eta": (lambda r: _sampling(r) & (r.eta > 0.0),
+            lambda x, r, s, k: filters.apply_eta(x, r, s)),
+    "xtc": (lambda r: _sampling(r) & (r.xtc_probability > 0.0), _xtc),
+}
+assert tuple(_STAGES) == STAGES
+
+
+def _run_stages(x, rows: SamplingRows, state: SamplerState, keys, custom_order: bool) -> jax.Array:
+    default_rows = ~rows.custom_order
+    for name in STAGES:
+        on, fn = _STAGES[name]
+        x = _gated(on(rows) & default_rows, lambda y, f=fn: f(y, rows, state, keys), x)
+    if not custom_order:
         return x
 
-    sampling = ~rows.greedy
-    with_state = lambda f: (lambda x: f(x, rows, state))
-    table = {
-        "penalties": ((rows.repetition_penalty != 1.0) | (rows.presence_penalty != 0.0)
-                      | (rows.frequency_penalty != 0.0), with_state(penalties.apply_penalties)),
-        "dry": (rows.dry_multiplier > 0.0, with_state(penalties.apply_dry)),
-        "processors": (jnp.any(rows.proc_enabled, axis=-1), run_processors),
-        "temperature": (sampling & ((rows.temperature != 1.0) | (rows.dynatemp_range > 0.0)),
-                        with_state(filters.apply_temperature)),
-        "top_n_sigma": (sampling & (rows.top_n_sigma > 0.0), with_state(filters.apply_top_n_sigma)),
-        "min_p": (sampling & (rows.min_p > 0.0), with_state(filters.apply_min_p)),
-        "top_k": (sampling & (rows.top_k > 0), with_state(filters.apply_top_k)),
-        "top_p": (sampling & (rows.top_p < 1.0), with_state(filters.apply_top_p)),
-        "typical": (sampling & (rows.typical_p < 1.0), with_state(filters.apply_typical)),
-        "epsilon": (sampling & (rows.epsilon > 0.0), with_state(filters.apply_epsilon)),
-        "eta": (sampling & (rows.eta > 0.0), with_state(filters.apply_eta)),
-        "xtc": (sampling & (rows.xtc_probability > 0.0),
-                lambda x: filters.apply_xtc(x, rows, state, uniforms[:, 1])),
-    }
-    return [(name,) + table[name] for name in STAGES]
+    def custom(y):
+        def body(position, z):
+            for name in STAGES:
+                on, fn = _STAGES[name]
+                here = rows.custom_order & (rows.order[:, _STAGE_INDEX[name]] == position)
+                z = _gated(on(rows) & here, lambda w, f=fn: f(w, rows, state, keys), z)
+            return z
+        return jax.lax.fori_loop(0, NUM_STAGES, body, y)
+
+    return jax.lax.cond(jnp.any(rows.custom_order), custom, lambda y: y, x)
 
 
-def process(logits: jax.Array, rows: SamplingRows, state: SamplerState, uniforms,
-            custom_order: bool = False) -> jax.Array:
-    """All stages up to (not including) mirostat and the draw."""
+def _hard_masks(x, rows: SamplingRows, state: SamplerState, mask) -> jax.Array:
+    x = jax.lax.cond(jnp.any(rows.has_bias), lambda y: penalties.apply_bias(y, rows, state),
+                     lambda y: y, x)
+    x = _gated(jnp.any(rows.bad_words[:, :, -2] >= 0, axis=-1),
+               lambda y: penalties.ban_bad_word_sequences(y, rows, state), x)
+    x = _gated(rows.no_repeat_ngram > 0,
+               lambda y: penalties.ban_repeated_ngrams(y, rows, state), x)
+    x = _gated(state.step < rows.min_tokens,
+               lambda y: penalties.mask_stops_before_min_tokens(y, rows, state), x)
+    if mask is not None:
+        x = jnp.where(mask, x, -jnp.inf)
+    return x
+
+
+def _top(lp: jax.Array, num_top: int):
+    s = lp.shape[0]
+    if num_top == 0:
+        return jnp.zeros((s, 0), jnp.int32), jnp.zeros((s, 0), jnp.float32)
+    vals, ids = jax.lax.top_k(lp, num_top)
+    return ids.astype(jnp.int32), vals
+
+
+def process_logits(logits: jax.Array, rows: SamplingRows, state: SamplerState, *,
+                   mask: jax.Array | None = None, custom_order: bool = True) -> jax.Array:
+    """Stages 1-9 without the draw: the logits each row samples from (before mirostat's
+    truncation); for greedy rows the logits after stages 1-4. Removed tokens are -inf."""
     logits = logits.astype(jnp.float32)
-    logits = _gated(rows.has_bias, lambda x: penalties.apply_bias(x, rows, state), logits)
-    logits = _gated(jnp.any(rows.bad_words[:, :, -2] >= 0, axis=-1),
-                    lambda x: penalties.ban_bad_word_sequences(x, rows, state), logits)
-    logits = _gated(rows.no_repeat_ngram > 0,
-                    lambda x: penalties.ban_repeated_ngrams(x, rows, state), logits)
-    logits = _gated(state.step < rows.min_tokens,
-                    lambda x: penalties.mask_stops_before_min_tokens(x, rows, state), logits)
-    stages = _stages(rows, state, uniforms)
-    if not custom_order:
-        for _, enabled, fn in stages:
-            logits = _gated(enabled, fn, logits)
-        return logits
-    for position in range(len(STAGES)):
-        for index, (_, enabled, fn) in enumerate(stages):
-            logits = _gated(enabled & (rows.order[:, index] == position), fn, logits)
-    return logits
-
-
-def draw(logits: jax.Array, uniform: jax.Array) -> jax.Array:
-    """Inverse-CDF draw with one uniform per row: pick a block of tokens, then a token.
-
-    Never returns a token with probability 0 (a masked token)."""
-    s, v = logits.shape
-    pad = (-v) % _BLOCK
-    p = jax.nn.softmax(logits, axis=-1)
-    p = jnp.pad(p, ((0, 0), (0, pad))).reshape(s, -1, _BLOCK)
-    block_mass = jnp.sum(p, axis=-1)                                   # [S, B]
-    cum = jnp.cumsum(block_mass, axis=-1)
-    target = uniform * cum[:, -1]
-    nonzero_block = block_mass > 0
-    last_block = jnp.max(jnp.where(nonzero_block, jnp.arange(cum.shape[1]), 0), axis=-1)
-    block = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), last_block)
-    inside = jnp.take_along_axis(p, block[:, None, None], axis=1)[:, 0]  # [S, BLOCK]
-    before = jnp.take_along_axis(cum - block_mass, block[:, None], axis=1)[:, 0]
-    inner_cum = jnp.cumsum(inside, axis=-1)
-    last_token = jnp.max(jnp.where(inside > 0, jnp.arange(_BLOCK), 0), axis=-1)
-    token = jnp.minimum(jnp.sum(inner_cum <= (target - before)[:, None], axis=-1), last_token)
-    return (block * _BLOCK + token).astype(jnp.int32)
-
-
-def _floor(x):
-    return jnp.maximum(jnp.where(jnp.isnan(x), -jnp.inf, x), LOGPROB_FLOOR)
+    logits = jnp.where(jnp.isnan(logits), -jnp.inf, logits)
+    keys = row_keys(rows, state.step)
+    x = _hard_masks(logits, rows, state, mask)
+    return _run_stages(x, rows, state, keys, custom_order)
 
 
 def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_top: int = 20,
-           custom_order: bool = False) -> tuple[SampleOutput, SamplerState]:
-    """Sample one token per row; returns the outputs and the updated sampler state."""
+           mask: jax.Array | None = None, custom_order: bool = True
+           ) -> tuple[SampleOutput, SamplerState]:
+    """Sample one token per row and advance the state. Pure and jittable (num_top and
+    custom_order static).
+
+    `mask` (optional, bool [S, V]) is an extra hard mask, True = allowed (grammars).
+    `custom_order=False` compiles without the per-row sampler_order path (rows asking for
+    one then run the default order)."""
+    logits = logits.astype(jnp.float32)
     s, v = logits.shape
-    raw = logits.astype(jnp.float32)
-    keys = row_keys(rows, state)
-    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(keys)   # [S, 2]: draw, XTC
-    processed = process(raw, rows, state, uniforms, custom_order)
-    processed = _gated(rows.mirostat & ~rows.greedy,
-                       lambda x: filters.apply_mirostat(x, rows, state.mu), processed)
-    error = ~jnp.any(processed > -jnp.inf, axis=-1)
-    greedy_tok = jnp.argmax(processed, axis=-1).astype(jnp.int32)
-    drawn = jax.lax.cond(jnp.all(rows.greedy), lambda: greedy_tok,
-                         lambda: draw(processed, uniforms[:, 0]))
-    tokens = jnp.where(rows.greedy, greedy_tok, drawn)
-    tokens = jnp.where(error, 0, tokens)
+    nan_row = jnp.any(jnp.isnan(logits), axis=-1)
+    logits = jnp.where(jnp.isnan(logits), -jnp.inf, logits)
+    keys = row_keys(rows, state.step)
+    x = process_logits(logits, rows, state, mask=mask, custom_order=custom_order)
+    mirostat = rows.mirostat & ~rows.greedy
+    x = _gated(mirostat, lambda y: filters.apply_mirostat(y, rows, state.mu), x)
 
-    proc_logp = jax.nn.log_softmax(processed, axis=-1)
-    proc_lp = jnp.take_along_axis(proc_logp, tokens[:, None], axis=1)[:, 0]
-    want_raw = jnp.any(~rows.logprobs_processed) & (num_top > 0)
+    top_x = jnp.max(x, axis=-1)
+    error = nan_row | ~jnp.isfinite(top_x)
+    sampling = ~rows.greedy
 
-    def raw_logp():
-        return jax.nn.log_softmax(raw, axis=-1)
+    def noisy(y):
+        g = jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, 0), (v,)))(keys)
+        return jnp.where(sampling[:, None], y + g, y)
 
-    raw_logp_all = jax.lax.cond(want_raw, raw_logp, lambda: proc_logp)
-    raw_lp = jnp.take_along_axis(raw_logp_all, tokens[:, None], axis=1)[:, 0]
-    rank = 1 + jnp.sum(raw_logp_all > raw_lp[:, None], axis=-1).astype(jnp.int32)
-    if num_top > 0:
-        chosen = jnp.where(rows.logprobs_processed[:, None], proc_logp, raw_logp_all)
-        top_lp, top_ids = jax.lax.top_k(chosen, min(num_top, v))
-    else:
-        top_lp = jnp.zeros((s, 0), jnp.float32)
-        top_ids = jnp.zeros((s, 0), jnp.int32)
-    entropy = jax.lax.cond(
-        jnp.any(rows.return_entropy),
-        lambda: -jnp.sum(jnp.where(proc_logp > -jnp.inf, jnp.exp(proc_logp) * proc_logp, 0.0), -1),
-        lambda: jnp.zeros((s,), jnp.float32))
+    z = jax.lax.cond(jnp.any(sampling), noisy, lambda y: y, x)
+    tokens = jnp.where(error, 0, jnp.argmax(z, axis=-1).astype(jnp.int32))
 
-    # mirostat v2: mu <- mu - eta * (observed surprise - tau), on the truncated distribution
+    raw_lse = jax.nn.logsumexp(logits, axis=-1)
+    proc_lse = jax.nn.logsumexp(x, axis=-1)
+    pick = lambda a: jnp.take_along_axis(a, tokens[:, None], axis=-1)[:, 0]
+    raw_tok = pick(logits)
+    raw_lp = raw_tok - raw_lse
+    proc_lp = pick(x) - proc_lse
+    rank = 1 + jnp.sum(logits > raw_tok[:, None], axis=-1).astype(jnp.int32)
+
+    processed = rows.logprobs_processed
+    mode_lp = jnp.where(processed[:, None], x - proc_lse[:, None], logits - raw_lse[:, None])
+    top_ids, top_lp = _top(mode_lp, num_top)
+
+    def entropy(lp):
+        p = jnp.exp(lp)
+        return -jnp.sum(jnp.where(p > 0, p * lp, 0.0), axis=-1)
+
+    ent = jax.lax.cond(jnp.any(rows.return_entropy), entropy, lambda lp: jnp.zeros((s,)), mode_lp)
+
+    # mirostat v2: mu -= eta * (surprise of the sampled token - tau), surprise in bits under
+    # the truncated, renormalised distribution
     surprise = -proc_lp / math.log(2.0)
-    mu = jnp.where(rows.mirostat & ~rows.greedy,
-                   state.mu - rows.mirostat_eta * (surprise - rows.mirostat_tau), state.mu)
-    logprob = jnp.where(rows.logprobs_processed, proc_lp, raw_lp)
+    mu = jnp.where(mirostat & ~error, state.mu - rows.mirostat_eta * (surprise - rows.mirostat_tau),
+                   state.mu)
+
+    err = lambda a: jnp.where(error, LOGPROB_FLOOR, _floor(a))
     out = SampleOutput(
-        tokens=tokens, logprob=_floor(logprob), raw_logprob=_floor(raw_lp),
-        processed_logprob=_floor(proc_lp), rank=rank, top_ids=top_ids.astype(jnp.int32),
-        top_logprobs=_floor(top_lp), entropy=entropy, error=error)
+        tokens=tokens,
+        logprob=err(jnp.where(processed, proc_lp, raw_lp)),
+        raw_logprob=err(raw_lp),
+        processed_logprob=err(proc_lp),
+        rank=jnp.where(error, 0, rank),
+        top_ids=top_ids,
+        top_logprobs=jnp.where(error[:, None], LOGPROB_FLOOR, _floor(top_lp)),
+        entropy=jnp.where(error | jnp.isnan(ent), 0.0, ent),
+        error=error,
+    )
     return out, append(state, tokens, mu)
+
+
+def score_tokens(logits: jax.Array, targets: jax.Array, *, num_top: int = 0):
+    """Prompt logprobs (scoring): for logits [T, V] and the next tokens [T], the raw
+    logprob and rank of each target and the top-N raw logprobs, floored like `sample`."""
+    logits = logits.astype(jnp.float32)
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    tok = jnp.take_along_axis(lp, targets[:, None], axis=-1)[:, 0]
+    rank = 1 + jnp.sum(lp > tok[:, None], axis=-1).astype(jnp.int32)
+    if num_top:
+        vals, ids = jax.lax.top_k(lp, num_top)
+    else:
+        vals, ids = jnp.zeros((lp.shape[0], 0)), jnp.zeros((lp.shape[0], 0), jnp.int32)
+    return _floor(tok), rank, ids.astype(jnp.int32), _floor(vals)
