@@ -11,7 +11,7 @@
  7. temperature (or dynamic temperature)
  8. top_n_sigma -> min_p -> top_k -> top_p -> typical -> epsilon -> eta
  9. XTC
- 10. processed snapshot; 11. draw: Gumbel-max with the row's own key (or mirostat v2)
+ 10. processed snapshot; 11. draw: inverse CDF with one uniform from the row's own key (or mirostat v2)
 
 A row's `sampler_order` (or `temperature_last`) reorders stages 3-9 for that row only; the
 rows that keep the default order take a straight-line path, the others a loop over stage
@@ -48,6 +48,7 @@ from sampling.rows import NUM_STAGES, SamplingRows, processor_args
 from sampling.state import SamplerState, append
 
 LOGPROB_FLOOR = -9999.0
+_BLOCK = 256  # tokens per block of the two-level draw
 _STAGE_INDEX = {name: i for i, name in enumerate(STAGES)}
 
 
@@ -191,6 +192,27 @@ def process_logits(logits: jax.Array, rows: SamplingRows, state: SamplerState, *
     x = _hard_masks(logits, rows, state, mask)
     return _run_stages(x, rows, state, keys, custom_order)
 
+def draw(logits: jax.Array, uniform: jax.Array) -> jax.Array:
+    """Inverse-CDF draw with one uniform per row: pick a block of tokens, then a token.
+
+    Never returns a token with probability 0 (a masked token)."""
+    s, v = logits.shape
+    pad = (-v) % _BLOCK
+    p = jax.nn.softmax(logits, axis=-1)
+    p = jnp.pad(p, ((0, 0), (0, pad))).reshape(s, -1, _BLOCK)
+    block_mass = jnp.sum(p, axis=-1)                                   # [S, B]
+    cum = jnp.cumsum(block_mass, axis=-1)
+    target = uniform * cum[:, -1]
+    nonzero_block = block_mass > 0
+    last_block = jnp.max(jnp.where(nonzero_block, jnp.arange(cum.shape[1]), 0), axis=-1)
+    block = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), last_block)
+    inside = jnp.take_along_axis(p, block[:, None, None], axis=1)[:, 0]  # [S, BLOCK]
+    before = jnp.take_along_axis(cum - block_mass, block[:, None], axis=1)[:, 0]
+    inner_cum = jnp.cumsum(inside, axis=-1)
+    last_token = jnp.max(jnp.where(inside > 0, jnp.arange(_BLOCK), 0), axis=-1)
+    token = jnp.minimum(jnp.sum(inner_cum <= (target - before)[:, None], axis=-1), last_token)
+    return (block * _BLOCK + token).astype(jnp.int32)
+
 
 def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_top: int = 20,
            mask: jax.Array | None = None, custom_order: bool = True
@@ -214,12 +236,10 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
     error = nan_row | ~jnp.isfinite(top_x)
     sampling = ~rows.greedy
 
-    def noisy(y):
-        g = jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, 0), (v,)))(keys)
-        return jnp.where(sampling[:, None], y + g, y)
-
-    z = jax.lax.cond(jnp.any(sampling), noisy, lambda y: y, x)
-    tokens = jnp.where(error, 0, jnp.argmax(z, axis=-1).astype(jnp.int32))
+    greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    uniform = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0)))(keys)
+    drawn = jax.lax.cond(jnp.any(sampling), lambda: draw(x, uniform), lambda: greedy_tokens)
+    tokens = jnp.where(error, 0, jnp.where(sampling, drawn, greedy_tokens))
 
     raw_lse = jax.nn.logsumexp(logits, axis=-1)
     proc_lse = jax.nn.logsumexp(x, axis=-1)
