@@ -1,0 +1,41 @@
+"""The benchmark commands run and print their figures (tiny sizes; no timing asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def flaxserve(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=900, cwd=ROOT)
+
+
+def test_bench_decode_prints_every_figure():
+    proc = flaxserve("bench", "decode", "--config", "tiny", "--batch", "1,4", "--prompt-len", "8",
+                     "--new-tokens", "4", "--hf-batch", "1", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["bandwidth_gb_s"] > 0 and out["roofline_tokens_s"] > 0
+    one, four = out["runs"]
+    assert one["batch"] == 1 and 0 < one["roofline_fraction"] and one["hf_tokens_s"] > 0
+    assert four["batch"] == 4 and four["tokens_s"] > 0 and four["vs_batch1"] > 0
+    assert "hf_tokens_s" not in four
+
+
+def test_bench_sampling_prints_on_and_off():
+    proc = flaxserve("bench", "sampling", "--slots", "4", "--vocab", "300", "--iters", "2",
+                     "--history", "16", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["all_on_ms"] > 0 and out["all_off_ms"] > 0
+
+
+def test_bench_rejects_bad_flags():
+    proc = flaxserve("bench", "decode", "--config", "tiny", "--batch", "0")
+    assert proc.returncode == 2 and "--batch" in proc.stderr
+    proc = flaxserve("bench", "decode", "--config", "nope")
+    assert proc.returncode == 2 and "unknown config" in proc.stderr
