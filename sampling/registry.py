@@ -9,7 +9,8 @@ a batch where some rows use it and others do not is still one compiled program:
     @register("logit_softcap", cap=30.0)           # name, then its parameters with defaults
     def logit_softcap(logits, args, state):
         cap = args["cap"][:, None]                 # every parameter arrives as a [slots] array
-        return cap * jnp.tanh(logits / cap)
+        import jax.numpy as jnp  # here, not at the top: HTTP workers validate names without JAX
+    return cap * jnp.tanh(logits / cap)
 
     # per request:
     SamplingParams(logits_processors=[{"name": "logit_softcap", "args": {"cap": 15.0}}])
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
-
-import jax.numpy as jnp
 
 
 @dataclass(frozen=True)
@@ -94,4 +93,5 @@ def validate_processors(specs) -> None:
 def logit_softcap(logits, args, state):
     """Gemma-style soft capping: cap * tanh(logits / cap)."""
     cap = args["cap"][:, None]
+    import jax.numpy as jnp  # here, not at the top: HTTP workers validate names without JAX
     return cap * jnp.tanh(logits / cap)

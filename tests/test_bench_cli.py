@@ -39,3 +39,17 @@ def test_bench_rejects_bad_flags():
     assert proc.returncode == 2 and "--batch" in proc.stderr
     proc = flaxserve("bench", "decode", "--config", "nope")
     assert proc.returncode == 2 and "unknown config" in proc.stderr
+
+
+def test_bench_serve_in_process_prints_both_loads():
+    proc = flaxserve("bench", "serve", "--config", "tiny", "--concurrency", "1,4",
+                     "--num-requests", "4", "--prompt-len", "8", "--output-len", "5", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, four = out["runs"]
+    assert (one["concurrency"], four["concurrency"]) == (1, 4)
+    for r in (one, four):
+        assert r["completed"] == 4 and r["errors"] == 0 and r["output_tokens"] == 4 * 5
+        assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"]
+        assert r["tpot_ms"]["mean"] > 0 and r["itl_ms"]["mean"] > 0
+    assert out["throughput_ratio_last_vs_first"] > 0

@@ -1,0 +1,299 @@
+"""`flaxserve bench serve`: a load generator against the batch server (gRPC) or the HTTP API.
+
+Like vLLM's `benchmark_serving` and JetStream's `benchmark_serving.py`: fixed-length random
+token prompts, a fixed number of output tokens (EOS ignored), arrivals either at a fixed
+concurrency (each of C clients sends its next request when the last one ends) or Poisson
+at a given rate. Each request is streamed and every token's arrival time recorded, which
+gives time to first token (TTFT), time per output token after the first
+(TPOT = (latency - TTFT) / (tokens - 1)) and inter-token latency (ITL, the gaps between
+arrivals). Several concurrencies run against the same server in one run, so their ratio is
+measured under the same machine load.
+
+With neither `--grpc` nor `--http`, an engine is started in this process on `--model` or
+`--config` (random weights) and driven over a loopback gRPC port.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def add_arguments(parser) -> None:
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--grpc", metavar="HOST:PORT", help="a running `flaxserve engine`")
+    target.add_argument("--http", metavar="URL",
+                        help="a running HTTP front end, e.g. http://127.0.0.1:8000")
+    target.add_argument("--model", help="start an engine here on this model (PATH or 'default')")
+    target.add_argument("--config", help="start an engine here on a named config with random "
+                                         "weights, e.g. qwen3-100m")
+    parser.add_argument("--api-key", default=None, help="for --http")
+    parser.add_argument("--served-model", default=None,
+                        help="model name for --http requests (default: the first listed)")
+    parser.add_argument("--concurrency", default="1,32",
+                        help="comma-separated fixed concurrencies, run one after the other")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="Poisson arrivals at this many requests/s instead of fixed "
+                             "concurrency (unbounded in-flight requests)")
+    parser.add_argument("--num-requests", default=None,
+                        help="requests per run (comma-separated, one per concurrency; "
+                             "default 2 x concurrency, at least 8)")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="prompts and sampling seeds")
+    parser.add_argument("--max-slots", type=int, default=None,
+                        help="in-process engine: slots (default: the largest concurrency)")
+    parser.add_argument("--dtype", default=None, help="in-process engine: float32 | bfloat16")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{flag} must list positive integers, got {text!r}")
+    return values
+
+
+# -- one request, as a client sees it ---------------------------------------------------------
+
+@dataclass
+class Trace:
+    """Arrival times of one request's tokens (seconds since it was sent)."""
+    start: float
+    token_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+    def add(self, count: int) -> None:
+        now = time.perf_counter() - self.start
+        self.token_times.extend([now] * count)
+        self.tokens += count
+
+
+class GrpcTarget:
+    def __init__(self, address: str):
+        from serving.client import EngineClient
+        self.client = EngineClient(address)
+        (card,) = self.client.list_models()[:1]
+        self.vocab_size = card.vocab_size
+        self.max_slots = card.max_slots
+
+    def send(self, prompt: list[int], sampling: dict, trace: Trace) -> None:
+        for r in self.client.stream(prompt, sampling, timeout=3600):
+            if r.HasField("delta") and r.delta.token_ids:
+                trace.add(len(r.delta.token_ids))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class HttpTarget:
+    """Streams `/v1/completions` with token-id prompts (no tokenizer in the loop)."""
+
+    def __init__(self, url: str, api_key: str | None, model: str | None):
+        import requests
+        self.url = url.rstrip("/")
+        self.session = requests.Session
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        models = requests.get(self.url + "/v1/models", headers=self.headers, timeout=30)
+        if models.status_code != 200:
+            raise ValueError(f"--http: GET /v1/models answered {models.status_code}: "
+                             f"{models.text[:200]}")
+        data = models.json()["data"]
+        self.model = model or data[0]["id"]
+        self.vocab_size = data[0].get("vocab_size")
+        self.max_slots = None
+        self._local = threading.local()
+
+    def send(self, prompt: list[int], sampling: dict, trace: Trace) -> None:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = self.session()
+        body = {"model": self.model, "prompt": prompt, "stream": True, **sampling}
+        with session.post(self.url + "/v1/completions", json=body, headers=self.headers,
+                          stream=True, timeout=3600) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+            for line in r.iter_lines():
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                for choice in json.loads(line[6:]).get("choices", []):
+                    if choice.get("text"):
+                        trace.add(1)
+
+    def close(self) -> None:
+        pass
+
+
+# -- a run --------------------------------------------------------------------------------------
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "p50": None, "p99": None}
+    a = np.asarray(values, np.float64) * 1000.0
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
+            "p99": float(np.percentile(a, 99))}
+
+
+def run_load(target, prompts: list[list[int]], sampling: dict, *, concurrency: int | None,
+             rate: float | None, seed: int) -> dict:
+    """Send every prompt (fixed concurrency or Poisson arrivals); figures of the run."""
+    traces: list[Trace | None] = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        trace = Trace(start=time.perf_counter())
+        traces[i] = trace
+        try:
+            target.send(prompts[i], {**sampling, "seed": seed + i}, trace)
+        except Exception as e:  # counted and reported, never silently dropped
+            trace.error = f"{type(e).__name__}: {e}"
+
+    t0 = time.perf_counter()
+    if rate is None:
+        cursor = iter(range(len(prompts)))
+        lock = threading.Lock()
+
+        def client():
+            while True:
+                with lock:
+                    i = next(cursor, None)
+                if i is None:
+                    return
+                one(i)
+
+        threads = [threading.Thread(target=client) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+    else:
+        rng = np.random.default_rng(seed)
+        threads = []
+        for i in range(len(prompts)):
+            t = threading.Thread(target=one, args=(i,))
+            t.start()
+            threads.append(t)
+            time.sleep(rng.exponential(1.0 / rate))
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+
+    done = [t for t in traces if t is not None and t.error is None and t.tokens > 0]
+    errors = [t.error for t in traces if t is not None and t.error is not None]
+    ttft = [t.token_times[0] for t in done]
+    tpot = [(t.token_times[-1] - t.token_times[0]) / (t.tokens - 1) for t in done if t.tokens > 1]
+    itl = [b - a for t in done for a, b in zip(t.token_times, t.token_times[1:]) if b > a]
+    tokens = sum(t.tokens for t in done)
+    return {"concurrency": concurrency, "rate": rate, "requests": len(prompts),
+            "completed": len(done), "errors": len(errors), "first_error": errors[0] if errors
+            else None, "wall_s": wall, "requests_per_s": len(done) / wall,
+            "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
+            "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot),
+            "itl_ms": _percentiles(itl)}
+
+
+# -- the command --------------------------------------------------------------------------------
+
+def _start_engine(args, max_slots: int, max_len: int):
+    from checkpoints.loader import load_model
+    from model.config import named_config
+    from model.decoder import init_params
+    from serving.engine.server import start_in_process
+
+    if args.config:
+        config = named_config(args.config, dtype=args.dtype)
+        params, name = init_params(config, seed=0), args.config
+    else:
+        config, params, _ = load_model(args.model, dtype=args.dtype)
+        name = args.model
+    print(f"bench serve: starting an engine on {name} ({max_slots} slots), compiling ...",
+          flush=True)
+    server = start_in_process(config, params, max_slots=max_slots, max_len=max_len,
+                              model_name=name, max_queue=4096, prefix_cache=False)
+    return server, name
+
+
+def run(args) -> int:
+    concurrencies = _ints(args.concurrency, "--concurrency")
+    if args.rate is not None:
+        if not args.rate > 0:
+            raise ValueError(f"--rate must be > 0, got {args.rate}")
+        concurrencies = [None]
+    counts = (_ints(args.num_requests, "--num-requests") if args.num_requests
+              else [max(8, 2 * (c or 8)) for c in concurrencies])
+    if len(counts) == 1:
+        counts = counts * len(concurrencies)
+    if len(counts) != len(concurrencies):
+        raise ValueError("--num-requests: give one count, or one per --concurrency")
+    for flag in ("prompt_len", "output_len"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+
+    server = None
+    if args.grpc:
+        target, label = GrpcTarget(args.grpc), f"gRPC {args.grpc}"
+    elif args.http:
+        target, label = HttpTarget(args.http, args.api_key, args.served_model), f"HTTP {args.http}"
+    else:
+        if not (args.model or args.config):
+            args.model = "default"
+        slots = args.max_slots or max(c or 32 for c in concurrencies)
+        server, name = _start_engine(args, slots, args.prompt_len + args.output_len + 1)
+        target, label = GrpcTarget(f"127.0.0.1:{server.port}"), f"gRPC in-process, {name}"
+    try:
+        vocab = target.vocab_size or 1000
+        rng = np.random.default_rng(args.seed)
+        sampling = {"max_tokens": args.output_len, "ignore_eos": True,
+                    "temperature": args.temperature}
+        # one request first: connections and any lazy path warm, not counted
+        run_load(target, [rng.integers(1, vocab, args.prompt_len).tolist()], sampling,
+                 concurrency=1, rate=None, seed=args.seed)
+        results = []
+        for conc, count in zip(concurrencies, counts):
+            prompts = [rng.integers(1, vocab, args.prompt_len).tolist() for _ in range(count)]
+            results.append(run_load(target, prompts, sampling, concurrency=conc,
+                                    rate=args.rate, seed=args.seed))
+    finally:
+        target.close()
+        if server is not None:
+            server.stop(grace_s=5)
+
+    report = {"target": label, "prompt_len": args.prompt_len, "output_len": args.output_len,
+              "runs": results}
+    if len(results) > 1 and results[0]["output_tokens_per_s"] > 0:
+        report["throughput_ratio_last_vs_first"] = (results[-1]["output_tokens_per_s"]
+                                                    / results[0]["output_tokens_per_s"])
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 1 if any(r["errors"] for r in results) else 0
+
+
+def format_report(report: dict) -> str:
+    def ms(d):
+        return ("     -" if d["mean"] is None else
+                f"{d['mean']:8.1f} {d['p50']:8.1f} {d['p99']:8.1f}")
+
+    lines = [f"bench serve: {report['target']}, prompt {report['prompt_len']} tokens, "
+             f"output {report['output_len']} tokens",
+             f"{'load':>12} {'reqs':>5} {'req/s':>7} {'tok/s':>8} | {'TTFT ms mean/p50/p99':>26}"
+             f" | {'TPOT ms mean/p50/p99':>26} | {'ITL ms mean/p50/p99':>26}"]
+    for r in report["runs"]:
+        load = f"conc {r['concurrency']}" if r["rate"] is None else f"rate {r['rate']:g}/s"
+        lines.append(f"{load:>12} {r['completed']:>5} {r['requests_per_s']:7.2f} "
+                     f"{r['output_tokens_per_s']:8.1f} | {ms(r['ttft_ms'])} | "
+                     f"{ms(r['tpot_ms'])} | {ms(r['itl_ms'])}")
+        if r["errors"]:
+            lines.append(f"{'':>12} {r['errors']} errors, first: {r['first_error']}")
+    if "throughput_ratio_last_vs_first" in report:
+        lines.append(f"token throughput, last load vs first: "
+                     f"{report['throughput_ratio_last_vs_first']:.2f}x")
+    return "\n".join(lines)

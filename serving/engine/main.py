@@ -1,0 +1,122 @@
+"""`flaxserve engine`: load a model, warm up every compiled program, serve gRPC until told to stop.
+
+The only process that imports JAX and holds the device. Warm-up compiles every prefill
+bucket, the first-token sampler and the decode step before the health check says SERVING,
+so no request ever waits for a compilation; with a persistent compilation cache dir
+(`--compile-cache` or JAX_COMPILATION_CACHE_DIR) a restart loads them from disk. SIGTERM or
+SIGINT: health goes NOT_SERVING, new requests are refused, running ones finish, then exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="default",
+                        help="Hugging Face dir, orbax dir written by convert, or 'default'")
+    parser.add_argument("--grpc-port", type=int, default=50051)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--max-slots", type=int, default=None,
+                        help="concurrent sequences on the device (default 32 on CPU, 64 else)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context length: prompt + output (default: the model's, "
+                             "capped at 2048)")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    parser.add_argument("--prefill-budget", type=int, default=None,
+                        help="prompt tokens prefilled per scheduler iteration "
+                             "(default: the largest prefill bucket)")
+    parser.add_argument("--no-prefix-cache", action="store_true")
+    parser.add_argument("--mesh", default=None, metavar="data=1,model=1")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
+    parser.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="persistent XLA compilation cache (default: "
+                             "$JAX_COMPILATION_CACHE_DIR)")
+    parser.add_argument("--served-model-name", default=None, metavar="NAME")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds running requests get to finish on shutdown")
+
+
+def parse_mesh(spec: str | None):
+    """'data=1,model=2' -> a jax Mesh over the local devices (None: no mesh)."""
+    if not spec:
+        return None
+    from model import sharding
+    return sharding.make_mesh(spec)
+
+
+def _say(msg: str) -> None:
+    print(f"flaxserve engine: {msg}", file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    for name in ("grpc_port", "max_slots", "max_model_len", "max_queue", "prefill_budget"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    cache_dir = args.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    import jax
+    if cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+    from checkpoints.loader import load_model
+    from checkpoints.tokenizer import load_tokenizer
+    from serving.engine.device import DeviceEngine
+    from serving.engine.scheduler import Scheduler
+    from serving.engine.server import EngineServer
+
+    t0 = time.monotonic()
+    mesh = parse_mesh(args.mesh)
+    _say(f"loading {args.model}")
+    config, params, model_dir = load_model(args.model, mesh=mesh, dtype=args.dtype)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except (ValueError, OSError) as e:
+        _say(f"no tokenizer ({e}); token-id prompts only, no text or stop strings")
+        tokenizer = None
+    on_cpu = jax.default_backend() == "cpu"
+    max_slots = args.max_slots or (32 if on_cpu else 64)
+    max_len = args.max_model_len or min(config.max_position_embeddings, 2048)
+    if max_len > config.max_position_embeddings:
+        raise ValueError(f"--max-model-len {max_len} exceeds the model's "
+                         f"max_position_embeddings {config.max_position_embeddings}")
+    eos_ids = set(config.eos_token_ids or ())
+    if tokenizer is not None:
+        eos_ids |= set(tokenizer.stop_ids)
+    engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
+                          eos_ids=tuple(sorted(eos_ids)))
+    _say(f"loaded in {time.monotonic() - t0:.1f} s: {max_slots} slots, max_model_len "
+         f"{max_len}, prefill buckets {list(engine.prefill_buckets)}")
+    t1 = time.monotonic()
+    engine.warmup(_say)
+    _say(f"warm-up took {time.monotonic() - t1:.1f} s"
+         + (f" (compilation cache: {cache_dir})" if cache_dir else ""))
+
+    scheduler = Scheduler(engine, tokenizer, max_queue=args.max_queue,
+                          prefill_budget=args.prefill_budget,
+                          prefix_cache=not args.no_prefix_cache)
+    name = args.served_model_name or os.path.basename(os.path.normpath(model_dir))
+    server = EngineServer(scheduler, name, model_dir, tokenizer)
+    stop = threading.Event()
+    old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        port = server.start(args.host, args.grpc_port)
+        _say(f"serving {name} on {args.host}:{port} (gRPC)")
+        while not stop.wait(0.5):
+            if not scheduler.healthy:
+                _say("the scheduler failed; exiting")
+                return 1
+        _say("stopping: finishing running requests")
+        return 0
+    finally:
+        server.stop(grace_s=args.drain_timeout)
+        for s, h in old.items():
+            signal.signal(s, h)
+        _say("stopped")

@@ -1,0 +1,515 @@
+"""Continuous batching on the host: one thread owns the device, one thread makes text.
+
+The device thread loops: free the slots of finished or cancelled samples; admit queued
+requests into free slots and run their prefill within a per-iteration token budget (long
+prompts in chunks, interleaved with decode steps); dispatch decode step N+1; only then read
+step N's tokens (JAX dispatch is async, so the device never waits for the host). Each step
+remembers which sample owned each slot when it was dispatched: a slot freed or refilled in
+between is never credited to the wrong request.
+
+Token-level stops (stop_token_ids, EOS unless ignore_eos, max_tokens, the context limit,
+an all-masked row) are decided on the device thread. The detokenize thread turns tokens
+into text (incremental, UTF-8 safe), holds back possible stop strings, cuts on a match and
+ends the sample; the device thread frees that slot at its next iteration.
+
+Prefix cache: each slot remembers the token ids its KV holds (also after release). A new
+prompt takes the slot with the longest common prefix (reused in place when free, copied
+from a busy one) and prefills only the rest; at least one prompt token is always left for
+`insert`, which samples the first token. `n > 1` prefills once and copies the KV to the
+other samples' slots; each sample draws from its own key (`sample_index`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import secrets
+import threading
+import time
+import traceback
+
+import numpy as np
+
+from sampling.params import SamplingParams
+from serving.engine.requests import (FAILED_PRECONDITION, INTERNAL, INVALID_ARGUMENT,
+                                     RESOURCE_EXHAUSTED, UNAVAILABLE, Delta, EngineRequest,
+                                     Failure, Handle, RequestError, RequestState, Sample,
+                                     TokenLogprob, Usage)
+from serving.engine.stops import StopStrings
+
+log = logging.getLogger("flaxserve.engine")
+
+IDLE_WAIT_S = 0.05
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    m = min(len(a), len(b))
+    if m == 0:
+        return 0
+    eq = a[:m] == b[:m]
+    return m if eq.all() else int(np.argmin(eq))
+
+
+class Scheduler:
+    """Admission queue + slots + the device loop. `submit` from any thread."""
+
+    def __init__(self, engine, tokenizer=None, *, max_queue: int = 256,
+                 prefill_budget: int | None = None, prefix_cache: bool = True,
+                 eos_ids=None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.largest_chunk = engine.prefill_buckets[-1]
+        self.prefill_budget = prefill_budget or self.largest_chunk
+        self.prefix_cache = prefix_cache
+        self.eos_ids = frozenset(engine.eos_ids if eos_ids is None else eos_ids)
+        self.max_len = engine.max_len
+        self.vocab_size = engine.vocab_size
+
+        self._lock = threading.Lock()
+        self._queue: collections.deque[RequestState] = collections.deque()
+        self._wake_event = threading.Event()
+        self._stopping = False
+        self._failed: str | None = None
+        self._device_thread: threading.Thread | None = None
+        self._detok_thread: threading.Thread | None = None
+        self._detok_q: queue.Queue = queue.Queue()
+
+        s = engine.max_slots
+        self._free: list[int] = list(range(s))               # least recently used first
+        self._owner: list[Sample | None] = [None] * s        # decoding sample per slot
+        self._slot_tokens: list[np.ndarray] = [np.zeros(0, np.int32)] * s
+        self._prefilling: list[RequestState] = []
+        self._running: set[int] = set()                      # ids of admitted RequestStates
+        self.requests_finished = 0
+        self.tokens_generated = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> "Scheduler":
+        self._device_thread = threading.Thread(target=self._device_main, name="engine-device",
+                                               daemon=True)
+        self._detok_thread = threading.Thread(target=self._detok_main, name="engine-detok",
+                                              daemon=True)
+        self._detok_thread.start()
+        self._device_thread.start()
+        return self
+
+    def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new requests, let running ones finish (up to the timeout), then stop."""
+        with self._lock:
+            self._stopping = True
+        deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < deadline and self._busy():
+            time.sleep(0.02)
+        with self._lock:
+            self._failed = self._failed or "the engine is shutting down"
+        self._wake()
+        if self._device_thread is not None:
+            self._device_thread.join(timeout=10)
+        self._detok_q.put(None)
+        if self._detok_thread is not None:
+            self._detok_thread.join(timeout=10)
+
+    @property
+    def healthy(self) -> bool:
+        return self._failed is None and not self._stopping
+
+    def _busy(self) -> bool:
+        with self._lock:
+            return bool(self._queue or self._prefilling or self._running)
+
+    def _wake(self) -> None:
+        self._wake_event.set()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"queue_depth": len(self._queue),
+                    "slots_in_use": self.engine.max_slots - len(self._free),
+                    "max_slots": self.engine.max_slots,
+                    "requests_finished": self.requests_finished,
+                    "tokens_generated": self.tokens_generated}
+
+    # -- admission (any thread) ---------------------------------------------------------------
+
+    def make_request(self, request_id: str, prompt_ids, sampling: dict | SamplingParams,
+                     skip_special_tokens: bool = True,
+                     truncate_prompt_tokens: int | None = None) -> EngineRequest:
+        """Validate everything a request carries; RequestError(INVALID_ARGUMENT) names the field."""
+        try:
+            params = (sampling if isinstance(sampling, SamplingParams)
+                      else SamplingParams.from_dict(dict(sampling or {}), self.vocab_size))
+            params.validate(self.vocab_size)
+        except (ValueError, TypeError) as e:
+            raise RequestError(INVALID_ARGUMENT, f"sampling: {e}") from None
+        ids = [int(t) for t in prompt_ids]
+        if truncate_prompt_tokens is not None:
+            if truncate_prompt_tokens < 1:
+                raise RequestError(INVALID_ARGUMENT, "truncate_prompt_tokens must be >= 1, got "
+                                   f"{truncate_prompt_tokens}")
+            ids = ids[-truncate_prompt_tokens:]
+        if not ids:
+            raise RequestError(INVALID_ARGUMENT, "prompt_ids must hold at least one token")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(INVALID_ARGUMENT, f"prompt_ids must be token ids in "
+                               f"[0, {self.vocab_size}), got {bad[0]}")
+        if len(ids) + 1 > self.max_len:
+            raise RequestError(INVALID_ARGUMENT, f"prompt_ids: the prompt has {len(ids)} tokens; "
+                               f"with at least 1 to generate it exceeds max_model_len "
+                               f"{self.max_len} (use truncate_prompt_tokens to keep the last N)")
+        if params.n > self.engine.max_slots:
+            raise RequestError(INVALID_ARGUMENT, f"n must be <= {self.engine.max_slots} (the "
+                               f"engine's slots), got {params.n}")
+        if params.best_of is not None and params.best_of != params.n:
+            raise RequestError(INVALID_ARGUMENT, "best_of: only best_of == n is supported, got "
+                               f"best_of={params.best_of}, n={params.n}")
+        if params.prompt_logprobs is not None:
+            raise RequestError(INVALID_ARGUMENT, "prompt_logprobs is not supported by this engine")
+        if params.top_logprobs > self.engine.num_top_logprobs:
+            raise RequestError(INVALID_ARGUMENT, f"top_logprobs must be <= "
+                               f"{self.engine.num_top_logprobs}, got {params.top_logprobs}")
+        if params.stop and self.tokenizer is None:
+            raise RequestError(INVALID_ARGUMENT, "stop: this engine has no tokenizer to match "
+                               "stop strings (use stop_token_ids)")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        return EngineRequest(request_id=request_id, prompt_ids=ids, sampling=params, seed=seed,
+                             skip_special_tokens=skip_special_tokens)
+
+    def submit(self, request: EngineRequest) -> Handle:
+        """Queue a validated request; RESOURCE_EXHAUSTED when the queue is full."""
+        handle = Handle(request, wake=self._wake)
+        state = RequestState(request=request, handle=handle, prompt=list(request.prompt_ids))
+        state.samples = [Sample(state, i) for i in range(request.sampling.n)]
+        with self._lock:
+            if self._failed is not None or self._stopping:
+                raise RequestError(UNAVAILABLE, self._failed or "the engine is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise RequestError(RESOURCE_EXHAUSTED, f"the admission queue is full "
+                                   f"({self.max_queue} requests waiting); retry later")
+            self._queue.append(state)
+        self._wake()
+        return handle
+
+    # -- the device thread ----------------------------------------------------------------------
+
+    def _device_main(self) -> None:
+        try:
+            self._device_loop()
+        except Exception as e:  # the device state may be lost: fail everything, stay down
+            log.error("engine device loop failed:\n%s", traceback.format_exc())
+            with self._lock:
+                self._failed = f"engine failure: {e}"
+            self._fail_all(INTERNAL, f"engine failure: {e}")
+
+    def _device_loop(self) -> None:
+        inflight = None          # (Pending, owners snapshot) of the last dispatched step
+        while True:
+            self._wake_event.clear()
+            with self._lock:
+                if self._failed is not None:
+                    break
+            self._reap()
+            inserted = self._admit_and_prefill()
+            dispatched = None
+            if any(o is not None and not o.device_done for o in self._owner):
+                owners = list(self._owner)
+                dispatched = (self.engine.step(), owners)
+            if inflight is not None:
+                self._process_step(*inflight)
+            for sample, pending in inserted:
+                self._process_first(sample, pending)
+            inflight = dispatched
+            if inflight is None and not inserted and not self._prefilling:
+                self._wake_event.wait(IDLE_WAIT_S)
+        if inflight is not None:
+            inflight[0].result()
+        self._fail_all(UNAVAILABLE, self._failed or "the engine stopped")
+
+    def _fail_all(self, kind: str, message: str) -> None:
+        with self._lock:
+            states = list(self._queue) + list(self._prefilling)
+            self._queue.clear()
+            self._prefilling.clear()
+            self._running.clear()
+        states += [o.state for o in self._owner if o is not None]
+        seen = set()
+        for st in states:
+            if id(st) not in seen:
+                seen.add(id(st))
+                self._detok_q.put(("fail", st, Failure(kind, message)))
+
+    def _release(self, slot: int, tokens: np.ndarray) -> None:
+        self.engine.release(slot)
+        self._owner[slot] = None
+        self._slot_tokens[slot] = tokens
+        with self._lock:
+            self._free.append(slot)
+
+    def _reap(self) -> None:
+        """Free the slots of samples that ended (stop, length, cancel) since the last step."""
+        for slot, sample in enumerate(self._owner):
+            if sample is None:
+                continue
+            st = sample.state
+            if not sample.device_done and (st.cancelled or sample.text_done):
+                sample.device_done = True
+                if st.cancelled:
+                    self._detok_q.put(("end", sample, "abort"))
+            if sample.device_done:
+                kv = np.asarray(st.prompt + sample.tokens[:-1], np.int32)
+                self._release(slot, kv)
+                if all(s.device_done for s in st.samples) and not any(
+                        o is not None and o.state is st for o in self._owner):
+                    with self._lock:
+                        self._running.discard(id(st))
+        # cancelled while prefilling: give back the reserved slots
+        for st in [p for p in self._prefilling if p.cancelled]:
+            with self._lock:
+                self._prefilling.remove(st)
+                self._running.discard(id(st))
+            for k, slot in enumerate(st.slots):
+                kv = np.asarray(st.prompt[:st.prefill_pos] if k == 0 else [], np.int32)
+                self._slot_tokens[slot] = kv
+                with self._lock:
+                    self._free.append(slot)
+            for sample in st.samples:
+                sample.device_done = True
+                self._detok_q.put(("end", sample, "abort"))
+
+    def _best_prefix(self, prompt: np.ndarray) -> tuple[int, int]:
+        """(length, slot) of the longest cached prefix of `prompt`; free slots win ties."""
+        best_len, best_slot = 0, -1
+        free = set(self._free)
+        for slot, kv in enumerate(self._slot_tokens):
+            n = _common_prefix(kv, prompt)
+            if n > best_len or (n == best_len and n > 0 and slot in free and best_slot not in free):
+                best_len, best_slot = n, slot
+        return best_len, best_slot
+
+    def _next_admissible(self) -> RequestState | None:
+        """Pop the queue head into reserved slots when enough are free (FIFO, no skipping)."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return None
+                st = self._queue[0]
+                if st.cancelled:
+                    self._queue.popleft()
+                    cancelled = True
+                elif len(self._free) < len(st.samples):
+                    return None
+                else:
+                    self._queue.popleft()
+                    cancelled = False
+            if cancelled:
+                for sample in st.samples:
+                    sample.device_done = True
+                    self._detok_q.put(("end", sample, "abort"))
+                continue
+            break
+        prompt = np.asarray(st.prompt, np.int32)
+        length, src = self._best_prefix(prompt) if self.prefix_cache else (0, -1)
+        length = min(length, len(prompt) - 1)
+        with self._lock:
+            # reuse a free slot in place only when the prompt extends all it holds (or no
+            # other slot is free); otherwise copy, so its longer cached sequence survives
+            in_place = length > 0 and src in self._free and (
+                length >= len(self._slot_tokens[src]) or len(self._free) == len(st.samples))
+            if in_place:
+                target = src
+                self._free.remove(src)
+            else:
+                target = next(s for s in self._free if s != src)
+                self._free.remove(target)
+            others = [self._free.pop(0) for _ in range(len(st.samples) - 1)]
+            self._prefilling.append(st)
+            self._running.add(id(st))
+        if length > 0 and src != target:
+            self.engine.copy_prefix(src, target, length)
+        st.slots = [target] + others
+        st.prefill_pos = length
+        st.cached_tokens = length
+        st.admitted = time.monotonic()
+        self._slot_tokens[target] = prompt[:length]
+        for slot in others:
+            self._slot_tokens[slot] = np.zeros(0, np.int32)
+        return st
+
+    def _admit_and_prefill(self) -> list:
+        """Prefill work within the token budget; returns [(sample, insert Pending)]."""
+        spent = 0
+        inserted = []
+        while True:
+            st = self._prefilling[0] if self._prefilling else self._next_admissible()
+            if st is None:
+                break
+            target = st.slots[0]
+            remaining = len(st.prompt) - st.prefill_pos
+            if remaining > self.largest_chunk:
+                cost = self.largest_chunk
+                if spent and spent + cost > self.prefill_budget:
+                    break
+                chunk = st.prompt[st.prefill_pos:st.prefill_pos + cost]
+                self.engine.prefill_chunk(target, chunk, st.prefill_pos)
+                st.prefill_pos += cost
+                self._slot_tokens[target] = np.asarray(st.prompt[:st.prefill_pos], np.int32)
+                spent += cost
+                continue
+            cost = remaining + len(st.samples) - 1
+            if spent and spent + cost > self.prefill_budget:
+                break
+            spent += cost
+            inserted += self._insert(st)
+        return inserted
+
+    def _insert(self, st: RequestState) -> list:
+        with self._lock:
+            self._prefilling.remove(st)
+        req, prompt = st.request, np.asarray(st.prompt, np.int32)
+        out = []
+        for k, sample in enumerate(st.samples):
+            slot = st.slots[k]
+            start = st.prefill_pos
+            if k > 0:
+                start = len(prompt) - 1
+                self.engine.copy_prefix(st.slots[0], slot, start)
+            pending = self.engine.insert(slot, prompt, start, req.sampling, req.seed,
+                                         sample_index=k)
+            sample.slot = slot
+            self._owner[slot] = sample
+            self._slot_tokens[slot] = prompt
+            out.append((sample, pending))
+        return out
+
+    def _process_first(self, sample: Sample, pending) -> None:
+        out = pending.result()
+        st = sample.state
+        st.gpu_seconds += out.device_seconds
+        if st.first_token is None:
+            st.first_token = time.monotonic()
+        if not sample.device_done:
+            self._take(sample, out, 0)
+
+    def _process_step(self, pending, owners) -> None:
+        out = pending.result()
+        active = [o for o in owners if o is not None]
+        share = out.device_seconds / max(len(active), 1)
+        for slot, sample in enumerate(owners):
+            if sample is None:
+                continue
+            sample.state.gpu_seconds += share
+            if not sample.device_done:
+                self._take(sample, out, slot)
+
+    def _take(self, sample: Sample, out, row: int) -> None:
+        """One new token for a sample: token-level stops, then off to the detokenizer."""
+        st, params = sample.state, sample.state.request.sampling
+        token = int(out.tokens[row])
+        sample.tokens.append(token)
+        count = len(sample.tokens)
+        finish, stop_id = None, None
+        if bool(out.errors[row]):
+            finish = "error"
+        elif count > params.min_tokens and token in params.stop_token_ids:
+            finish, stop_id = "stop", token
+        elif count > params.min_tokens and not params.ignore_eos and token in self.eos_ids:
+            finish, stop_id = "stop", token
+        elif params.max_tokens is not None and count >= params.max_tokens:
+            finish = "length"
+        elif len(st.prompt) + count >= self.max_len:
+            finish = "length"
+        lp = None
+        if params.logprobs or params.top_logprobs:
+            k = params.top_logprobs
+            lp = TokenLogprob(token, float(out.logprobs[row]), int(out.ranks[row]),
+                              [int(t) for t in out.top_ids[row][:k]],
+                              [float(v) for v in out.top_logprobs[row][:k]])
+        if finish is not None:
+            sample.device_done = True
+        self.tokens_generated += 1
+        self._detok_q.put(("token", sample, token, lp, finish, stop_id))
+
+    # -- the detokenize thread ------------------------------------------------------------------
+
+    def _detok_main(self) -> None:
+        while True:
+            item = self._detok_q.get()
+            if item is None:
+                return
+            try:
+                self._detok_one(item)
+            except Exception as e:  # never leave a request hanging
+                log.error("detokenize failed:\n%s", traceback.format_exc())
+                st = item[1] if item[0] == "fail" else item[1].state
+                self._close(st, Failure(INTERNAL, f"detokenize failed: {e}"))
+
+    def _sample_text_state(self, sample: Sample) -> None:
+        if sample.stops is None:
+            req = sample.state.request
+            sample.stops = StopStrings(req.sampling.stop, req.sampling.include_stop_str_in_output)
+            if self.tokenizer is not None:
+                from checkpoints.detokenizer import IncrementalDetokenizer
+                sample.detok = IncrementalDetokenizer(self.tokenizer, sample.state.prompt,
+                                                      req.skip_special_tokens)
+
+    def _detok_one(self, item) -> None:
+        kind = item[0]
+        if kind == "fail":
+            self._close(item[1], item[2])
+            return
+        sample = item[1]
+        st = sample.state
+        if sample.text_done or st.closed:
+            return
+        self._sample_text_state(sample)
+        if kind == "end":
+            self._finish_sample(sample, Delta(sample.index, [], finish_reason=item[2]))
+            return
+        _, _, token, lp, finish, stop_id = item
+        sample.completion_tokens += 1
+        piece = sample.detok.add(token) if sample.detok is not None else ""
+        text = sample.stops.feed(piece)
+        delta = Delta(sample.index, [token], text, [lp] if lp is not None else [])
+        if sample.stops.matched is None and finish is not None:
+            if sample.detok is not None:
+                delta.text += sample.stops.feed(sample.detok.flush())
+            if sample.stops.matched is None:
+                delta.text += sample.stops.flush()
+        if sample.stops.matched is not None:
+            delta.finish_reason, delta.stop_sequence = "stop", sample.stops.matched
+        elif finish is not None:
+            delta.finish_reason, delta.stop_token_id = finish, stop_id
+        if delta.finish_reason is None:
+            st.handle.put(delta)
+        else:
+            self._finish_sample(sample, delta)
+
+    def _finish_sample(self, sample: Sample, delta: Delta) -> None:
+        st = sample.state
+        sample.text_done = True
+        self._wake()                      # the device thread frees the slot
+        st.handle.put(delta)
+        st.finished_samples += 1
+        if st.finished_samples == len(st.samples):
+            now = time.monotonic()
+            req = st.request
+            seed = req.seed if req.seed < 2 ** 63 else req.seed - 2 ** 64
+            self._close(st, Usage(
+                prompt_tokens=len(st.prompt),
+                completion_tokens=sum(s.completion_tokens for s in st.samples),
+                cached_tokens=st.cached_tokens, gpu_seconds=st.gpu_seconds,
+                queue_time=((st.admitted or now) - req.arrival),
+                ttft=((st.first_token or now) - req.arrival), seed=seed))
+
+    def _close(self, st: RequestState, final) -> None:
+        if st.closed:
+            return
+        st.closed = True
+        for s in st.samples:
+            s.text_done = True
+        with self._lock:
+            self.requests_finished += 1
+        st.handle.put(final)
+        self._wake()

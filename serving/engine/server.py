@@ -1,0 +1,182 @@
+"""The gRPC face of the batch server: FlaxServe service, grpc.health.v1 and reflection.
+
+A thin translation layer: proto messages in, `Scheduler` calls, proto messages out. Every
+refusal is a status code with a message naming the field (INVALID_ARGUMENT), a full
+admission queue is RESOURCE_EXHAUSTED, and the end of the RPC for any reason (client
+cancel, deadline, normal end) cancels the request, so its slots are freed at the next step.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving.engine import requests as rq
+from serving.engine.scheduler import Scheduler
+from serving.proto import flaxserve_pb2 as pb
+from serving.proto import flaxserve_pb2_grpc as pb_grpc
+
+STATUS = {
+    rq.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    rq.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    rq.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    rq.INTERNAL: grpc.StatusCode.INTERNAL,
+    rq.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+}
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlaxServe"].full_name
+
+
+def delta_message(d: rq.Delta) -> pb.Delta:
+    return pb.Delta(
+        index=d.index, token_ids=d.token_ids, text=d.text,
+        logprobs=[pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
+                                  top_ids=lp.top_ids, top_logprobs=lp.top_logprobs)
+                  for lp in d.logprobs],
+        finish_reason=d.finish_reason or "", stop_sequence=d.stop_sequence or "",
+        stop_token_id=-1 if d.stop_token_id is None else d.stop_token_id)
+
+
+def usage_message(u: rq.Usage) -> pb.Usage:
+    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                    cached_tokens=u.cached_tokens, gpu_seconds=u.gpu_seconds,
+                    queue_time=u.queue_time, ttft=u.ttft, seed=u.seed)
+
+
+class FlaxServeServicer(pb_grpc.FlaxServeServicer):
+    def __init__(self, scheduler: Scheduler, model_name: str, model_dir: str = "",
+                 tokenizer=None):
+        self.scheduler = scheduler
+        self.model_name = model_name
+        self.model_dir = model_dir
+        self.tokenizer = tokenizer
+
+    def _prompt(self, ids, text: str, add_special_tokens: bool, context) -> list[int]:
+        ids = list(ids)
+        if ids and text:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "give prompt_ids or prompt_text, not both")
+        if text:
+            if self.tokenizer is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              "prompt_text: this engine has no tokenizer; send prompt_ids")
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return ids
+
+    def Generate(self, request, context):
+        ids = self._prompt(request.prompt_ids, request.prompt_text,
+                           request.add_special_tokens, context)
+        try:
+            sampling = json.loads(request.sampling_json) if request.sampling_json else {}
+        except json.JSONDecodeError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling_json is not JSON: {e}")
+        if not isinstance(sampling, dict):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "sampling_json must be a JSON object of sampling parameters")
+        request_id = request.request_id or uuid.uuid4().hex
+        skip = (request.skip_special_tokens if request.HasField("skip_special_tokens")
+                else True)
+        truncate = (request.truncate_prompt_tokens
+                    if request.HasField("truncate_prompt_tokens") else None)
+        try:
+            req = self.scheduler.make_request(request_id, ids, sampling, skip, truncate)
+            handle = self.scheduler.submit(req)
+        except rq.RequestError as e:
+            context.abort(STATUS[e.kind], e.message)
+        context.add_callback(handle.cancel)
+        for event in handle:
+            if isinstance(event, rq.Delta):
+                yield pb.GenerateResponse(request_id=request_id, delta=delta_message(event))
+            elif isinstance(event, rq.Usage):
+                yield pb.GenerateResponse(request_id=request_id, usage=usage_message(event))
+            else:
+                context.abort(STATUS.get(event.kind, grpc.StatusCode.INTERNAL), event.message)
+
+    def CountTokens(self, request, context):
+        ids = self._prompt(request.prompt_ids, request.prompt_text,
+                           request.add_special_tokens, context)
+        return pb.CountTokensResponse(count=len(ids), token_ids=ids,
+                                      max_model_len=self.scheduler.max_len)
+
+    def ListModels(self, request, context):
+        engine = self.scheduler.engine
+        return pb.ListModelsResponse(models=[pb.ModelCard(
+            name=self.model_name, model_dir=self.model_dir, max_model_len=engine.max_len,
+            vocab_size=engine.vocab_size, max_slots=engine.max_slots,
+            eos_token_ids=sorted(self.scheduler.eos_ids))])
+
+    def Stats(self, request, context):
+        return pb.StatsResponse(**self.scheduler.stats())
+
+
+class EngineServer:
+    """A started scheduler behind a gRPC server; `start()` returns the bound port."""
+
+    def __init__(self, scheduler: Scheduler, model_name: str, model_dir: str = "",
+                 tokenizer=None):
+        self.scheduler = scheduler
+        self.servicer = FlaxServeServicer(scheduler, model_name, model_dir, tokenizer)
+        self.health = health.HealthServicer()
+        self.server: grpc.Server | None = None
+        self.port: int | None = None
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        # one thread per open stream: queued + running requests, plus room for unary calls
+        workers = self.scheduler.max_queue + self.scheduler.engine.max_slots + 16
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            maximum_concurrent_rpcs=workers,
+            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                     ("grpc.so_reuseport", 0)])
+        pb_grpc.add_FlaxServeServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise ValueError(f"--grpc-port: cannot listen on {address}")
+        if self.scheduler._device_thread is None:
+            self.scheduler.start()
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Health NOT_SERVING, no new requests, running ones finish, then the server stops."""
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.scheduler.stop(drain_timeout_s=grace_s)
+        if self.server is not None:
+            self.server.stop(grace=2.0).wait()
+
+    def wait(self) -> None:
+        if self.server is not None:
+            self.server.wait_for_termination()
+
+
+def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_buckets=None,
+                     tokenizer=None, model_name: str = "model", model_dir: str = "",
+                     max_queue: int = 256, prefix_cache: bool = True, eos_ids=None,
+                     host: str = "127.0.0.1", port: int = 0, mesh=None,
+                     progress=None) -> EngineServer:
+    """Engine + scheduler + gRPC server in this process (notebooks, tests); warmed up."""
+    from serving.engine.device import DeviceEngine
+
+    if eos_ids is None:
+        eos_ids = set(config.eos_token_ids or ())
+        if tokenizer is not None:
+            eos_ids |= set(tokenizer.stop_ids)
+    engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
+                          prefill_buckets=prefill_buckets, eos_ids=tuple(sorted(eos_ids)))
+    engine.warmup(progress)
+    scheduler = Scheduler(engine, tokenizer, max_queue=max_queue, prefix_cache=prefix_cache)
+    server = EngineServer(scheduler, model_name, model_dir, tokenizer)
+    server.start(host, port)
+    return server

@@ -1,0 +1,364 @@
+"""The Falcon WSGI app: routes, auth, request ids, errors, SSE, metrics.
+
+`create_app(settings)` builds one app per gunicorn worker (after the fork, so each worker
+opens its own gRPC channel). The protocol work lives in `openai_api` / `anthropic_api`;
+this file only moves bytes: read JSON, validate + tokenize (all before the status line, so
+a bad streaming request is a 4xx), open the engine call, and write the body or the SSE
+events. A streaming response is a generator, so each event is written and flushed on its
+own; when the client goes away the server closes the generator and the `finally` cancels
+the gRPC call, which frees the engine slot. No JAX is imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import falcon
+
+from serving.http import anthropic_api, metrics, openai_api, sse
+from serving.http.auth import KeyChecker, presented_key
+from serving.http.errors import APIError, body_for, openai_body
+from serving.http.generation import Delta, Final, ModelInfo, accumulate
+
+log = logging.getLogger("flaxserve.http")
+MAX_BODY = 32 * 1024 * 1024
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
+          "/v1/messages/count_tokens", "/health", "/metrics", "/openapi.json")
+KEEPALIVE_S = 10.0
+ANTHROPIC_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+@dataclass
+class Settings:
+    engine: str                                   # HOST:PORT of the batch server
+    api_keys: list[str] = field(default_factory=list, repr=False)   # never printed
+    served_model_names: list[str] = field(default_factory=list)   # default: the engine's
+    model_dir: str | None = None                  # default: the engine's (ListModels)
+    keepalive_s: float = KEEPALIVE_S
+
+
+def _protocol(path: str) -> str:
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
+class _Middleware:
+    """Request id, auth for /v1/*, and per-route request counts."""
+
+    def __init__(self, keys: KeyChecker):
+        self.keys = keys
+
+    def process_request(self, req, resp):
+        rid = req.get_header("X-Request-Id")
+        if not rid or len(rid) > 128 or not rid.isprintable():
+            rid = "req_" + secrets.token_hex(12)
+        req.context.request_id = rid
+        req.context.start = time.monotonic()
+        resp.set_header("x-request-id", rid)
+        resp.set_header("request-id", rid)
+        if req.path.startswith("/v1/") and not self.keys.allows(
+                presented_key(req.get_header("Authorization"), req.get_header("x-api-key"))):
+            raise APIError(401, "Invalid API key: send it as `Authorization: Bearer KEY`, "
+                                "`Authorization: Api-Key KEY` or `x-api-key: KEY`")
+        if req.path.startswith("/v1/messages"):
+            # Any dated version is accepted (the official SDK sends its own release date);
+            # the wire format we speak is the 2023-06-01 one for all of them.
+            version = req.get_header("anthropic-version")
+            if version is not None and not ANTHROPIC_VERSION.fullmatch(version):
+                raise APIError(400, f"anthropic-version: expected a date such as 2023-06-01, "
+                                    f"got {version!r}")
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        route = req.path if req.path in ROUTES else "other"   # bounded label values
+        metrics.REQUESTS.labels(route, str(resp.status_code)).inc()
+
+
+def _error_handler(req, resp, ex, params):
+    if isinstance(ex, APIError):
+        err = ex
+    elif isinstance(ex, falcon.HTTPError):
+        status = ex.status_code
+        message = ex.title if not ex.description else f"{ex.title}: {ex.description}"
+        if status == 404:
+            message = f"no route {req.method} {req.path}"
+        err = APIError(status, message)
+        if status == 404:
+            err.code = "not_found"
+    else:
+        log.exception("unhandled error on %s %s", req.method, req.path)
+        err = APIError(500, "internal server error; the request id is "
+                            f"{getattr(req.context, 'request_id', '?')}")
+    resp.status = err.status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = json.dumps(body_for(_protocol(req.path), err))
+    if err.retry_after is not None:
+        resp.set_header("retry-after", str(max(1, int(round(err.retry_after)))))
+
+
+def _read_json(req) -> dict:
+    length = req.content_length
+    if length is not None and length > MAX_BODY:
+        raise APIError(413, f"request body of {length} bytes exceeds {MAX_BODY}")
+    raw = req.bounded_stream.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise APIError(413, f"request body exceeds {MAX_BODY} bytes")
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+class _Timed:
+    """Wraps an engine stream to record TTFT, TPOT and token counts for /metrics."""
+
+    def __init__(self, events: Iterable, start: float):
+        self.events = events
+        self.start = start
+        self.first: float | None = None
+
+    def __iter__(self):
+        for ev in self.events:
+            if self.first is None and isinstance(ev, Delta) and ev.tokens:
+                self.first = time.monotonic()
+            if isinstance(ev, Final):
+                metrics.observe_generation(self.start, self.first, time.monotonic(),
+                                           ev.usage.prompt_tokens, ev.usage.completion_tokens)
+            yield ev
+
+
+class _Server:
+    def __init__(self, settings: Settings, link):
+        self.settings = settings
+        self.link = link
+        self._info: ModelInfo | None = None
+        self._lock = threading.Lock()
+
+    def info(self) -> ModelInfo:
+        """The model's names, tokenizer and context, fetched once from the engine."""
+        if self._info is None:
+            with self._lock:
+                if self._info is None:
+                    self._info = self._load_info()
+        return self._info
+
+    def _load_info(self) -> ModelInfo:
+        from serving.http.prompt import load_prompt_tokenizer
+        engine_model = self.link.model_info()
+        model_dir = self.settings.model_dir or engine_model.model_dir
+        if not model_dir:
+            raise APIError(503, "the engine did not say where its model lives; start "
+                                "`flaxserve http` with --model DIR")
+        names = self.settings.served_model_names or [engine_model.name]
+        try:
+            tokenizer = load_prompt_tokenizer(model_dir)
+        except (ValueError, OSError) as e:
+            raise APIError(503, f"cannot load the model's tokenizer: {e}") from None
+        self.link.token_bytes = tokenizer.token_bytes
+        return ModelInfo(served_names=names, tokenizer=tokenizer,
+                         max_model_len=engine_model.max_model_len,
+                         vocab_size=engine_model.vocab_size,
+                         created=int(time.time()))
+
+    def open(self, gen_request, req):
+        """Start the engine call; engine refusals (queue full, bad argument) raise here,
+        before the status line."""
+        stream = self.link.generate(gen_request, keepalive_s=self.settings.keepalive_s)
+        return _Timed(stream, req.context.start), stream
+
+
+def _sse_response(resp, frames: Iterator[bytes]) -> None:
+    resp.content_type = sse.CONTENT_TYPE
+    for k, v in sse.HEADERS.items():
+        resp.set_header(k, v)
+    resp.stream = frames
+
+
+def _guarded(frames: Iterator[bytes], on_error: Callable[[APIError], Iterator[bytes]],
+             streams: list) -> Iterator[bytes]:
+    """Frames, an in-band error if one comes after the 200, and cancellation of every open
+    engine call when the generator ends for any reason (done, error, client gone)."""
+    try:
+        yield from frames
+    except APIError as e:
+        yield from on_error(e)
+    except Exception:
+        log.exception("error while streaming")
+        yield from on_error(APIError(500, "internal error while streaming"))
+    finally:
+        for s in streams:
+            s.cancel()
+
+
+class ChatCompletions:
+    def __init__(self, server: _Server):
+        self.server = server
+
+    def on_post(self, req, resp):
+        body = _read_json(req)
+        plan = openai_api.parse_chat(body, self.server.info())
+        timed, stream = self.server.open(plan.requests[0], req)
+        if not plan.stream:
+            try:
+                choices, final = accumulate((e for e in timed if e is not None), plan.n)
+            finally:
+                stream.cancel()
+            resp.media = openai_api.chat_response(plan, choices, final)
+            return
+
+        def frames():
+            for chunk in openai_api.chat_stream(plan, timed):
+                yield sse.comment() if chunk is None else sse.data(chunk)
+            yield sse.DONE
+
+        _sse_response(resp, _guarded(frames(), _openai_stream_error, [stream]))
+
+
+def _openai_stream_error(err: APIError) -> Iterator[bytes]:
+    yield sse.data(openai_body(err))
+    yield sse.DONE
+
+
+class Completions:
+    def __init__(self, server: _Server):
+        self.server = server
+
+    def on_post(self, req, resp):
+        body = _read_json(req)
+        plan = openai_api.parse_completion(body, self.server.info())
+        created = int(time.time())
+        if not plan.stream:
+            results = []
+            for r in plan.requests:  # prompts one after another
+                timed, stream = self.server.open(r, req)
+                try:
+                    results.append(accumulate((e for e in timed if e is not None), plan.n))
+                finally:
+                    stream.cancel()
+            resp.media = openai_api.completion_response(plan, results, created)
+            return
+        first = self.server.open(plan.requests[0], req)
+        streams = [first[1]]
+
+        def frames():
+            usages = []
+            for i, r in enumerate(plan.requests):
+                timed = first[0] if i == 0 else None
+                if timed is None:
+                    timed, s = self.server.open(r, req)
+                    streams.append(s)
+                for chunk in openai_api.completion_stream(plan, i, timed, created, usages):
+                    yield sse.comment() if chunk is None else sse.data(chunk)
+            if plan.include_usage:
+                yield sse.data(openai_api.usage_chunk(plan, usages, created))
+            yield sse.DONE
+
+        _sse_response(resp, _guarded(frames(), _openai_stream_error, streams))
+
+
+class Models:
+    def __init__(self, server: _Server):
+        self.server = server
+
+    def on_get(self, req, resp):
+        resp.media = openai_api.models_body(self.server.info())
+
+
+class Messages:
+    def __init__(self, server: _Server):
+        self.server = server
+
+    def on_post(self, req, resp):
+        body = _read_json(req)
+        plan = anthropic_api.parse_messages(body, self.server.info(),
+                                            "msg_" + secrets.token_hex(12))
+        timed, stream = self.server.open(plan.request, req)
+        if not plan.stream:
+            try:
+                choices, final = accumulate((e for e in timed if e is not None), 1)
+            finally:
+                stream.cancel()
+            resp.media = anthropic_api.message_response(plan, choices[0], final)
+            return
+
+        def frames():
+            for item in anthropic_api.message_stream(plan, timed):
+                yield sse.event(*item) if item is not None else sse.event(
+                    "ping", {"type": "ping"})
+
+        def on_error(err: APIError):
+            yield sse.event("error", anthropic_body_of(err))
+
+        _sse_response(resp, _guarded(frames(), on_error, [stream]))
+
+
+def anthropic_body_of(err: APIError) -> dict:
+    return body_for("anthropic", err)
+
+
+class CountTokens:
+    def __init__(self, server: _Server):
+        self.server = server
+
+    def on_post(self, req, resp):
+        body = _read_json(req)
+        resp.media = {"input_tokens": anthropic_api.parse_count_tokens(body, self.server.info())}
+
+
+class Health:
+    def __init__(self, server: _Server):
+        self.server = server
+
+    def on_get(self, req, resp):
+        ok = self.server.link.healthy()
+        resp.status = 200 if ok else 503
+        resp.media = {"status": "ok" if ok else "engine unavailable"}
+
+
+class Metrics:
+    def __init__(self, server: _Server):
+        self.server = server
+
+    def on_get(self, req, resp):
+        try:
+            stats = self.server.link.stats()
+        except Exception:  # the engine being down must not hide the front end's metrics
+            stats = None
+        data, content_type = metrics.render(stats)
+        resp.content_type = content_type
+        resp.data = data
+
+
+class OpenAPI:
+    def on_get(self, req, resp):
+        from serving.http.openapi import spec
+        resp.media = spec()
+
+
+def create_app(settings: Settings, link=None) -> falcon.App:
+    """The WSGI app. `link` defaults to a gRPC `EngineLink` to `settings.engine`."""
+    if link is None:
+        from serving.http.engine_link import EngineLink
+        link = EngineLink(settings.engine)
+    server = _Server(settings, link)
+    app = falcon.App(middleware=[_Middleware(KeyChecker(settings.api_keys))])
+    app.req_options.strip_url_path_trailing_slash = True
+    app.add_error_handler(Exception, _error_handler)
+    app.add_error_handler(falcon.HTTPError, _error_handler)   # 404/405 in protocol shapes
+    app.add_route("/v1/chat/completions", ChatCompletions(server))
+    app.add_route("/v1/completions", Completions(server))
+    app.add_route("/v1/models", Models(server))
+    app.add_route("/v1/messages", Messages(server))
+    app.add_route("/v1/messages/count_tokens", CountTokens(server))
+    app.add_route("/health", Health(server))
+    app.add_route("/metrics", Metrics(server))
+    app.add_route("/openapi.json", OpenAPI())
+    return app

@@ -1,0 +1,179 @@
+"""The HTTP worker's link to the batch server: gRPC calls in, protocol-neutral events out.
+
+`EngineLink.generate(GenRequest)` opens one server-streaming `Generate` call and returns a
+`GenStream`: it waits for the engine's first answer (so a refused request, a full queue or
+a bad argument, raises `APIError` before the HTTP status line is written), then yields
+`Delta`s, `None` during long gaps (the caller writes a keep-alive), and one `Final`.
+`cancel()` cancels the call, which frees the engine slot; it is safe to call twice.
+gRPC status codes map to HTTP statuses here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import grpc
+
+from serving.http.errors import APIError, from_value_error
+from serving.http.generation import GenRequest
+
+_END = object()
+
+
+@dataclass
+class EngineModel:
+    name: str
+    model_dir: str | None
+    max_model_len: int | None
+    vocab_size: int | None = None
+
+
+def map_rpc_error(e: grpc.RpcError) -> APIError:
+    code = e.code() if hasattr(e, "code") else None
+    details = (e.details() if hasattr(e, "details") else None) or str(e)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return APIError(429, f"the engine is at capacity: {details}", retry_after=1.0)
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
+                grpc.StatusCode.FAILED_PRECONDITION):
+        return from_value_error(ValueError(details))
+    if code == grpc.StatusCode.NOT_FOUND:
+        return APIError(404, details, param="model", code="model_not_found")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return APIError(503, f"the engine is unavailable: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return APIError(504, f"the engine did not answer in time: {details}")
+    if code == grpc.StatusCode.CANCELLED:
+        return APIError(503, f"the generation was cancelled: {details}")
+    return APIError(500, f"engine error ({code.name if code else 'unknown'}): {details}")
+
+
+class GenStream:
+    """One generation's events, read by a thread so that gaps can be reported."""
+
+    def __init__(self, call, convert, keepalive_s: float | None):
+        self._call = call
+        self._convert = convert          # one gRPC response -> list of events
+        self._keepalive_s = keepalive_s
+        self._queue: queue.Queue = queue.Queue()
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        self._pending = self._next_blocking()   # the first answer, or its error, now
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                for ev in self._convert(response):
+                    self._queue.put(ev)
+            self._queue.put(_END)
+        except grpc.RpcError as e:
+            self._queue.put(e)
+        except Exception as e:  # an engine-side failure or a conversion bug ends the
+            self._queue.put(e)  # stream with an error, never a hang
+
+    def _next_blocking(self):
+        item = self._queue.get()
+        self._raise_if_error(item)
+        return item
+
+    def _raise_if_error(self, item) -> None:
+        if isinstance(item, grpc.RpcError):
+            raise map_rpc_error(item)
+        if isinstance(item, APIError):
+            raise item
+        if isinstance(item, Exception):
+            raise APIError(500, f"engine stream error: {item}")
+
+    def __iter__(self):
+        item = self._pending
+        while item is not _END:
+            yield item                   # None: nothing came for keepalive_s seconds
+            try:
+                item = self._queue.get(timeout=self._keepalive_s)
+            except queue.Empty:
+                item = None
+            self._raise_if_error(item)
+
+    def cancel(self) -> None:
+        if not self._cancelled:
+            self._cancelled = True
+            self._call.cancel()
+
+
+class EngineLink:
+    """`serving.client.EngineClient` plus what the front end adds: errors as `APIError`,
+    a stream with keep-alive gaps and cancellation, events instead of proto messages."""
+
+    def __init__(self, address: str):
+        from serving.client import EngineClient
+        self.address = address
+        self.client = EngineClient(address)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        return self.client.healthy(timeout=timeout_s)
+
+    def model_info(self) -> EngineModel:
+        try:
+            m = self.client.list_models()[0]
+        except grpc.RpcError as e:
+            raise map_rpc_error(e) from None
+        return EngineModel(name=m.name, model_dir=m.model_dir or None,
+                           max_model_len=m.max_model_len or None,
+                           vocab_size=m.vocab_size or None)
+
+    def stats(self) -> dict:
+        reply = self.client.stats()
+        return {"queue_depth": reply.queue_depth, "slots_in_use": reply.slots_in_use}
+
+    def generate(self, request: GenRequest, keepalive_s: float | None = None) -> GenStream:
+        message = self.client.request(request.prompt_ids, request.sampling.to_dict(),
+                                      request_id=request.request_id,
+                                      skip_special_tokens=request.skip_special_tokens)
+        message.spaces_between_special_tokens = request.spaces_between_special_tokens
+        call = self.client.stub.Generate(message, timeout=request.deadline_s)
+        return GenStream(call, self._converter(request), keepalive_s)
+
+    def _converter(self, request: GenRequest):
+        from serving.http.generation import Delta, Final, TokenInfo, TopEntry, Usage
+        token_bytes = self.token_bytes
+
+        def entry(token_id: int, logprob: float) -> TopEntry:
+            raw = token_bytes(token_id)
+            return TopEntry(raw.decode("utf-8", errors="replace"), logprob, list(raw))
+
+        def convert(r) -> list:
+            events = []
+            if r.HasField("delta"):
+                d = r.delta
+                if d.finish_reason == "error":
+                    raise APIError(500, f"the engine failed while generating sample {d.index}")
+                if d.finish_reason == "abort":
+                    raise APIError(503, f"the engine aborted sample {d.index}")
+                lps = {k: lp for k, lp in enumerate(d.logprobs)}
+                tokens = []
+                for k, token_id in enumerate(d.token_ids):
+                    # the text joins exactly to the content: it goes with the last token
+                    text = d.text if k == len(d.token_ids) - 1 else ""
+                    lp = lps.get(k)
+                    tokens.append(TokenInfo(
+                        token_id, text, lp.logprob if lp is not None else None,
+                        list(token_bytes(token_id)),
+                        [] if lp is None else [entry(t, v) for t, v in
+                                               zip(lp.top_ids, lp.top_logprobs)]))
+                events.append(Delta(d.index, d.text, tokens, d.finish_reason or None,
+                                    d.stop_sequence or None))
+            if r.HasField("usage"):
+                u = r.usage
+                events.append(Final(Usage(u.prompt_tokens, u.completion_tokens,
+                                          u.cached_tokens, u.gpu_seconds), seed=u.seed))
+            return events
+
+        return convert
+
+    # token id -> its exact bytes; the app sets it from the model's tokenizer
+    token_bytes = None

@@ -1,0 +1,106 @@
+"""`flaxserve http --engine HOST:PORT`: the HTTP front end alone, under gunicorn.
+
+gunicorn runs in this process (its `BaseApplication` API), so the settings built from the
+flags reach the forked workers as Python objects and API keys never travel through the
+environment or a command line. Each worker builds its Falcon app after the fork (one gRPC
+channel per worker). The model directory, for the tokenizer and chat template, comes from
+the engine's ListModels answer unless `--model DIR` overrides it (a front end on another
+host than the engine needs `--model`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import os
+import tempfile
+
+log = logging.getLogger("flaxserve.http")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--engine", required=True, metavar="HOST:PORT",
+                        help="the batch server's gRPC address")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="concurrent requests per worker (default 32)")
+    parser.add_argument("--api-key", action="append", default=[], metavar="K",
+                        help="accepted API key (repeatable); also FLAXSERVE_API_KEYS")
+    parser.add_argument("--api-key-file", default=None, metavar="F",
+                        help="file with one API key per line")
+    parser.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                        help="model names requests may use (default: the engine's)")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="model directory for the tokenizer (default: the engine's)")
+
+
+def settings_from_args(args):
+    from serving.http.app import Settings
+    from serving.http.auth import load_keys
+
+    if ":" not in args.engine:
+        raise ValueError(f"--engine must be HOST:PORT, got {args.engine!r}")
+    for name in ("port", "workers"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads must be >= 1")
+    if args.model is not None and not os.path.isdir(args.model):
+        raise ValueError(f"--model: no such directory: {args.model}")
+    keys = load_keys(args.api_key, args.api_key_file)
+    return Settings(engine=args.engine, api_keys=keys,
+                    served_model_names=list(dict.fromkeys(args.served_model_name)),
+                    model_dir=args.model)
+
+
+def run_gunicorn(settings, host: str, port: int, workers: int, threads: int | None) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    from serving.http import gunicorn_conf
+    from serving.http.app import create_app
+    opts = gunicorn_conf.options(host, port, workers)
+    if threads:
+        opts["threads"] = threads
+
+    class _Application(BaseApplication):
+        def load_config(self):
+            for k, v in opts.items():
+                self.cfg.set(k, v)
+
+        def load(self):
+            return create_app(settings)
+
+    _Application().run()
+    return 0
+
+
+def run(args) -> int:
+    # Before prometheus_client is imported: it picks its multiprocess storage at import,
+    # and every worker must share one directory.
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="flaxserve-metrics-")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = settings_from_args(args)
+    if not settings.api_keys:
+        log.warning("no API key configured (--api-key, --api-key-file, FLAXSERVE_API_KEYS): "
+                    "the API is open to anyone who can reach %s:%d", args.host, args.port)
+    return run_gunicorn(settings, args.host, args.port, args.workers, args.threads)
+
+
+def main(argv=None) -> int:
+    """`python -m serving.http.main ...`: the same command without the `flaxserve`
+    dispatcher, which imports every subcommand's module (and some import JAX)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="flaxserve http", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except ValueError as e:
+        print(f"flaxserve http: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Prometheus metrics of the HTTP front end.
+
+gunicorn runs several worker processes, so the metrics use prometheus_client's
+multiprocess mode when `PROMETHEUS_MULTIPROC_DIR` is set (`flaxserve http` sets it to a
+fresh directory): any worker answering `/metrics` reports the sum over all workers.
+Without it (a single process, tests of the app in process) they are per process.
+Queue depth and slots in use are the batch server's, read from it at scrape time.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+REQUESTS = Counter("flaxserve_http_requests_total", "HTTP requests by route and status",
+                   ["route", "status"])
+TTFT = Histogram("flaxserve_time_to_first_token_seconds",
+                 "time from request arrival to the first generated token", buckets=_LATENCY)
+TPOT = Histogram("flaxserve_time_per_output_token_seconds",
+                 "mean time between generated tokens after the first, per request",
+                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+PROMPT_TOKENS = Counter("flaxserve_prompt_tokens_total", "prompt tokens processed")
+GENERATED_TOKENS = Counter("flaxserve_generation_tokens_total",
+                           "tokens generated (rate() of this is tokens/s)")
+TOKENS_PER_SECOND = Histogram("flaxserve_request_tokens_per_second",
+                              "generated tokens per second of each request",
+                              buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000))
+QUEUE_DEPTH = Gauge("flaxserve_engine_queue_depth", "requests waiting in the batch server",
+                    multiprocess_mode="mostrecent")
+SLOTS_IN_USE = Gauge("flaxserve_engine_slots_in_use", "batch server slots generating",
+                     multiprocess_mode="mostrecent")
+
+
+def observe_generation(start: float, first_token: float | None, end: float,
+                       prompt_tokens: int, completion_tokens: int) -> None:
+    PROMPT_TOKENS.inc(prompt_tokens)
+    GENERATED_TOKENS.inc(completion_tokens)
+    if first_token is not None:
+        TTFT.observe(first_token - start)
+        if completion_tokens > 1 and end > first_token:
+            TPOT.observe((end - first_token) / (completion_tokens - 1))
+    if completion_tokens and end > start:
+        TOKENS_PER_SECOND.observe(completion_tokens / (end - start))
+
+
+def render(engine_stats: dict | None = None) -> tuple[bytes, str]:
+    """The exposition text (and its content type), all workers merged when multiprocess."""
+    if engine_stats:
+        if "queue_depth" in engine_stats:
+            QUEUE_DEPTH.set(engine_stats["queue_depth"])
+        if "slots_in_use" in engine_stats:
+            SLOTS_IN_USE.set(engine_stats["slots_in_use"])
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def mark_dead(pid: int) -> None:
+    """gunicorn's child_exit hook: drop a dead worker's live gauges."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(pid)

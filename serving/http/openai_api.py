@@ -1,0 +1,533 @@
+"""The OpenAI protocol: request validation -> `GenRequest`, and the response shapes.
+
+Pure functions (no Falcon, no gRPC), so every rule here is unit-tested directly:
+- `parse_chat` / `parse_completion` check each field (a 400 naming `param`), render the
+  chat template, tokenize, and build `SamplingParams` (our library's names are accepted as
+  extensions: top_k, min_p, repetition_penalty, ... see SAMPLING.md).
+- `chat_response` / `chat_stream` / `completion_response` / `completion_stream` turn the
+  engine's `Delta`s into bodies and chunks exactly as the SDKs parse them (CONFORMANCE.md).
+Tools, `response_format` (other than text) and reasoning come with a later issue: they are
+a clear 400 now, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from sampling.params import SamplingParams
+from serving.http.errors import bad_request, from_value_error
+from serving.http.generation import (Choice, Delta, Final, GenRequest, ModelInfo, TokenInfo,
+                                     Usage, floor_logprob)
+from serving.http.prompt import ChatOptions, check_context, render_chat, truncate
+
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+# Fields of the OpenAI API that change nothing here: accepted and ignored.
+IGNORED = {"store", "metadata", "service_tier", "user", "prompt_cache_key", "safety_identifier",
+           "prompt_cache_retention", "prompt_cache_options", "verbosity", "moderation",
+           "parallel_tool_calls"}
+# Ours, beyond SamplingParams' names.
+CHAT_EXTENSIONS = {"echo", "add_generation_prompt", "continue_final_message",
+                   "add_special_tokens", "chat_template", "chat_template_kwargs", "documents",
+                   "skip_special_tokens", "spaces_between_special_tokens",
+                   "truncate_prompt_tokens"}
+CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_tokens",
+               "tools", "tool_choice", "functions", "function_call", "response_format",
+               "reasoning_effort", "audio", "modalities", "prediction", "web_search_options",
+               } | IGNORED | CHAT_EXTENSIONS | SAMPLING_FIELDS
+COMPLETION_FIELDS = {"model", "prompt", "stream", "stream_options", "suffix", "echo",
+                     "add_special_tokens", "skip_special_tokens",
+                     "spaces_between_special_tokens", "truncate_prompt_tokens",
+                     "response_format"} | IGNORED | SAMPLING_FIELDS
+ROLES = ("developer", "system", "user", "assistant", "tool")
+OPENAI_MAX_TEMPERATURE = 2.0
+MAX_STOP = 4
+MAX_LEGACY_LOGPROBS = 20
+
+
+# ---- field checks ---------------------------------------------------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _bool(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad_request(f"`{name}` must be a boolean, got {v!r}", name)
+    return v
+
+
+def _opt_int(body: dict, name: str, lo: int | None = None, hi: int | None = None):
+    v = body.get(name)
+    if v is None:
+        return None
+    if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise bad_request(f"`{name}` must be an integer{rng}, got {v!r}", name)
+    return v
+
+
+def _check_known(body, known: set[str]) -> None:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise bad_request(f"unknown field `{unknown[0]}` (unknown fields are an error, not "
+                          "silently ignored; see GET /openapi.json)", unknown[0])
+
+
+def _stop(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
+        raise bad_request("`stop` must be a non-empty string or a list of them", "stop")
+    if len(v) > MAX_STOP:
+        raise bad_request(f"`stop` takes at most {MAX_STOP} sequences, got {len(v)}", "stop")
+    return v
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = _bool(body, "stream", False)
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not stream:
+        raise bad_request("`stream_options` is only allowed with `stream: true`",
+                          "stream_options")
+    if not isinstance(opts, dict):
+        raise bad_request("`stream_options` must be an object", "stream_options")
+    include = opts.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise bad_request("`stream_options.include_usage` must be a boolean",
+                          "stream_options.include_usage")
+    return stream, include
+
+
+def _not_yet(body: dict) -> None:
+    """Features of a later issue: a clear 400 rather than silence."""
+    tools = body.get("tools")
+    if tools not in (None, []):
+        raise bad_request("tool calling is not supported by this server yet", "tools")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise bad_request("tool_choice other than 'none' is not supported yet (no tools)",
+                          "tool_choice")
+    if body.get("functions") not in (None, []):
+        raise bad_request("function calling is not supported by this server yet", "functions")
+    if body.get("function_call") not in (None, "none", "auto"):
+        raise bad_request("function_call is not supported by this server yet", "function_call")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad_request("response_format (JSON mode, structured outputs) is not supported "
+                          "by this server yet; only {\"type\": \"text\"}", "response_format")
+    if body.get("reasoning_effort") is not None:
+        raise bad_request("reasoning (reasoning_effort) is not supported by this server yet",
+                          "reasoning_effort")
+    for name in ("audio", "prediction", "web_search_options"):
+        if body.get(name) is not None:
+            raise bad_request(f"`{name}` is not supported by this server", name)
+    mods = body.get("modalities")
+    if mods is not None and mods != ["text"]:
+        raise bad_request("only the text modality is supported", "modalities")
+
+
+def _sampling(body: dict, overrides: dict, vocab_size: int | None) -> SamplingParams:
+    d = {k: body[k] for k in SAMPLING_FIELDS & body.keys()}
+    d.update(overrides)
+    d = {k: v for k, v in d.items() if v is not None}
+    t = d.get("temperature")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and t > OPENAI_MAX_TEMPERATURE:
+        raise bad_request(f"`temperature` must be in [0, {OPENAI_MAX_TEMPERATURE}] on the "
+                          f"OpenAI API, got {t}", "temperature")
+    try:
+        return SamplingParams.from_dict(d, vocab_size)
+    except ValueError as e:
+        raise from_value_error(e) from None
+    except TypeError as e:  # a value of the wrong JSON type deep inside
+        raise bad_request(f"invalid sampling parameter: {e}") from None
+
+
+# ---- the validated request ---------------------------------------------------------------------
+
+@dataclass
+class OpenAIPlan:
+    kind: str                       # "chat" | "completion"
+    request_id: str
+    model: str
+    requests: list[GenRequest]      # one per prompt (chat: exactly one)
+    prompt_texts: list[str]
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    top_logprobs: int
+    echo: bool
+    echo_text: str = ""             # chat echo: the final assistant message, prepended
+
+    @property
+    def n(self) -> int:
+        return self.requests[0].sampling.n
+
+
+def _text_of(content, where: str) -> str:
+    """A message's content as text: a string, or text parts joined by newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request("`content` must be a string or a list of content parts", where)
+    texts = []
+    for j, part in enumerate(content):
+        p = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise bad_request("a content part must be an object", p)
+        kind = part.get("type")
+        if kind in ("text", "refusal"):
+            value = part.get(kind)
+            if not isinstance(value, str):
+                raise bad_request(f"a {kind} part needs a string `{kind}`", f"{p}.{kind}")
+            texts.append(value)
+        elif kind in ("image_url", "input_audio", "file"):
+            raise bad_request(f"this model takes text only; `{kind}` content is not supported",
+                              f"{p}.type")
+        else:
+            raise bad_request(f"unknown content part type {kind!r}", f"{p}.type")
+    return "\n".join(texts)
+
+
+def normalize_messages(messages) -> list[dict]:
+    """OpenAI messages -> the plain dicts chat templates expect (content as text)."""
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("`messages` must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_request("a message must be an object", where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad_request(f"`role` must be one of {', '.join(ROLES)}, got {role!r}",
+                              f"{where}.role")
+        msg = {"role": "system" if role == "developer" else role,
+               "content": _text_of(m.get("content"), f"{where}.content")}
+        if m.get("content") is None and not (role == "assistant" and m.get("tool_calls")):
+            raise bad_request("`content` is required (null only on an assistant message "
+                              "with tool_calls)", f"{where}.content")
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        if role == "assistant":
+            reasoning = m.get("reasoning_content", m.get("reasoning"))
+            if reasoning is not None:
+                if not isinstance(reasoning, str):
+                    raise bad_request("`reasoning_content` must be a string",
+                                      f"{where}.reasoning_content")
+                msg["reasoning_content"] = reasoning
+            if m.get("tool_calls"):
+                msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise bad_request("a tool message needs `tool_call_id`",
+                                  f"{where}.tool_call_id")
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
+    return out
+
+
+def _tool_calls(calls, where: str) -> list[dict]:
+    """Past tool calls in the history, with arguments parsed for the template."""
+    import json
+    if not isinstance(calls, list):
+        raise bad_request("`tool_calls` must be a list", where)
+    out = []
+    for k, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_request("a tool call needs `function.name`", f"{where}[{k}].function")
+        args = fn.get("arguments", "{}")
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            raise bad_request("`function.arguments` must be a JSON string",
+                              f"{where}[{k}].function.arguments") from None
+        out.append({"id": c.get("id"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def _detok_options(body: dict) -> dict:
+    return {"skip_special_tokens": _bool(body, "skip_special_tokens", True),
+            "spaces_between_special_tokens": _bool(body, "spaces_between_special_tokens", True)}
+
+
+def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPlan:
+    _check_known(body, CHAT_FIELDS)
+    model = info.resolve(body.get("model"))
+    _not_yet(body)
+    stream, include_usage = _stream_flags(body)
+    logprobs = _bool(body, "logprobs", False)
+    top = _opt_int(body, "top_logprobs", 0, 20)
+    if top is not None and top > 0 and not logprobs:
+        raise bad_request("`top_logprobs` needs `logprobs: true`", "top_logprobs")
+    max_tokens = _opt_int(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _opt_int(body, "max_tokens", 1)
+    messages = normalize_messages(body.get("messages"))
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise bad_request("`chat_template_kwargs` must be an object", "chat_template_kwargs")
+    documents = body.get("documents")
+    if documents is not None and not (isinstance(documents, list) and
+                                      all(isinstance(d, dict) for d in documents)):
+        raise bad_request("`documents` must be a list of objects", "documents")
+    template = body.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise bad_request("`chat_template` must be a string", "chat_template")
+    options = ChatOptions(
+        add_generation_prompt=_bool(body, "add_generation_prompt", True),
+        continue_final_message=_bool(body, "continue_final_message", False),
+        chat_template=template, chat_template_kwargs=kwargs, documents=documents)
+    tok = info.tokenizer
+    text = render_chat(tok.chat_template, messages, options, tok.bos_token, tok.eos_token)
+    ids = tok.encode(text, add_special_tokens=_bool(body, "add_special_tokens", False))
+    ids = truncate(ids, _opt_int(body, "truncate_prompt_tokens", 1))
+    sampling = _sampling(body, {"max_tokens": max_tokens, "stop": _stop(body),
+                                "logprobs": logprobs, "top_logprobs": top or 0},
+                         tok.vocab_size)
+    if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
+        raise bad_request("`best_of` must equal `n` when streaming", "best_of")
+    check_context(len(ids), sampling.max_tokens, info.max_model_len)
+    rid = request_id or "chatcmpl-" + secrets.token_hex(12)
+    echo = _bool(body, "echo", False)
+    echo_text = messages[-1]["content"] if echo and messages[-1]["role"] == "assistant" else ""
+    return OpenAIPlan("chat", rid, model,
+                      [GenRequest(rid, model, ids, sampling, **_detok_options(body))], [text],
+                      stream, include_usage, logprobs, top or 0, echo, echo_text)
+
+
+def _prompts(prompt, tok, add_special: bool) -> tuple[list[list[int]], list[str]]:
+    """Legacy `prompt`: a string, strings, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad_request("`prompt` must be a string, a list of strings, a list of token "
+                          "ids or a list of such lists", "prompt")
+    if all(_is_int(t) for t in prompt):
+        prompt = [prompt]
+    ids, texts = [], []
+    for p in prompt:
+        if isinstance(p, str):
+            ids.append(tok.encode(p, add_special_tokens=add_special))
+            texts.append(p)
+        elif isinstance(p, list) and p and all(_is_int(t) for t in p):
+            vocab = tok.vocab_size
+            bad = [t for t in p if t < 0 or (vocab is not None and t >= vocab)]
+            if bad:
+                raise bad_request(f"token ids {bad[:5]} are outside the vocabulary", "prompt")
+            ids.append(list(p))
+            texts.append(tok.decode(p))
+        else:
+            raise bad_request("each prompt must be a string or a non-empty list of token ids",
+                              "prompt")
+    return ids, texts
+
+
+def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPlan:
+    _check_known(body, COMPLETION_FIELDS)
+    model = info.resolve(body.get("model"))
+    _not_yet(body)
+    if body.get("suffix") not in (None, ""):
+        raise bad_request("`suffix` (insertion) is not supported", "suffix")
+    stream, include_usage = _stream_flags(body)
+    k = _opt_int(body, "logprobs", 0, MAX_LEGACY_LOGPROBS)
+    echo = _bool(body, "echo", False)
+    max_tokens = body.get("max_tokens", 16)
+    if max_tokens is None:
+        max_tokens = 16
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise bad_request(f"`max_tokens` must be an integer >= 1, got {max_tokens!r} (0, "
+                          "scoring the prompt only, needs prompt logprobs, which this engine "
+                          "cannot return yet)", "max_tokens")
+    if echo and k is not None:
+        raise bad_request("`echo` with `logprobs` needs prompt-token logprobs, which this "
+                          "engine cannot return yet; use echo or logprobs alone", "echo")
+    tok = info.tokenizer
+    ids, texts = _prompts(body.get("prompt"), tok, _bool(body, "add_special_tokens", True))
+    keep = _opt_int(body, "truncate_prompt_tokens", 1)
+    ids = [truncate(p, keep) for p in ids]
+    sampling = _sampling(body, {"max_tokens": max_tokens, "stop": _stop(body),
+                                "logprobs": k is not None, "top_logprobs": k or 0},
+                         tok.vocab_size)
+    if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
+        raise bad_request("`best_of` must equal `n` when streaming", "best_of")
+    for p in ids:
+        check_context(len(p), sampling.max_tokens, info.max_model_len, "prompt")
+    rid = request_id or "cmpl-" + secrets.token_hex(12)
+    detok = _detok_options(body)
+    reqs = [GenRequest(f"{rid}-{i}" if len(ids) > 1 else rid, model, p, sampling, **detok)
+            for i, p in enumerate(ids)]
+    return OpenAIPlan("completion", rid, model, reqs, texts, stream, include_usage,
+                      k is not None, k or 0, echo)
+
+
+# ---- responses ------------------------------------------------------------------------------------
+
+def usage_body(usages: Iterable[Usage]) -> dict:
+    usages = list(usages)
+    prompt = sum(u.prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in usages)},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+            "gpu_seconds": round(sum(u.gpu_seconds for u in usages), 6)}
+
+
+def token_logprob(t: TokenInfo, top: int) -> dict:
+    return {"token": t.text, "logprob": floor_logprob(t.logprob), "bytes": t.bytes,
+            "top_logprobs": [{"token": e.token, "logprob": floor_logprob(e.logprob),
+                              "bytes": e.bytes} for e in t.top[:top]]}
+
+
+def finish_reason(c: Choice | Delta) -> str:
+    """One rule for streaming and non-streaming (tool calls arrive with their issue)."""
+    return "length" if c.finish_reason == "length" else "stop"
+
+
+def chat_response(plan: OpenAIPlan, choices: list[Choice], final: Final,
+                  created: int | None = None) -> dict:
+    out = []
+    for c in choices:
+        logprobs = None
+        if plan.logprobs:
+            logprobs = {"content": [token_logprob(t, plan.top_logprobs) for t in c.tokens],
+                        "refusal": None}
+        out.append({"index": c.index,
+                    "message": {"role": "assistant", "content": plan.echo_text + c.text,
+                                "refusal": None},
+                    "logprobs": logprobs, "finish_reason": finish_reason(c)})
+    return {"id": plan.request_id, "object": "chat.completion",
+            "created": created or int(time.time()), "model": plan.model,
+            "choices": out, "usage": usage_body([final.usage])}
+
+
+def chat_stream(plan: OpenAIPlan, events: Iterable[Delta | Final | None],
+                created: int | None = None) -> Iterator[dict | None]:
+    """Chunks (dicts) in the order of CONFORMANCE.md; a `None` event (a long gap) passes
+    through as `None` so the caller can send a keep-alive comment."""
+    created = created or int(time.time())
+
+    def chunk(choices, **extra):
+        c = {"id": plan.request_id, "object": "chat.completion.chunk", "created": created,
+             "model": plan.model, "choices": choices}
+        if plan.include_usage:
+            c["usage"] = None
+        c.update(extra)
+        return c
+
+    for i in range(plan.n):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None}])
+        if plan.echo_text:
+            yield chunk([{"index": i, "delta": {"content": plan.echo_text},
+                          "logprobs": None, "finish_reason": None}])
+    for ev in events:
+        if ev is None:
+            yield None
+        elif isinstance(ev, Final):
+            if plan.include_usage:
+                yield chunk([], usage=usage_body([ev.usage]))
+        else:
+            if ev.text or (plan.logprobs and ev.tokens):
+                logprobs = None
+                if plan.logprobs:
+                    logprobs = {"content": [token_logprob(t, plan.top_logprobs)
+                                            for t in ev.tokens], "refusal": None}
+                yield chunk([{"index": ev.index, "delta": {"content": ev.text},
+                              "logprobs": logprobs, "finish_reason": None}])
+            if ev.finish_reason is not None:
+                yield chunk([{"index": ev.index, "delta": {}, "logprobs": None,
+                              "finish_reason": finish_reason(ev)}])
+
+
+def legacy_logprobs(tokens: list[TokenInfo], top: int, offset: int) -> dict:
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t in tokens:
+        out["tokens"].append(t.text)
+        out["token_logprobs"].append(floor_logprob(t.logprob))
+        entries = {e.token: floor_logprob(e.logprob) for e in t.top[:top]}
+        entries.setdefault(t.text, floor_logprob(t.logprob))
+        out["top_logprobs"].append(entries)
+        out["text_offset"].append(offset)
+        offset += len(t.text)
+    return out
+
+
+def completion_response(plan: OpenAIPlan, results: list[tuple[list[Choice], Final]],
+                        created: int | None = None) -> dict:
+    out = []
+    for p, (choices, _final) in enumerate(results):
+        prefix = plan.prompt_texts[p] if plan.echo else ""
+        for c in choices:
+            logprobs = (legacy_logprobs(c.tokens, plan.top_logprobs, len(prefix))
+                        if plan.logprobs else None)
+            out.append({"index": p * plan.n + c.index, "text": prefix + c.text,
+                        "logprobs": logprobs, "finish_reason": finish_reason(c)})
+    return {"id": plan.request_id, "object": "text_completion",
+            "created": created or int(time.time()), "model": plan.model, "choices": out,
+            "usage": usage_body(f.usage for _, f in results)}
+
+
+def completion_stream(plan: OpenAIPlan, prompt_index: int,
+                      events: Iterable[Delta | Final | None], created: int,
+                      usages: list[Usage]) -> Iterator[dict | None]:
+    """Chunks of one prompt's generation; its usage is appended to `usages` (the caller
+    sends the usage chunk once every prompt is done)."""
+    offsets = [0] * plan.n
+
+    def chunk(index, text, logprobs, reason):
+        c = {"id": plan.request_id, "object": "text_completion", "created": created,
+             "model": plan.model, "choices": [{"index": prompt_index * plan.n + index,
+                                               "text": text, "logprobs": logprobs,
+                                               "finish_reason": reason}]}
+        if plan.include_usage:
+            c["usage"] = None
+        return c
+
+    if plan.echo:
+        for i in range(plan.n):
+            text = plan.prompt_texts[prompt_index]
+            offsets[i] = len(text)
+            yield chunk(i, text, None, None)
+    for ev in events:
+        if ev is None:
+            yield None
+        elif isinstance(ev, Final):
+            usages.append(ev.usage)
+        else:
+            if ev.text or (plan.logprobs and ev.tokens):
+                lp = (legacy_logprobs(ev.tokens, plan.top_logprobs, offsets[ev.index])
+                      if plan.logprobs else None)
+                offsets[ev.index] += len(ev.text)
+                yield chunk(ev.index, ev.text, lp, None)
+            if ev.finish_reason is not None:
+                yield chunk(ev.index, "", None, finish_reason(ev))
+
+
+def usage_chunk(plan: OpenAIPlan, usages: list[Usage], created: int) -> dict:
+    return {"id": plan.request_id, "object": "text_completion", "created": created,
+            "model": plan.model, "choices": [], "usage": usage_body(usages)}
+
+
+def models_body(info: ModelInfo) -> dict:
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": info.created, "owned_by": "flaxserve",
+         "max_model_len": info.max_model_len, "vocab_size": info.vocab_size}
+        for name in info.served_names]}

@@ -1,0 +1,136 @@
+"""From a chat (or a raw prompt) to prompt token ids, inside the HTTP worker.
+
+Rendering and tokenizing here, before any byte of the response is sent, is what lets a bad
+streaming request get a 4xx and lets `count_tokens` equal a real request's prompt count.
+Chat templates are Jinja run in `ImmutableSandboxedEnvironment` (a template comes from a
+checkpoint or from the request, so it is untrusted), with the globals Hugging Face
+templates expect (`raise_exception`, `strftime_now`, a non-ASCII-escaping `tojson`).
+No JAX here: the tokenizer is `checkpoints.tokenizer.load_tokenizer(model_dir)`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from serving.http.errors import APIError, bad_request
+
+
+def _raise(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False, separators=None):
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys,
+                      separators=separators)
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+@dataclass
+class ChatOptions:
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None          # overrides the model's template
+    chat_template_kwargs: dict = field(default_factory=dict)
+    documents: list | None = None
+    tools: list | None = None
+
+
+def render_chat(template: str | None, messages: list[dict], options: ChatOptions,
+                bos_token: str = "", eos_token: str = "") -> str:
+    """The prompt text of `messages`; a template error is a 400 (the template or the chat
+    is at fault, not the server)."""
+    source = options.chat_template or template
+    if not source:
+        raise bad_request("this model has no chat template; pass `chat_template`, or use "
+                          "/v1/completions with a raw prompt", "chat_template")
+    if options.continue_final_message and options.add_generation_prompt:
+        raise bad_request("continue_final_message and add_generation_prompt cannot both be "
+                          "true", "continue_final_message")
+    if options.continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
+        raise bad_request("continue_final_message needs a final assistant message",
+                          "continue_final_message")
+    reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"}
+    clash = sorted(reserved & set(options.chat_template_kwargs))
+    if clash:
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(clash)}",
+                          "chat_template_kwargs")
+    try:
+        text = _compile(source).render(
+            **{"tools": options.tools, "documents": options.documents,
+               **options.chat_template_kwargs},
+            messages=messages, add_generation_prompt=options.add_generation_prompt,
+            bos_token=bos_token, eos_token=eos_token)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise bad_request(f"chat template syntax error: {e}", "chat_template") from None
+    except jinja2.exceptions.SecurityError as e:
+        raise bad_request(f"chat template refused by the sandbox: {e}", "chat_template") from None
+    except (jinja2.exceptions.TemplateError, TypeError, ValueError) as e:
+        raise bad_request(f"chat template failed on these messages: {e}", "messages") from None
+    if options.continue_final_message:
+        final = messages[-1].get("content") or ""
+        cut = text.rfind(final) if final else -1
+        text = text[:cut + len(final)] if cut >= 0 else text.rstrip()
+    return text
+
+
+class PromptTokenizer:
+    """The model's tokenizer as the HTTP worker uses it: encode, decode, token text."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.chat_template: str | None = getattr(tokenizer, "chat_template", None)
+        self.bos_token: str = getattr(tokenizer, "bos_token", None) or ""
+        self.eos_token: str = getattr(tokenizer, "eos_token", None) or ""
+        self.vocab_size: int | None = getattr(tokenizer, "vocab_size", None)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return [int(i) for i in self.tok.encode(text, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tok.token_bytes(token_id)
+
+
+def load_prompt_tokenizer(model_dir: str) -> PromptTokenizer:
+    from checkpoints.tokenizer import load_tokenizer
+    return PromptTokenizer(load_tokenizer(model_dir))
+
+
+def truncate(ids: list[int], keep_last: int | None) -> list[int]:
+    """`truncate_prompt_tokens`: keep the last N tokens (asked for, never silent)."""
+    if keep_last is None or len(ids) <= keep_last:
+        return ids
+    return ids[-keep_last:]
+
+
+def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int | None,
+                  param: str = "messages") -> None:
+    if prompt_len == 0:
+        raise bad_request("the prompt is empty", param)
+    if max_model_len is None:
+        return
+    if prompt_len >= max_model_len:
+        raise APIError(400, f"the prompt is {prompt_len} tokens, the model's context is "
+                            f"{max_model_len}; shorten it or set truncate_prompt_tokens",
+                       param=param, code="context_length_exceeded")
+    if max_tokens is not None and prompt_len + max_tokens > max_model_len:
+        raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) "
+                            f"exceeds the model's context of {max_model_len}",
+                       param="max_tokens", code="context_length_exceeded")
