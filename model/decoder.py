@@ -95,7 +95,7 @@ class Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, rope, k_cache, v_cache, slot_ids):
+    def __call__(self, x, positions, rope, k_cache, v_cache, slot_ids, attend_len=None):
         cfg = self.config
         kvh, g, hd = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
         qkv_w = _param(self, "qkv", (cfg.hidden_size, kvh, g + 2, hd),
@@ -118,8 +118,11 @@ class Attention(nn.Module):
         rows = (jnp.arange(x.shape[0]) if slot_ids is None else slot_ids)[:, None]
         k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-        keys = k_cache if slot_ids is None else k_cache[slot_ids]
-        values = v_cache if slot_ids is None else v_cache[slot_ids]
+        # Attend over the first attend_len positions only (static): a short sequence in a
+        # long cache then costs what its length costs, not what max_len costs.
+        span = slice(None, attend_len)
+        keys = k_cache[:, span] if slot_ids is None else k_cache[slot_ids, span]
+        values = v_cache[:, span] if slot_ids is None else v_cache[slot_ids, span]
 
         scores = jnp.einsum("btkgh,bskh->bkgts", q, keys,
                             preferred_element_type=jnp.float32) / math.sqrt(hd)
@@ -159,11 +162,11 @@ class DecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, rope, k_cache, v_cache, slot_ids):
+    def __call__(self, x, positions, rope, k_cache, v_cache, slot_ids, attend_len=None):
         cfg = self.config
         h, k_cache, v_cache = Attention(cfg, self.layer, name="attn")(
             RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="attn_norm")(x), positions, rope,
-            k_cache, v_cache, slot_ids)
+            k_cache, v_cache, slot_ids, attend_len)
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="mlp_norm")(x))
         return x, k_cache, v_cache
@@ -181,7 +184,8 @@ class Decoder(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, cache, slot_ids=None, logits_index=None):
+    def __call__(self, tokens, positions, cache, slot_ids=None, logits_index=None,
+                 attend_len=None):
         cfg = self.config
         embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                        cfg.dtype)
@@ -191,7 +195,7 @@ class Decoder(nn.Module):
         for i in range(cfg.num_layers):
             k_cache, v_cache = cache[i]
             x, k_cache, v_cache = DecoderLayer(cfg, i, name=f"layer_{i}")(
-                x, positions, rope, k_cache, v_cache, slot_ids)
+                x, positions, rope, k_cache, v_cache, slot_ids, attend_len)
             new_cache.append((k_cache, v_cache))
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
@@ -232,7 +236,10 @@ def init_params(config: ModelConfig, seed: int = 0):
 
 
 def forward(config: ModelConfig, params, cache, tokens, positions, slot_ids=None,
-            logits_index=None):
-    """Pure forward; jit it at the call site (with the cache donated)."""
+            logits_index=None, attend_len: int | None = None):
+    """Pure forward; jit it at the call site (with the cache donated).
+
+    `attend_len` (static) limits attention to cache positions [0, attend_len): every real
+    position of this call must be below it. None attends over the whole cache."""
     return Decoder(config).apply({"params": params}, tokens, positions, cache, slot_ids,
-                                 logits_index)
+                                 logits_index, attend_len)

@@ -33,6 +33,8 @@ def add_arguments(parser) -> None:
     target.add_argument("--config", help="start an engine here on a named config with random "
                                          "weights, e.g. qwen3-100m")
     parser.add_argument("--api-key", default=None, help="for --http")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="for --http: plain JSON responses (TTFT is then the latency)")
     parser.add_argument("--served-model", default=None,
                         help="model name for --http requests (default: the first listed)")
     parser.add_argument("--concurrency", default="1,32",
@@ -99,9 +101,10 @@ class GrpcTarget:
 class HttpTarget:
     """Streams `/v1/completions` with token-id prompts (no tokenizer in the loop)."""
 
-    def __init__(self, url: str, api_key: str | None, model: str | None):
+    def __init__(self, url: str, api_key: str | None, model: str | None, stream: bool = True):
         import requests
         self.url = url.rstrip("/")
+        self.stream = stream
         self.session = requests.Session
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         models = requests.get(self.url + "/v1/models", headers=self.headers, timeout=30)
@@ -118,11 +121,14 @@ class HttpTarget:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = self.session()
-        body = {"model": self.model, "prompt": prompt, "stream": True, **sampling}
+        body = {"model": self.model, "prompt": prompt, "stream": self.stream, **sampling}
         with session.post(self.url + "/v1/completions", json=body, headers=self.headers,
-                          stream=True, timeout=3600) as r:
+                          stream=self.stream, timeout=3600) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+            if not self.stream:
+                trace.add(r.json()["usage"]["completion_tokens"])
+                return
             for line in r.iter_lines():
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
@@ -240,7 +246,8 @@ def run(args) -> int:
     if args.grpc:
         target, label = GrpcTarget(args.grpc), f"gRPC {args.grpc}"
     elif args.http:
-        target, label = HttpTarget(args.http, args.api_key, args.served_model), f"HTTP {args.http}"
+        target = HttpTarget(args.http, args.api_key, args.served_model, not args.no_stream)
+        label = f"HTTP {args.http}" + (" (not streamed)" if args.no_stream else "")
     else:
         if not (args.model or args.config):
             args.model = "default"
