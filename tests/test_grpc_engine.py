@@ -300,3 +300,17 @@ def test_usage_accounting(client):
     assert (u.prompt_tokens, u.completion_tokens) == (20, 10)
     assert 0 <= u.queue_time <= u.ttft
     assert u.gpu_seconds > 0
+
+
+def test_prompt_logprobs_are_the_models_scores(server, client):
+    from model.scoring import token_logprobs
+    ids = prompt(9100, 13)
+    g = client.generate(ids, {"temperature": 0.0, "max_tokens": 2, "prompt_logprobs": 3})
+    got = g.usage.prompt_logprobs
+    assert [lp.token_id for lp in got] == ids[1:]
+    engine = server.scheduler.engine
+    want = token_logprobs(engine.config, engine.params, ids)
+    np.testing.assert_allclose([lp.logprob for lp in got], want, atol=1e-5)
+    for lp in got:
+        assert len(lp.top_ids) == 3 and lp.top_logprobs[0] >= lp.logprob
+        assert (lp.rank == 1) == (lp.token_id == lp.top_ids[0])

@@ -151,8 +151,26 @@ def test_legacy_completions(client, servers):
         "model": "tiny", "prompt": "hello", "max_tokens": 3, "stream": True}))
     assert chunks[-1] == "[DONE]" and chunks[-2]["choices"][0]["finish_reason"]
     bad = raw_post(servers, "/v1/completions", {"model": "tiny", "prompt": "hi", "echo": True,
-                                                "logprobs": 1})
+                                                "logprobs": 1, "stream": True})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "echo"
+
+
+def test_legacy_echo_logprobs_scores_the_prompt(client):
+    """The scoring path: echo + logprobs gives the prompt tokens' logprobs, then the
+    completion's; the prompt's log-likelihood does not depend on what is sampled."""
+    def score(max_tokens, seed):
+        r = client.completions.create(model="tiny", prompt="hello world, the quick fox",
+                                      max_tokens=max_tokens, echo=True, logprobs=2, seed=seed)
+        return r.choices[0]
+    a, b = score(1, 1), score(3, 2)
+    lp = a.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    n_prompt = len(lp.tokens) - 1
+    assert n_prompt >= 3 and len(b.logprobs.tokens) == n_prompt + 3
+    assert a.text.startswith("hello world, the quick fox")
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.token_logprobs[1:n_prompt] == b.logprobs.token_logprobs[1:n_prompt]
+    assert all(len(t) >= 1 for t in lp.top_logprobs[1:])
 
 
 @pytest.mark.parametrize("patch,param", [

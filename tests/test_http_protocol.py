@@ -183,7 +183,7 @@ def test_completion_prompt_forms(hf_tok, info):
     ({"prompt": [100000]}, "prompt"),
     ({"suffix": "x"}, "suffix"),
     ({"logprobs": 30}, "logprobs"),
-    ({"echo": True, "logprobs": 1}, "echo"),  # prompt logprobs: not in the engine yet
+    ({"echo": True, "logprobs": 1, "stream": True}, "echo"),  # scoring is not streamed
     ({"max_tokens": 0}, "max_tokens"),
     ({"best_of": 3, "n": 2, "stream": True}, "best_of"),
 ])

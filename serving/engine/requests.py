@@ -61,6 +61,7 @@ class Usage:
     queue_time: float
     ttft: float
     seed: int
+    prompt_logprobs: list[TokenLogprob] | None = None   # prompt tokens 1.., when asked
 
 
 @dataclass
@@ -133,6 +134,7 @@ class RequestState:
     slots: list[int] = field(default_factory=list)
     prefill_pos: int = 0
     cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None
     admitted: float | None = None
     first_token: float | None = None
     gpu_seconds: float = 0.0

@@ -165,8 +165,6 @@ class Scheduler:
         if params.best_of is not None and params.best_of != params.n:
             raise RequestError(INVALID_ARGUMENT, "best_of: only best_of == n is supported, got "
                                f"best_of={params.best_of}, n={params.n}")
-        if params.prompt_logprobs is not None:
-            raise RequestError(INVALID_ARGUMENT, "prompt_logprobs is not supported by this engine")
         if params.top_logprobs > self.engine.num_top_logprobs:
             raise RequestError(INVALID_ARGUMENT, f"top_logprobs must be <= "
                                f"{self.engine.num_top_logprobs}, got {params.top_logprobs}")
@@ -328,6 +326,8 @@ class Scheduler:
             self._running.add(id(st))
         if length > 0 and src != target:
             self.engine.copy_prefix(src, target, length)
+        if st.request.sampling.prompt_logprobs is not None:
+            self._score_prompt(st)
         st.slots = [target] + others
         st.prefill_pos = length
         st.cached_tokens = length
@@ -336,6 +336,20 @@ class Scheduler:
         for slot in others:
             self._slot_tokens[slot] = np.zeros(0, np.int32)
         return st
+
+    def _score_prompt(self, st: RequestState) -> None:
+        """prompt_logprobs: one forward over the prompt (compiled per power-of-two length on
+        first use; the scoring path, not the serving path)."""
+        from model.scoring import prompt_logprobs
+        k = st.request.sampling.prompt_logprobs
+        t0 = time.perf_counter()
+        lp, rank, ids, tops = prompt_logprobs(self.engine.config, self.engine.params,
+                                              st.prompt, k)
+        st.gpu_seconds += time.perf_counter() - t0
+        st.prompt_logprobs = [
+            TokenLogprob(int(t), float(lp[i]), int(rank[i]), [int(x) for x in ids[i]],
+                         [float(x) for x in tops[i]])
+            for i, t in enumerate(st.prompt[1:])]
 
     def _admit_and_prefill(self) -> list:
         """Prefill work within the token budget; returns [(sample, insert Pending)]."""
@@ -501,7 +515,8 @@ class Scheduler:
                 completion_tokens=sum(s.completion_tokens for s in st.samples),
                 cached_tokens=st.cached_tokens, gpu_seconds=st.gpu_seconds,
                 queue_time=((st.admitted or now) - req.arrival),
-                ttft=((st.first_token or now) - req.arrival), seed=seed))
+                ttft=((st.first_token or now) - req.arrival), seed=seed,
+                prompt_logprobs=st.prompt_logprobs))
 
     def _close(self, st: RequestState, final) -> None:
         if st.closed:

@@ -44,7 +44,11 @@ def delta_message(d: rq.Delta) -> pb.Delta:
 def usage_message(u: rq.Usage) -> pb.Usage:
     return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                     cached_tokens=u.cached_tokens, gpu_seconds=u.gpu_seconds,
-                    queue_time=u.queue_time, ttft=u.ttft, seed=u.seed)
+                    queue_time=u.queue_time, ttft=u.ttft, seed=u.seed,
+                    prompt_logprobs=[pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                                     rank=lp.rank, top_ids=lp.top_ids,
+                                                     top_logprobs=lp.top_logprobs)
+                                     for lp in u.prompt_logprobs or ()])
 
 
 class FlaxServeServicer(pb_grpc.FlaxServeServicer):

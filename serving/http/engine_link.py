@@ -49,6 +49,10 @@ def map_rpc_error(e: grpc.RpcError) -> APIError:
     return APIError(500, f"engine error ({code.name if code else 'unknown'}): {details}")
 
 
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
 class GenStream:
     """One generation's events, read by a thread so that gaps can be reported."""
 
@@ -169,8 +173,18 @@ class EngineLink:
                                     d.stop_sequence or None))
             if r.HasField("usage"):
                 u = r.usage
+                prompt_lps = None
+                if u.prompt_logprobs:
+                    ids = request.prompt_ids
+                    prompt_lps = [TokenInfo(ids[0], _text(token_bytes(ids[0])), None,
+                                            list(token_bytes(ids[0])))] + [
+                        TokenInfo(lp.token_id, _text(token_bytes(lp.token_id)), lp.logprob,
+                                  list(token_bytes(lp.token_id)),
+                                  [entry(t, v) for t, v in zip(lp.top_ids, lp.top_logprobs)])
+                        for lp in u.prompt_logprobs]
                 events.append(Final(Usage(u.prompt_tokens, u.completion_tokens,
-                                          u.cached_tokens, u.gpu_seconds), seed=u.seed))
+                                          u.cached_tokens, u.gpu_seconds), seed=u.seed,
+                                    prompt_logprobs=prompt_lps))
             return events
 
         return convert

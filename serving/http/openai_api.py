@@ -352,18 +352,18 @@ def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> Op
     if max_tokens is None:
         max_tokens = 16
     if not _is_int(max_tokens) or max_tokens < 1:
-        raise bad_request(f"`max_tokens` must be an integer >= 1, got {max_tokens!r} (0, "
-                          "scoring the prompt only, needs prompt logprobs, which this engine "
-                          "cannot return yet)", "max_tokens")
-    if echo and k is not None:
-        raise bad_request("`echo` with `logprobs` needs prompt-token logprobs, which this "
-                          "engine cannot return yet; use echo or logprobs alone", "echo")
+        raise bad_request(f"`max_tokens` must be an integer >= 1, got {max_tokens!r}",
+                          "max_tokens")
+    if echo and k is not None and stream:
+        raise bad_request("`echo` with `logprobs` (prompt-token logprobs, the scoring path) "
+                          "is answered without streaming; set stream to false", "echo")
     tok = info.tokenizer
     ids, texts = _prompts(body.get("prompt"), tok, _bool(body, "add_special_tokens", True))
     keep = _opt_int(body, "truncate_prompt_tokens", 1)
     ids = [truncate(p, keep) for p in ids]
     sampling = _sampling(body, {"max_tokens": max_tokens, "stop": _stop(body),
-                                "logprobs": k is not None, "top_logprobs": k or 0},
+                                "logprobs": k is not None, "top_logprobs": k or 0,
+                                **({"prompt_logprobs": k} if echo and k is not None else {})},
                          tok.vocab_size)
     if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
         raise bad_request("`best_of` must equal `n` when streaming", "best_of")
@@ -473,11 +473,18 @@ def legacy_logprobs(tokens: list[TokenInfo], top: int, offset: int) -> dict:
 def completion_response(plan: OpenAIPlan, results: list[tuple[list[Choice], Final]],
                         created: int | None = None) -> dict:
     out = []
-    for p, (choices, _final) in enumerate(results):
+    for p, (choices, final) in enumerate(results):
         prefix = plan.prompt_texts[p] if plan.echo else ""
         for c in choices:
-            logprobs = (legacy_logprobs(c.tokens, plan.top_logprobs, len(prefix))
-                        if plan.logprobs else None)
+            logprobs = None
+            if plan.logprobs and plan.echo and final.prompt_logprobs:
+                # the scoring path: the prompt's tokens first (the first has no logprob)
+                logprobs = legacy_logprobs(final.prompt_logprobs + c.tokens,
+                                           plan.top_logprobs, 0)
+                logprobs["token_logprobs"][0] = None
+                logprobs["top_logprobs"][0] = None
+            elif plan.logprobs:
+                logprobs = legacy_logprobs(c.tokens, plan.top_logprobs, len(prefix))
             out.append({"index": p * plan.n + c.index, "text": prefix + c.text,
                         "logprobs": logprobs, "finish_reason": finish_reason(c)})
     return {"id": plan.request_id, "object": "text_completion",
