@@ -6,8 +6,12 @@ this class only runs compiled programs over a decode state that never leaves the
 
 - The decode state (KV cache, per-slot sampling rows and sampler state, last token,
   position, active flag) is one pytree, donated to every call, so XLA updates it in place.
-- `step` is one program: model forward for every slot, the sampler, the state update.
-  Only sampled ids, their logprobs and the top-N logprobs come back to the host.
+- `step` is two programs dispatched back to back: the model forward for every slot, then
+  the sampler and the state update (logits stay on the device). The forward attends over
+  a power-of-two prefix of the cache that covers the longest live sequence ("attend
+  buckets"), so short sequences in a long context cost what they are, not max_len; the
+  sampler, the slow one to compile, is compiled once. Only sampled ids, their logprobs and
+  the top-N logprobs come back to the host.
 - Prompts run in power-of-two buckets (padding writes are dropped), so a new prompt
   length never compiles anything once `warmup` has run.
 - Inactive slots still ride along in the fixed-shape batch, but write nothing: a released
@@ -90,6 +94,15 @@ class Pending:
         return self._result
 
 
+def attend_buckets(max_len: int, smallest: int = 128) -> tuple[int, ...]:
+    """Cache prefixes a decode step may attend over: powers of two, then max_len."""
+    out, b = [], smallest
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_len,)
+
+
 def default_buckets(max_len: int, smallest: int = 16, largest: int = 512) -> tuple[int, ...]:
     buckets, b = [], smallest
     while b < min(largest, max_len):
@@ -124,10 +137,16 @@ class DeviceEngine:
             from model import sharding
             self.params = sharding.shard_params(params, sharding.param_shardings(config, mesh))
         self.state = self._init_state()
+        self.attend_buckets = attend_buckets(max_len)
+        self._host_pos = np.zeros(max_slots, np.int64)      # mirrors state["pos"]
+        self._host_active = np.zeros(max_slots, bool)       # mirrors state["active"]
+        self._forward_step = jax.jit(self._forward_step_fn, donate_argnums=(1,),
+                                     static_argnums=(2,))
         # custom=True compiles the reorderable sampler; used only while a row needs it
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,), static_argnums=(2,))
+        self._sample_step = jax.jit(self._sample_step_fn, donate_argnums=(0,),
+                                    static_argnums=(2,))
         self._custom_slots: set[int] = set()
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnums=(6,))
         self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(6,))
         self._copy = jax.jit(self._copy_fn, donate_argnums=(0,))
         self._release = jax.jit(lambda active, slot: active.at[slot].set(False),
@@ -154,29 +173,35 @@ class DeviceEngine:
 
     # -- jitted programs ---------------------------------------------------------------
 
-    def _step_fn(self, params, state, custom):
+    def _forward_step_fn(self, params, state, attend_len):
         active, pos = state["active"], state["pos"]
         write_pos = jnp.where(active, pos, self.max_len)  # inactive rows write nothing
         logits, cache = forward(self.config, params, state["cache"], state["last"][:, None],
-                                write_pos[:, None])
-        out, sampler = sample(logits[:, 0], state["rows"], state["sampler"],
+                                write_pos[:, None], attend_len=attend_len)
+        return dict(state, cache=cache), logits[:, 0]
+
+    def _sample_step_fn(self, state, logits, custom):
+        active, pos = state["active"], state["pos"]
+        out, sampler = sample(logits, state["rows"], state["sampler"],
                               num_top=self.num_top_logprobs, custom_order=custom)
-        state = dict(state, cache=cache, sampler=sampler,
+        state = dict(state, sampler=sampler,
                      last=jnp.where(active, out.tokens, state["last"]),
                      pos=jnp.where(active, pos + 1, pos))
         return state, out
 
-    def _run_chunk(self, params, state, tokens, start, true_len, slot):
+    def _run_chunk(self, params, state, tokens, start, true_len, slot, fresh):
         n = tokens.shape[0]
         idx = jnp.arange(n)
         positions = jnp.where(idx < true_len, start + idx, self.max_len)[None]
+        # a fresh prompt (start 0) attends only to its own chunk
         logits, cache = forward(self.config, params, state["cache"], tokens[None], positions,
-                                slot_ids=slot[None], logits_index=(true_len - 1)[None])
+                                slot_ids=slot[None], logits_index=(true_len - 1)[None],
+                                attend_len=n if fresh else None)
         return logits, dict(state, cache=cache)
 
-    def _prefill_fn(self, params, state, tokens, start, true_len, slot):
+    def _prefill_fn(self, params, state, tokens, start, true_len, slot, fresh):
         """One chunk into one slot; returns the logits of its last real token [1, V]."""
-        return self._run_chunk(params, state, tokens, start, true_len, slot)[::-1]
+        return self._run_chunk(params, state, tokens, start, true_len, slot, fresh)[::-1]
 
     def _first_fn(self, state, logits, slot, row, prompt, prompt_len, custom):
         """Sample a slot's first token from its prompt's last logits and activate it.
@@ -217,7 +242,7 @@ class DeviceEngine:
             raise ValueError(f"prompt of {start + n} tokens exceeds max_len {self.max_len}")
         padded = np.zeros(self._bucket(n), np.int32)
         padded[:n] = token_ids
-        return padded, np.int32(start), np.int32(n), np.int32(slot)
+        return padded, np.int32(start), np.int32(n), np.int32(slot), start == 0
 
     def prefill_chunk(self, slot: int, token_ids, start: int) -> None:
         """Write the KV of `token_ids` at positions start.. of `slot`; no sampling."""
@@ -237,6 +262,8 @@ class DeviceEngine:
         (self._custom_slots.add if custom else self._custom_slots.discard)(slot)
         self.state, out = self._first(self.state, logits, np.int32(slot), row, prompt,
                                       np.int32(len(prompt_ids)), custom)
+        self._host_pos[slot] = len(prompt_ids)
+        self._host_active[slot] = True
         return Pending(self, out)
 
     def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
@@ -247,11 +274,17 @@ class DeviceEngine:
 
     def step(self) -> Pending:
         """Dispatch one decode step over all slots; returns at once."""
-        self.state, out = self._step(self.params, self.state, bool(self._custom_slots))
+        live = self._host_pos[self._host_active]
+        need = int(live.max()) + 1 if live.size else 1
+        attend = next(b for b in self.attend_buckets if b >= min(need, self.max_len))
+        self.state, logits = self._forward_step(self.params, self.state, attend)
+        self.state, out = self._sample_step(self.state, logits, bool(self._custom_slots))
+        self._host_pos[self._host_active] += 1
         return Pending(self, out)
 
     def release(self, slot: int) -> None:
         self._custom_slots.discard(slot)
+        self._host_active[slot] = False
         self.state["active"] = self._release(self.state["active"], np.int32(slot))
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
@@ -261,11 +294,15 @@ class DeviceEngine:
         for i, b in enumerate(self.prefill_buckets):
             say(f"warm-up: prefill bucket {b} ({i + 1}/{len(self.prefill_buckets)})")
             n = min(b, self.max_len - 1)
-            self.prefill_chunk(0, np.zeros(n, np.int32), 0)
+            self.prefill_chunk(0, np.zeros(n, np.int32), 0)          # a fresh prompt
+            n = min(b, self.max_len - 2)
+            self.prefill_chunk(0, np.zeros(n, np.int32), 1)          # after a cached prefix
         say("warm-up: first-token sampler")
         self.insert(0, np.zeros(1, np.int32), 0, greedy, 0).result()
-        say("warm-up: decode step")
-        self.step().result()
+        for i, b in enumerate(self.attend_buckets):
+            say(f"warm-up: decode step, attending {b} ({i + 1}/{len(self.attend_buckets)})")
+            self._host_pos[0] = b - 1
+            self.step().result()
         self.copy_prefix(0, min(1, self.max_slots - 1), 1)
         self.release(0)
         jax.block_until_ready(self.state)
