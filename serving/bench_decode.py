@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig, named_config
+from serving.flags import int_list
 
 
 def add_arguments(parser) -> None:
@@ -32,16 +33,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--hf-batch", default="1", help="batch sizes to run transformers at")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"{flag} must list positive integers, got {text!r}")
-    return values
 
 
 # -- bandwidth -----------------------------------------------------------------------------
@@ -214,8 +205,8 @@ def _load(args):
 
 
 def run(args) -> int:
-    batches = _ints(args.batch, "--batch")
-    hf_batches = _ints(args.hf_batch, "--hf-batch")
+    batches = int_list(args.batch, "--batch")
+    hf_batches = int_list(args.hf_batch, "--hf-batch")
     if args.prompt_len < 1 or args.new_tokens < 2:
         raise ValueError("--prompt-len must be >= 1 and --new-tokens >= 2")
     config, params, hf_model, name = _load(args)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serving.flags import int_list
+
 
 def add_arguments(parser) -> None:
     target = parser.add_mutually_exclusive_group()
@@ -53,16 +55,6 @@ def add_arguments(parser) -> None:
                         help="in-process engine: slots (default: the largest concurrency)")
     parser.add_argument("--dtype", default=None, help="in-process engine: float32 | bfloat16")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"{flag} must list positive integers, got {text!r}")
-    return values
 
 
 # -- one request, as a client sees it ---------------------------------------------------------
@@ -227,12 +219,12 @@ def _start_engine(args, max_slots: int, max_len: int):
 
 
 def run(args) -> int:
-    concurrencies = _ints(args.concurrency, "--concurrency")
+    concurrencies = int_list(args.concurrency, "--concurrency")
     if args.rate is not None:
         if not args.rate > 0:
             raise ValueError(f"--rate must be > 0, got {args.rate}")
         concurrencies = [None]
-    counts = (_ints(args.num_requests, "--num-requests") if args.num_requests
+    counts = (int_list(args.num_requests, "--num-requests") if args.num_requests
               else [max(8, 2 * (c or 8)) for c in concurrencies])
     if len(counts) == 1:
         counts = counts * len(concurrencies)
