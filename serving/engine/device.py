@@ -9,9 +9,10 @@ this class only runs compiled programs over a decode state that never leaves the
 - `step` is two programs dispatched back to back: the model forward for every slot, then
   the sampler and the state update (logits stay on the device). The forward attends over
   a power-of-two prefix of the cache that covers the longest live sequence ("attend
-  buckets"), so short sequences in a long context cost what they are, not max_len; the
-  sampler, the slow one to compile, is compiled once. Only sampled ids, their logprobs and
-  the top-N logprobs come back to the host.
+  buckets"), and both programs run over the first B slots only, B the smallest of a few
+  "batch buckets" covering every live slot (the scheduler fills low slots first), so one
+  request on a 32-slot engine costs a batch-1 step, not a batch-32 one. Only sampled ids,
+  their logprobs and the top-N logprobs come back to the host.
 - Prompts run in power-of-two buckets (padding writes are dropped), so a new prompt
   length never compiles anything once `warmup` has run.
 - Inactive slots still ride along in the fixed-shape batch, but write nothing: a released
@@ -70,12 +71,25 @@ class StepOutput:
     entropies: np.ndarray | None = None  # [S] float32, if a row asked for it
 
 
+def _pad_rows(out: StepOutput, slots: int) -> StepOutput:
+    """Outputs of a step over the first rows, zero-padded to every slot."""
+    def pad(x):
+        if x is None or x.ndim == 0 or x.shape[0] == slots:
+            return x
+        return np.concatenate([x, np.zeros((slots - x.shape[0],) + x.shape[1:], x.dtype)])
+    return StepOutput(tokens=pad(out.tokens), logprobs=pad(out.logprobs), ranks=pad(out.ranks),
+                      top_ids=pad(out.top_ids), top_logprobs=pad(out.top_logprobs),
+                      errors=pad(out.errors), device_seconds=out.device_seconds,
+                      entropies=pad(out.entropies))
+
+
 class Pending:
     """A dispatched call; `result()` waits for the device and copies the outputs."""
 
-    def __init__(self, engine: "DeviceEngine", out):
+    def __init__(self, engine: "DeviceEngine", out, slots: int | None = None):
         self._engine = engine
         self._out = out
+        self._slots = slots          # pad per-slot outputs computed over fewer rows
         self._dispatched = time.perf_counter()
         self._result: StepOutput | None = None
 
@@ -91,6 +105,8 @@ class Pending:
                 top_logprobs=np.asarray(out.top_logprobs), errors=np.asarray(out.error),
                 device_seconds=max(seconds, 0.0), entropies=np.asarray(out.entropy))
             self._out = None
+            if self._slots is not None:
+                self._result = _pad_rows(self._result, self._slots)
         return self._result
 
 
@@ -101,6 +117,15 @@ def attend_buckets(max_len: int, smallest: int = 128) -> tuple[int, ...]:
         out.append(b)
         b *= 2
     return tuple(out) + (max_len,)
+
+
+def batch_buckets(max_slots: int) -> tuple[int, ...]:
+    """How many leading slots a decode step may run over: 1, 4, 16, ..., then max_slots."""
+    out, b = [], 1
+    while b < max_slots:
+        out.append(b)
+        b *= 4
+    return tuple(out) + (max_slots,)
 
 
 def default_buckets(max_len: int, smallest: int = 16, largest: int = 512) -> tuple[int, ...]:
@@ -138,13 +163,15 @@ class DeviceEngine:
             self.params = sharding.shard_params(params, sharding.param_shardings(config, mesh))
         self.state = self._init_state()
         self.attend_buckets = attend_buckets(max_len)
+        # on a mesh the slot axis is sharded: slicing it would reshard, so run every slot
+        self.batch_buckets = batch_buckets(max_slots) if mesh is None else (max_slots,)
         self._host_pos = np.zeros(max_slots, np.int64)      # mirrors state["pos"]
         self._host_active = np.zeros(max_slots, bool)       # mirrors state["active"]
         self._forward_step = jax.jit(self._forward_step_fn, donate_argnums=(1,),
-                                     static_argnums=(2,))
+                                     static_argnums=(2, 3))
         # custom=True compiles the reorderable sampler; used only while a row needs it
         self._sample_step = jax.jit(self._sample_step_fn, donate_argnums=(0,),
-                                    static_argnums=(2,))
+                                    static_argnums=(2, 3))
         self._custom_slots: set[int] = set()
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnums=(6,))
         self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(6,))
@@ -173,20 +200,27 @@ class DeviceEngine:
 
     # -- jitted programs ---------------------------------------------------------------
 
-    def _forward_step_fn(self, params, state, attend_len):
-        active, pos = state["active"], state["pos"]
+    def _forward_step_fn(self, params, state, attend_len, rows):
+        """The model over slots [0, rows): logits [rows, V]."""
+        active, pos = state["active"][:rows], state["pos"][:rows]
         write_pos = jnp.where(active, pos, self.max_len)  # inactive rows write nothing
-        logits, cache = forward(self.config, params, state["cache"], state["last"][:, None],
-                                write_pos[:, None], attend_len=attend_len)
+        slot_ids = None if rows == self.max_slots else jnp.arange(rows)
+        logits, cache = forward(self.config, params, state["cache"],
+                                state["last"][:rows, None], write_pos[:, None],
+                                slot_ids=slot_ids, attend_len=attend_len)
         return dict(state, cache=cache), logits[:, 0]
 
-    def _sample_step_fn(self, state, logits, custom):
-        active, pos = state["active"], state["pos"]
-        out, sampler = sample(logits, state["rows"], state["sampler"],
+    def _sample_step_fn(self, state, logits, custom, rows):
+        """The sampler over slots [0, rows), written back into the full state."""
+        take = lambda x: x[:rows]
+        put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)
+        active, pos, last = take(state["active"]), take(state["pos"]), take(state["last"])
+        out, sampler = sample(logits, jax.tree.map(take, state["rows"]),
+                              jax.tree.map(take, state["sampler"]),
                               num_top=self.num_top_logprobs, custom_order=custom)
-        state = dict(state, sampler=sampler,
-                     last=jnp.where(active, out.tokens, state["last"]),
-                     pos=jnp.where(active, pos + 1, pos))
+        state = dict(state, sampler=jax.tree.map(put, state["sampler"], sampler),
+                     last=put(state["last"], jnp.where(active, out.tokens, last)),
+                     pos=put(state["pos"], jnp.where(active, pos + 1, pos)))
         return state, out
 
     def _run_chunk(self, params, state, tokens, start, true_len, slot, fresh):
@@ -277,10 +311,13 @@ class DeviceEngine:
         live = self._host_pos[self._host_active]
         need = int(live.max()) + 1 if live.size else 1
         attend = next(b for b in self.attend_buckets if b >= min(need, self.max_len))
-        self.state, logits = self._forward_step(self.params, self.state, attend)
-        self.state, out = self._sample_step(self.state, logits, bool(self._custom_slots))
+        slots = np.flatnonzero(self._host_active)
+        top = int(slots[-1]) + 1 if slots.size else 1
+        rows = next(b for b in self.batch_buckets if b >= top)
+        self.state, logits = self._forward_step(self.params, self.state, attend, rows)
+        self.state, out = self._sample_step(self.state, logits, bool(self._custom_slots), rows)
         self._host_pos[self._host_active] += 1
-        return Pending(self, out)
+        return Pending(self, out, self.max_slots)
 
     def release(self, slot: int) -> None:
         self._custom_slots.discard(slot)
@@ -299,10 +336,17 @@ class DeviceEngine:
             self.prefill_chunk(0, np.zeros(n, np.int32), 1)          # after a cached prefix
         say("warm-up: first-token sampler")
         self.insert(0, np.zeros(1, np.int32), 0, greedy, 0).result()
-        for i, b in enumerate(self.attend_buckets):
-            say(f"warm-up: decode step, attending {b} ({i + 1}/{len(self.attend_buckets)})")
-            self._host_pos[0] = b - 1
-            self.step().result()
+        for rows in self.batch_buckets:
+            slot = rows - 1
+            if slot:
+                self.insert(slot, np.zeros(1, np.int32), 0, greedy, 0).result()
+            say(f"warm-up: decode steps over {rows} slots, attending "
+                f"{'/'.join(map(str, self.attend_buckets))}")
+            for b in self.attend_buckets:
+                self._host_pos[self._host_active] = b - 1
+                self.step().result()
+            if slot:
+                self.release(slot)
         self.copy_prefix(0, min(1, self.max_slots - 1), 1)
         self.release(0)
         jax.block_until_ready(self.state)

@@ -77,7 +77,7 @@ class Scheduler:
         self._detok_q: queue.Queue = queue.Queue()
 
         s = engine.max_slots
-        self._free: list[int] = list(range(s))               # least recently used first
+        self._free: list[int] = list(range(s))               # taken lowest first
         self._owner: list[Sample | None] = [None] * s        # decoding sample per slot
         self._slot_tokens: list[np.ndarray] = [np.zeros(0, np.int32)] * s
         self._prefilling: list[RequestState] = []
@@ -319,11 +319,19 @@ class Scheduler:
                 target = src
                 self._free.remove(src)
             else:
-                target = next(s for s in self._free if s != src)
+                # the lowest free slot: decode steps run over the leading slots only
+                target = min(s for s in self._free if s != src)
                 self._free.remove(target)
-            others = [self._free.pop(0) for _ in range(len(st.samples) - 1)]
+            others = []
+            for _ in range(len(st.samples) - 1):
+                others.append(min(self._free))
+                self._free.remove(others[-1])
             self._prefilling.append(st)
             self._running.add(id(st))
+        if self.prefix_cache:
+            for slot in [target] + others:
+                if slot != src:
+                    self._keep_cached(slot)
         if length > 0 and src != target:
             self.engine.copy_prefix(src, target, length)
         if st.request.sampling.prompt_logprobs is not None:
@@ -336,6 +344,18 @@ class Scheduler:
         for slot in others:
             self._slot_tokens[slot] = np.zeros(0, np.int32)
         return st
+
+    def _keep_cached(self, slot: int) -> None:
+        """A low slot is about to be overwritten: move what it caches to the least recently
+        used free slot above it, so low-first allocation does not cost the prefix cache."""
+        held = self._slot_tokens[slot]
+        if not len(held):
+            return
+        with self._lock:
+            spare = next((s for s in self._free if s > slot), None)
+        if spare is not None and len(self._slot_tokens[spare]) <= len(held):
+            self.engine.copy_prefix(slot, spare, len(held))
+            self._slot_tokens[spare] = held
 
     def _score_prompt(self, st: RequestState) -> None:
         """prompt_logprobs: one forward over the prompt (compiled per power-of-two length on
