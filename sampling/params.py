@@ -32,6 +32,10 @@ def _err(name: str, rule: str, value) -> ValueError:
     return ValueError(f"{name} must be {rule}, got {value!r}")
 
 
+GUIDED_FIELDS = ("guided_json", "guided_json_object", "guided_regex", "guided_choice",
+                 "guided_grammar")
+
+
 @dataclass
 class SamplingParams:
     # -- the distribution -----------------------------------------------------------------
@@ -89,6 +93,14 @@ class SamplingParams:
     sampler_order: list[str] | None = None
     temperature_last: bool = False
     logits_processors: list[dict] = field(default_factory=list)
+    # -- constrained decoding and thinking (host-side masks, sampling/grammar.py) -----------------
+    guided_json: dict | None = None                       # a JSON schema the output matches
+    guided_json_object: bool = False                      # any JSON object
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None                     # llguidance Lark syntax
+    thinking_end_ids: list[int] = field(default_factory=list)  # e.g. the ids of </think>
+    max_thinking_tokens: int | None = None                # then thinking_end_ids is forced
 
     # ---------------------------------------------------------------------------------------------
 
@@ -100,7 +112,8 @@ class SamplingParams:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         values = {k: v for k, v in d.items() if v is not None or k in (
             "seed", "max_tokens", "best_of", "prompt_logprobs", "allowed_token_ids",
-            "sampler_order", "dry_sequence_breaker_ids")}
+            "sampler_order", "dry_sequence_breaker_ids", "guided_json", "guided_regex",
+            "guided_choice", "guided_grammar", "max_thinking_tokens")}
         if isinstance(values.get("logit_bias"), dict):
             try:
                 values["logit_bias"] = {int(k): v for k, v in values["logit_bias"].items()}
@@ -244,4 +257,41 @@ class SamplingParams:
             raise _err("logits_processors", "a list of {name, args} objects", self.logits_processors)
         from sampling.registry import validate_processors
         validate_processors(self.logits_processors)
+        self._validate_guided(token_id)
         return self
+
+    @property
+    def guided(self) -> str | None:
+        """The guided_* field this request sets, if any."""
+        return next((f for f in GUIDED_FIELDS if getattr(self, f) not in (None, False)), None)
+
+    def _validate_guided(self, token_id) -> None:
+        set_ = [f for f in GUIDED_FIELDS if getattr(self, f) not in (None, False)]
+        if len(set_) > 1:
+            raise _err(set_[1], f"not combined with {set_[0]} (one guided_* field at most)",
+                       getattr(self, set_[1]))
+        if self.guided_json is not None and not isinstance(self.guided_json, dict):
+            raise _err("guided_json", "a JSON schema (an object)", self.guided_json)
+        if not isinstance(self.guided_json_object, bool):
+            raise _err("guided_json_object", "a boolean", self.guided_json_object)
+        for name in ("guided_regex", "guided_grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise _err(name, "a non-empty string", value)
+        if self.guided_choice is not None and (
+                not isinstance(self.guided_choice, list) or not self.guided_choice
+                or not all(isinstance(c, str) and c for c in self.guided_choice)):
+            raise _err("guided_choice", "a non-empty list of non-empty strings",
+                       self.guided_choice)
+        if not isinstance(self.thinking_end_ids, list):
+            raise _err("thinking_end_ids", "a list of token ids", self.thinking_end_ids)
+        for t in self.thinking_end_ids:
+            token_id("thinking_end_ids", t)
+        if self.max_thinking_tokens is not None:
+            if not self.thinking_end_ids:
+                raise _err("max_thinking_tokens", "given with thinking_end_ids",
+                           self.max_thinking_tokens)
+            if (isinstance(self.max_thinking_tokens, bool)
+                    or not isinstance(self.max_thinking_tokens, int)
+                    or self.max_thinking_tokens < 0):
+                raise _err("max_thinking_tokens", "an integer >= 0", self.max_thinking_tokens)

@@ -29,6 +29,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--api-key", action="append", default=[], metavar="K")
     parser.add_argument("--api-key-file", default=None, metavar="F")
     parser.add_argument("--served-model-name", action="append", default=[], metavar="NAME")
+    parser.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="a Jinja chat template file that replaces the model's")
     parser.add_argument("--max-slots", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--mesh", default=None, metavar="data=1,model=1")
@@ -52,6 +54,8 @@ def http_command(args) -> list[str]:
            "--workers", str(args.workers)]
     for name in args.served_model_name:
         cmd += ["--served-model-name", name]
+    if args.chat_template is not None:
+        cmd += ["--chat-template", os.path.abspath(args.chat_template)]
     return cmd
 
 

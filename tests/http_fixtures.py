@@ -149,10 +149,14 @@ def _stop(proc: subprocess.Popen) -> None:
 class Servers:
     """An engine and a gunicorn front end, as real processes on loopback ports."""
 
-    def __init__(self, root: Path, api_keys: list[str], engine_args: list[str] = ()):
+    def __init__(self, root: Path, api_keys: list[str], engine_args: list[str] = (),
+                 model: str | None = None, served_names: tuple[str, ...] = ("tiny",
+                                                                         "tiny-alias"),
+                 http_args: list[str] = ()):
         from serving.http.engine_link import EngineLink
 
-        self.model_dir = write_model_dir(root)
+        # `model`: serve that model (e.g. "default") instead of a tiny random one
+        self.model_dir = model if model is not None else write_model_dir(root)
         self.grpc_port, self.port = free_port(), free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = open(root / "servers.log", "w")
@@ -166,7 +170,9 @@ class Servers:
             _wait(self.link.healthy, self.engine, "flaxserve engine", 300)
             cmd = [sys.executable, "-m", "serving.http.main", "--engine",
                    f"127.0.0.1:{self.grpc_port}", "--port", str(self.port), "--workers", "1",
-                   "--served-model-name", "tiny", "--served-model-name", "tiny-alias"]
+                   *http_args]
+            for name in served_names:
+                cmd += ["--served-model-name", name]
             for k in api_keys:
                 cmd += ["--api-key", k]
             self.http = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=self.log,

@@ -176,9 +176,12 @@ def test_legacy_echo_logprobs_scores_the_prompt(client):
 @pytest.mark.parametrize("patch,param", [
     ({"temperature": 3}, "temperature"), ({"top_k": -7}, "top_k"),
     ({"top_logprobs": 2}, "top_logprobs"), ({"logit_bias": {"100000": 5}}, "logit_bias"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"tools": [{"type": "function",
-                                                           "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    # tools and response_format are served now; bad values of them are still a 400
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]},
+     "tools[0].function.name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": 5}}}}, "response_format.json_schema.schema"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
 ])
 @pytest.mark.parametrize("stream", [False, True])

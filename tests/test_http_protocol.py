@@ -107,10 +107,18 @@ def test_chat_maps_every_sampling_extension(info):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "http://x"}}]}]}, "messages[0].content[0].type"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"reasoning_effort": "low"}, "reasoning_effort"),
+    # tools and structured outputs are served; genuinely bad values are still a 400
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]},
+     "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "nonsense"}}}]}, "tools[0].function.parameters"),
+    ({"tool_choice": "required"}, "tool_choice"),   # no tools to call
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": 5}}}}, "response_format.json_schema.schema"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"frobnicate": 1}, "frobnicate"),
     ({"model": 3}, "model"),
     ({"chat_template": "{% for %}"}, "chat_template"),
@@ -325,8 +333,14 @@ def test_anthropic_merges_turns_and_prefills(hf_tok, info):
     ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
      "messages[0].content[0].type"),
-    ({"tools": [{"name": "f", "input_schema": {}}]}, "tools"),
-    ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, "thinking"),
+    ({"tools": [{"name": "f"}]}, "tools[0].input_schema"),
+    ({"tools": [{"name": "f", "input_schema": {"type": "nonsense"}}]},
+     "tools[0].input_schema"),
+    ({"tools": [{"name": "f", "input_schema": {}}], "tool_choice": {"type": "tool",
+                                                                   "name": "g"}},
+     "tool_choice.name"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 100}}, "thinking.budget_tokens"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, "thinking.budget_tokens"),
     ({"metadata": "x"}, "metadata"),
     ({"bogus": 1}, "bogus"),
 ])

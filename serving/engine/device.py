@@ -171,10 +171,13 @@ class DeviceEngine:
                                      static_argnums=(2, 3))
         # custom=True compiles the reorderable sampler; used only while a row needs it
         self._sample_step = jax.jit(self._sample_step_fn, donate_argnums=(0,),
-                                    static_argnums=(2, 3))
+                                    static_argnums=(3, 4))
         self._custom_slots: set[int] = set()
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnums=(6,))
-        self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(6,))
+        self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(7,))
+        # token masks (grammars, forced tokens) as packed bits; all ones when unconstrained
+        self.mask_words = (self.vocab_size + 31) // 32
+        self._ones = {}
         self._copy = jax.jit(self._copy_fn, donate_argnums=(0,))
         self._release = jax.jit(lambda active, slot: active.at[slot].set(False),
                                 donate_argnums=(0,))
@@ -210,14 +213,15 @@ class DeviceEngine:
                                 slot_ids=slot_ids, attend_len=attend_len)
         return dict(state, cache=cache), logits[:, 0]
 
-    def _sample_step_fn(self, state, logits, custom, rows):
+    def _sample_step_fn(self, state, logits, mask_bits, custom, rows):
         """The sampler over slots [0, rows), written back into the full state."""
         take = lambda x: x[:rows]
         put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)
         active, pos, last = take(state["active"]), take(state["pos"]), take(state["last"])
         out, sampler = sample(logits, jax.tree.map(take, state["rows"]),
                               jax.tree.map(take, state["sampler"]),
-                              num_top=self.num_top_logprobs, custom_order=custom)
+                              num_top=self.num_top_logprobs, mask=self._unpack(mask_bits),
+                              custom_order=custom)
         state = dict(state, sampler=jax.tree.map(put, state["sampler"], sampler),
                      last=put(state["last"], jnp.where(active, out.tokens, last)),
                      pos=put(state["pos"], jnp.where(active, pos + 1, pos)))
@@ -237,7 +241,19 @@ class DeviceEngine:
         """One chunk into one slot; returns the logits of its last real token [1, V]."""
         return self._run_chunk(params, state, tokens, start, true_len, slot, fresh)[::-1]
 
-    def _first_fn(self, state, logits, slot, row, prompt, prompt_len, custom):
+    def _unpack(self, bits):
+        """[R, words] int32 -> bool [R, V]: bit t of word t // 32 allows token t."""
+        ids = jnp.arange(self.vocab_size)
+        return ((bits[:, ids // 32] >> (ids % 32)) & 1).astype(bool)
+
+    def _mask_bits(self, rows: int, mask) -> jax.Array:
+        if mask is None:
+            if rows not in self._ones:
+                self._ones[rows] = jnp.full((rows, self.mask_words), -1, jnp.int32)
+            return self._ones[rows]
+        return np.ascontiguousarray(np.asarray(mask, np.int32)[:rows])
+
+    def _first_fn(self, state, logits, slot, row, prompt, prompt_len, mask_bits, custom):
         """Sample a slot's first token from its prompt's last logits and activate it.
 
         Separate from the per-bucket prefill programs so the sampler compiles once."""
@@ -245,7 +261,7 @@ class DeviceEngine:
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
         one_state = jax.tree.map(take, sampler)
         out, one_state = sample(logits, row, one_state, num_top=self.num_top_logprobs,
-                                custom_order=custom)
+                                mask=self._unpack(mask_bits), custom_order=custom)
         put = lambda full, one: jax.lax.dynamic_update_slice_in_dim(full, one, slot, axis=0)
         sampler = jax.tree.map(put, sampler, one_state)
         state = dict(state, sampler=sampler, rows=set_row(state["rows"], slot, row),
@@ -284,8 +300,10 @@ class DeviceEngine:
                                       *self._chunk_args(slot, token_ids, start))
 
     def insert(self, slot: int, prompt_ids, start: int, sampling: SamplingParams, seed: int,
-               sample_index: int = 0) -> Pending:
-        """Run prompt_ids[start:], sample the first token, activate `slot` for decode."""
+               sample_index: int = 0, mask=None) -> Pending:
+        """Run prompt_ids[start:], sample the first token, activate `slot` for decode.
+
+        `mask` ([words] int32 packed bits, optional) restricts the first token."""
         prompt_ids = np.asarray(prompt_ids, np.int32)
         args = self._chunk_args(slot, prompt_ids[start:], start)
         prompt = np.zeros(self.max_len, np.int32)
@@ -294,8 +312,9 @@ class DeviceEngine:
         self.state, logits = self._prefill(self.params, self.state, *args)
         custom = sampling.sampler_order is not None or sampling.temperature_last
         (self._custom_slots.add if custom else self._custom_slots.discard)(slot)
+        bits = self._mask_bits(1, None if mask is None else np.asarray(mask)[None])
         self.state, out = self._first(self.state, logits, np.int32(slot), row, prompt,
-                                      np.int32(len(prompt_ids)), custom)
+                                      np.int32(len(prompt_ids)), bits, custom)
         self._host_pos[slot] = len(prompt_ids)
         self._host_active[slot] = True
         return Pending(self, out)
@@ -306,8 +325,10 @@ class DeviceEngine:
         if length > 0 and src_slot != dst_slot:
             self.state = self._copy(self.state, np.int32(src_slot), np.int32(dst_slot))
 
-    def step(self) -> Pending:
-        """Dispatch one decode step over all slots; returns at once."""
+    def step(self, mask=None) -> Pending:
+        """Dispatch one decode step over all slots; returns at once.
+
+        `mask` ([slots, words] int32 packed bits, optional): allowed tokens per slot."""
         live = self._host_pos[self._host_active]
         need = int(live.max()) + 1 if live.size else 1
         attend = next(b for b in self.attend_buckets if b >= min(need, self.max_len))
@@ -315,7 +336,8 @@ class DeviceEngine:
         top = int(slots[-1]) + 1 if slots.size else 1
         rows = next(b for b in self.batch_buckets if b >= top)
         self.state, logits = self._forward_step(self.params, self.state, attend, rows)
-        self.state, out = self._sample_step(self.state, logits, bool(self._custom_slots), rows)
+        self.state, out = self._sample_step(self.state, logits, self._mask_bits(rows, mask),
+                                            bool(self._custom_slots), rows)
         self._host_pos[self._host_active] += 1
         return Pending(self, out, self.max_slots)
 

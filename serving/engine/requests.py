@@ -78,6 +78,7 @@ class EngineRequest:
     seed: int                                # resolved: drawn by the engine when none was given
     skip_special_tokens: bool = True
     arrival: float = field(default_factory=time.monotonic)
+    grammar: str | None = None               # compiled guided_* spec (sampling/grammar.py)
 
 
 class Handle:
@@ -122,6 +123,7 @@ class Sample:
     completion_tokens: int = 0
     detok: object = None
     stops: object = None
+    constraint: object = None       # device thread: sampling.grammar.Constraint, if any
 
 
 @dataclass

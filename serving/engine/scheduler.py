@@ -12,6 +12,11 @@ an all-masked row) are decided on the device thread. The detokenize thread turns
 into text (incremental, UTF-8 safe), holds back possible stop strings, cuts on a match and
 ends the sample; the device thread frees that slot at its next iteration.
 
+Constrained samples (guided_* grammars, thinking budgets): their next-token mask depends
+on the token just sampled, so while one is running the loop reads step N before it
+dispatches step N+1 and fills the masks of those rows on the host (sampling/grammar.py);
+unconstrained rows get all-ones rows, and without constrained samples nothing changes.
+
 Prefix cache: each slot remembers the token ids its KV holds (also after release). A new
 prompt takes the slot with the longest common prefix (reused in place when free, copied
 from a busy one) and prefills only the rest; at least one prompt token is always left for
@@ -66,6 +71,10 @@ class Scheduler:
         self.eos_ids = frozenset(engine.eos_ids if eos_ids is None else eos_ids)
         self.max_len = engine.max_len
         self.vocab_size = engine.vocab_size
+        self.grammar = None
+        if tokenizer is not None:
+            from sampling.grammar import GrammarCompiler
+            self.grammar = GrammarCompiler(tokenizer, engine.vocab_size, self.eos_ids)
 
         self._lock = threading.Lock()
         self._queue: collections.deque[RequestState] = collections.deque()
@@ -171,9 +180,21 @@ class Scheduler:
         if params.stop and self.tokenizer is None:
             raise RequestError(INVALID_ARGUMENT, "stop: this engine has no tokenizer to match "
                                "stop strings (use stop_token_ids)")
+        grammar = None
+        if params.thinking_end_ids and self.grammar is None:
+            raise RequestError(INVALID_ARGUMENT, "thinking_end_ids: this engine has no "
+                               "tokenizer")
+        if params.guided is not None:
+            if self.grammar is None:
+                raise RequestError(INVALID_ARGUMENT, f"{params.guided}: this engine has no "
+                                   "tokenizer to constrain decoding with")
+            try:
+                grammar = self.grammar.check(params)
+            except ValueError as e:
+                raise RequestError(INVALID_ARGUMENT, str(e)) from None
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         return EngineRequest(request_id=request_id, prompt_ids=ids, sampling=params, seed=seed,
-                             skip_special_tokens=skip_special_tokens)
+                             skip_special_tokens=skip_special_tokens, grammar=grammar)
 
     def submit(self, request: EngineRequest) -> Handle:
         """Queue a validated request; RESOURCE_EXHAUSTED when the queue is full."""
@@ -210,10 +231,21 @@ class Scheduler:
                     break
             self._reap()
             inserted = self._admit_and_prefill()
+            mask = None
+            if any(o is not None and not o.device_done and o.constraint is not None
+                   for o in self._owner):
+                # a constrained row's mask needs the token just sampled: read first
+                if inflight is not None:
+                    self._process_step(*inflight)
+                    inflight = None
+                for sample, pending in inserted:
+                    self._process_first(sample, pending)
+                inserted = []
+                mask = self._masks()
             dispatched = None
             if any(o is not None and not o.device_done for o in self._owner):
                 owners = list(self._owner)
-                dispatched = (self.engine.step(), owners)
+                dispatched = (self.engine.step(mask), owners)
             if inflight is not None:
                 self._process_step(*inflight)
             for sample, pending in inserted:
@@ -224,6 +256,16 @@ class Scheduler:
         if inflight is not None:
             inflight[0].result()
         self._fail_all(UNAVAILABLE, self._failed or "the engine stopped")
+
+    def _masks(self):
+        """Allowed-token bitmasks for the next step: constrained rows filled, others ones."""
+        from sampling.grammar import all_ones
+        mask = all_ones(self.engine.max_slots, self.vocab_size)
+        for slot, sample in enumerate(self._owner):
+            c = sample.constraint if sample is not None else None
+            if c is not None and not sample.device_done and c.active:
+                c.fill(mask[slot])
+        return mask
 
     def _fail_all(self, kind: str, message: str) -> None:
         with self._lock:
@@ -328,10 +370,9 @@ class Scheduler:
                 self._free.remove(others[-1])
             self._prefilling.append(st)
             self._running.add(id(st))
-        if self.prefix_cache:
-            for slot in [target] + others:
-                if slot != src:
-                    self._keep_cached(slot)
+        for slot in [target] + others:
+            if slot != src:
+                self._keep_cached(slot, avoid=src)
         if length > 0 and src != target:
             self.engine.copy_prefix(src, target, length)
         if st.request.sampling.prompt_logprobs is not None:
@@ -345,15 +386,16 @@ class Scheduler:
             self._slot_tokens[slot] = np.zeros(0, np.int32)
         return st
 
-    def _keep_cached(self, slot: int) -> None:
+    def _keep_cached(self, slot: int, avoid: int) -> None:
         """A low slot is about to be overwritten: move what it caches to the least recently
         used free slot above it, so low-first allocation does not cost the prefix cache."""
         held = self._slot_tokens[slot]
         if not len(held):
             return
-        with self._lock:
-            spare = next((s for s in self._free if s > slot), None)
-        if spare is not None and len(self._slot_tokens[spare]) <= len(held):
+        with self._lock:   # the free slot above caching the least (least recently used first)
+            above = [s for s in self._free if s > slot and s != avoid]
+        spare = min(above, key=lambda s: len(self._slot_tokens[s]), default=None)
+        if spare is not None and len(self._slot_tokens[spare]) < len(held):
             self.engine.copy_prefix(slot, spare, len(held))
             self._slot_tokens[spare] = held
 
@@ -409,8 +451,15 @@ class Scheduler:
             if k > 0:
                 start = len(prompt) - 1
                 self.engine.copy_prefix(st.slots[0], slot, start)
+            mask = None
+            if req.grammar is not None or req.sampling.thinking_end_ids:
+                sample.constraint = self.grammar.constraint(req.grammar, req.sampling)
+                if sample.constraint.active:
+                    from sampling.grammar import all_ones
+                    mask = all_ones(1, self.vocab_size)[0]
+                    sample.constraint.fill(mask)
             pending = self.engine.insert(slot, prompt, start, req.sampling, req.seed,
-                                         sample_index=k)
+                                         sample_index=k, mask=mask)
             sample.slot = slot
             self._owner[slot] = sample
             self._slot_tokens[slot] = prompt
@@ -442,6 +491,8 @@ class Scheduler:
         st, params = sample.state, sample.state.request.sampling
         token = int(out.tokens[row])
         sample.tokens.append(token)
+        if sample.constraint is not None:
+            sample.constraint.consume(token)
         count = len(sample.tokens)
         finish, stop_id = None, None
         if bool(out.errors[row]):

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 import falcon
 
-from serving.http import anthropic_api, metrics, openai_api, sse
+from serving.http import anthropic_api, metrics, openai_api, sse, thinking_signature
 from serving.http.auth import KeyChecker, presented_key
 from serving.http.errors import APIError, body_for, openai_body
 from serving.http.generation import Delta, Final, ModelInfo, accumulate
@@ -42,6 +42,11 @@ class Settings:
     served_model_names: list[str] = field(default_factory=list)   # default: the engine's
     model_dir: str | None = None                  # default: the engine's (ListModels)
     keepalive_s: float = KEEPALIVE_S
+    chat_template: str | None = None              # --chat-template: overrides the model's
+    # HMAC key of thinking signatures; drawn here, in the gunicorn master, so that every
+    # worker shares it (serving.http.thinking_signature)
+    thinking_secret: bytes = field(default_factory=thinking_signature.load_secret,
+                                   repr=False)
 
 
 def _protocol(path: str) -> str:
@@ -163,6 +168,8 @@ class _Server:
         except (ValueError, OSError) as e:
             raise APIError(503, f"cannot load the model's tokenizer: {e}") from None
         self.link.token_bytes = tokenizer.token_bytes
+        if self.settings.chat_template is not None:
+            tokenizer.chat_template = self.settings.chat_template
         return ModelInfo(served_names=names, tokenizer=tokenizer,
                          max_model_len=engine_model.max_model_len,
                          vocab_size=engine_model.vocab_size,
@@ -279,7 +286,8 @@ class Messages:
     def on_post(self, req, resp):
         body = _read_json(req)
         plan = anthropic_api.parse_messages(body, self.server.info(),
-                                            "msg_" + secrets.token_hex(12))
+                                            "msg_" + secrets.token_hex(12),
+                                            self.server.settings.thinking_secret)
         timed, stream = self.server.open(plan.request, req)
         if not plan.stream:
             try:

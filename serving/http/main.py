@@ -34,6 +34,8 @@ def add_arguments(parser) -> None:
                         help="model names requests may use (default: the engine's)")
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="model directory for the tokenizer (default: the engine's)")
+    parser.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="a Jinja chat template file that replaces the model's")
 
 
 def settings_from_args(args):
@@ -50,9 +52,19 @@ def settings_from_args(args):
     if args.model is not None and not os.path.isdir(args.model):
         raise ValueError(f"--model: no such directory: {args.model}")
     keys = load_keys(args.api_key, args.api_key_file)
+    template = None
+    if getattr(args, "chat_template", None) is not None:
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                template = f.read()
+        except OSError as e:
+            raise ValueError(f"--chat-template: cannot read {args.chat_template}: "
+                             f"{e.strerror}") from None
+        from serving.http.prompt import check_template
+        check_template(template, "--chat-template")
     return Settings(engine=args.engine, api_keys=keys,
                     served_model_names=list(dict.fromkeys(args.served_model_name)),
-                    model_dir=args.model)
+                    model_dir=args.model, chat_template=template)
 
 
 def run_gunicorn(settings, host: str, port: int, workers: int, threads: int | None) -> int:

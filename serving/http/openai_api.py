@@ -6,8 +6,12 @@ Pure functions (no Falcon, no gRPC), so every rule here is unit-tested directly:
   extensions: top_k, min_p, repetition_penalty, ... see SAMPLING.md).
 - `chat_response` / `chat_stream` / `completion_response` / `completion_stream` turn the
   engine's `Delta`s into bodies and chunks exactly as the SDKs parse them (CONFORMANCE.md).
-Tools, `response_format` (other than text) and reasoning come with a later issue: they are
-a clear 400 now, never ignored.
+Chat semantics (issue 7): `tools` / `tool_choice` / `parallel_tool_calls` (forced calls
+are a guided grammar, serving.http.tools), `response_format` json_object / json_schema and
+the `guided_*` extensions (structured outputs, decoded under a constraint by the engine),
+reasoning (`<think>` parsed into `reasoning_content`, alias `reasoning`), and
+`chat_template_kwargs.auto_compact` (oldest turns dropped to fit, `compacted_tokens`).
+The model's output is parsed by serving.http.chat_output, the same way for both modes.
 """
 
 from __future__ import annotations
@@ -19,21 +23,27 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from sampling.params import SamplingParams
+from serving.http.chat_output import (OutputParser, OutputSpec, make_spec, parse_whole,
+                                      thinking_fields)
 from serving.http.errors import bad_request, from_value_error
 from serving.http.generation import (Choice, Delta, Final, GenRequest, ModelInfo, TokenInfo,
                                      Usage, floor_logprob)
-from serving.http.prompt import ChatOptions, check_context, render_chat, truncate
+from serving.http.prompt import ChatOptions, check_context, fit_chat, render_chat, truncate
+from serving.http.tools import ToolSpec, call_grammar, check_schema, openai_tools
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+# Structured outputs as request fields (the engine's SamplingParams names).
+GUIDED = ("guided_json", "guided_json_object", "guided_regex", "guided_choice", "guided_grammar")
 # Fields of the OpenAI API that change nothing here: accepted and ignored.
 IGNORED = {"store", "metadata", "service_tier", "user", "prompt_cache_key", "safety_identifier",
-           "prompt_cache_retention", "prompt_cache_options", "verbosity", "moderation",
-           "parallel_tool_calls"}
+           "prompt_cache_retention", "prompt_cache_options", "verbosity", "moderation"}
 # Ours, beyond SamplingParams' names.
 CHAT_EXTENSIONS = {"echo", "add_generation_prompt", "continue_final_message",
                    "add_special_tokens", "chat_template", "chat_template_kwargs", "documents",
                    "skip_special_tokens", "spaces_between_special_tokens",
-                   "truncate_prompt_tokens"}
+                   "truncate_prompt_tokens", "parallel_tool_calls"} | {
+                   "guided_json", "guided_json_object", "guided_regex", "guided_choice",
+                   "guided_grammar", "max_thinking_tokens"}
 CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_tokens",
                "tools", "tool_choice", "functions", "function_call", "response_format",
                "reasoning_effort", "audio", "modalities", "prediction", "web_search_options",
@@ -41,8 +51,9 @@ CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_
 COMPLETION_FIELDS = {"model", "prompt", "stream", "stream_options", "suffix", "echo",
                      "add_special_tokens", "skip_special_tokens",
                      "spaces_between_special_tokens", "truncate_prompt_tokens",
-                     "response_format"} | IGNORED | SAMPLING_FIELDS
+                     "response_format"} | set(GUIDED) | IGNORED | SAMPLING_FIELDS
 ROLES = ("developer", "system", "user", "assistant", "tool")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 OPENAI_MAX_TEMPERATURE = 2.0
 MAX_STOP = 4
 MAX_LEGACY_LOGPROBS = 20
@@ -112,31 +123,67 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
     return stream, include
 
 
-def _not_yet(body: dict) -> None:
-    """Features of a later issue: a clear 400 rather than silence."""
-    tools = body.get("tools")
-    if tools not in (None, []):
-        raise bad_request("tool calling is not supported by this server yet", "tools")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise bad_request("tool_choice other than 'none' is not supported yet (no tools)",
-                          "tool_choice")
+def _unsupported(body: dict) -> None:
+    """Fields this server does not serve: a clear 400 rather than silence."""
     if body.get("functions") not in (None, []):
-        raise bad_request("function calling is not supported by this server yet", "functions")
+        raise bad_request("`functions` is deprecated and not supported; use `tools`",
+                          "functions")
     if body.get("function_call") not in (None, "none", "auto"):
-        raise bad_request("function_call is not supported by this server yet", "function_call")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_request("response_format (JSON mode, structured outputs) is not supported "
-                          "by this server yet; only {\"type\": \"text\"}", "response_format")
-    if body.get("reasoning_effort") is not None:
-        raise bad_request("reasoning (reasoning_effort) is not supported by this server yet",
-                          "reasoning_effort")
+        raise bad_request("`function_call` is deprecated and not supported; use "
+                          "`tool_choice`", "function_call")
     for name in ("audio", "prediction", "web_search_options"):
         if body.get(name) is not None:
             raise bad_request(f"`{name}` is not supported by this server", name)
     mods = body.get("modalities")
     if mods is not None and mods != ["text"]:
         raise bad_request("only the text modality is supported", "modalities")
+
+
+def _tool_choice(body: dict, tools: list[ToolSpec]) -> tuple[str, list[ToolSpec]]:
+    """("none" | "auto" | "required" | "named", the tools a forced call may use)."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return ("auto" if tools else "none"), tools
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not tools:
+            raise bad_request("`tool_choice: required` needs `tools`", "tool_choice")
+        return choice, tools
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if not (isinstance(choice, dict) and choice.get("type") == "function" and
+            isinstance(fn, dict) and isinstance(fn.get("name"), str)):
+        raise bad_request("`tool_choice` must be 'none', 'auto', 'required' or "
+                          "{\"type\": \"function\", \"function\": {\"name\": ...}}",
+                          "tool_choice")
+    named = [t for t in tools if t.name == fn["name"]]
+    if not named:
+        raise bad_request(f"`tool_choice` names {fn['name']!r}, which is not in `tools`",
+                          "tool_choice")
+    return "named", named
+
+
+def _response_format(body: dict) -> dict:
+    """`response_format` as guided_* sampling fields."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return {}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"guided_json_object": True}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_request("`response_format.json_schema` must be an object with a "
+                              "`schema`", "response_format.json_schema")
+        name = spec.get("name")
+        if name is not None and not isinstance(name, str):
+            raise bad_request("`response_format.json_schema.name` must be a string",
+                              "response_format.json_schema.name")
+        schema = spec.get("schema", {"type": "object"})
+        return {"guided_json": check_schema(schema, "response_format.json_schema.schema")}
+    raise bad_request("`response_format.type` must be 'text', 'json_object' or "
+                      f"'json_schema', got {kind!r}", "response_format.type")
 
 
 def _sampling(body: dict, overrides: dict, vocab_size: int | None) -> SamplingParams:
@@ -170,6 +217,9 @@ class OpenAIPlan:
     top_logprobs: int
     echo: bool
     echo_text: str = ""             # chat echo: the final assistant message, prepended
+    output: OutputSpec = dataclasses.field(default_factory=OutputSpec)
+    named_tool: bool = False        # tool_choice named one function: finish_reason "stop"
+    compacted_tokens: int | None = None
 
     @property
     def n(self) -> int:
@@ -267,10 +317,30 @@ def _detok_options(body: dict) -> dict:
             "spaces_between_special_tokens": _bool(body, "spaces_between_special_tokens", True)}
 
 
+def _kwargs(body: dict) -> tuple[dict, bool]:
+    """`chat_template_kwargs`, and its `auto_compact` flag (ours, not the template's)."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise bad_request("`chat_template_kwargs` must be an object", "chat_template_kwargs")
+    kwargs = dict(kwargs)
+    compact = kwargs.pop("auto_compact", False)
+    if not isinstance(compact, bool):
+        raise bad_request("`chat_template_kwargs.auto_compact` must be a boolean",
+                          "chat_template_kwargs.auto_compact")
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in REASONING_EFFORTS:
+            raise bad_request(f"`reasoning_effort` must be one of "
+                              f"{', '.join(REASONING_EFFORTS)}, got {effort!r}",
+                              "reasoning_effort")
+        kwargs.setdefault("enable_thinking", effort != "none")
+    return kwargs, compact
+
+
 def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPlan:
     _check_known(body, CHAT_FIELDS)
     model = info.resolve(body.get("model"))
-    _not_yet(body)
+    _unsupported(body)
     stream, include_usage = _stream_flags(body)
     logprobs = _bool(body, "logprobs", False)
     top = _opt_int(body, "top_logprobs", 0, 20)
@@ -280,9 +350,15 @@ def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPl
     if max_tokens is None:
         max_tokens = _opt_int(body, "max_tokens", 1)
     messages = normalize_messages(body.get("messages"))
-    kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise bad_request("`chat_template_kwargs` must be an object", "chat_template_kwargs")
+    tools = openai_tools(body.get("tools"))
+    choice, allowed = _tool_choice(body, tools)
+    parallel = _bool(body, "parallel_tool_calls", True)
+    guided = _response_format(body)
+    if choice in ("required", "named") and (guided or any(
+            body.get(g) not in (None, False) for g in GUIDED)):
+        raise bad_request("a forced tool call (`tool_choice`) cannot be combined with "
+                          "`response_format` or guided decoding", "tool_choice")
+    kwargs, compact = _kwargs(body)
     documents = body.get("documents")
     if documents is not None and not (isinstance(documents, list) and
                                       all(isinstance(d, dict) for d in documents)):
@@ -293,23 +369,43 @@ def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPl
     options = ChatOptions(
         add_generation_prompt=_bool(body, "add_generation_prompt", True),
         continue_final_message=_bool(body, "continue_final_message", False),
-        chat_template=template, chat_template_kwargs=kwargs, documents=documents)
+        chat_template=template, chat_template_kwargs=kwargs, documents=documents,
+        tools=[t.for_template() for t in tools] or None)
     tok = info.tokenizer
-    text = render_chat(tok.chat_template, messages, options, tok.bos_token, tok.eos_token)
-    ids = tok.encode(text, add_special_tokens=_bool(body, "add_special_tokens", False))
-    ids = truncate(ids, _opt_int(body, "truncate_prompt_tokens", 1))
-    sampling = _sampling(body, {"max_tokens": max_tokens, "stop": _stop(body),
-                                "logprobs": logprobs, "top_logprobs": top or 0},
-                         tok.vocab_size)
+    add_special = _bool(body, "add_special_tokens", False)
+    keep = _opt_int(body, "truncate_prompt_tokens", 1)
+
+    def encode_chat(msgs):
+        text = render_chat(tok.chat_template, msgs, options, tok.bos_token, tok.eos_token)
+        return text, truncate(tok.encode(text, add_special_tokens=add_special), keep)
+
+    max_thinking = _opt_int(body, "max_thinking_tokens", 1)
+    fitted = fit_chat(encode_chat, messages, max_tokens, info.max_model_len, compact)
+    detok = _detok_options(body)
+    spec = make_spec(tok, fitted.text, bool(tools) and choice != "none",
+                     None if parallel else 1, detok["skip_special_tokens"])
+    if choice in ("required", "named"):
+        guided = {"guided_grammar": call_grammar(allowed, parallel and choice == "required",
+                                                 tok.special_texts)}
+    guided = {**{g: body[g] for g in GUIDED if body.get(g) is not None}, **guided}
+    constrained = any(v not in (None, False) for v in guided.values())
+    overrides = {"max_tokens": max_tokens, "stop": _stop(body), "logprobs": logprobs,
+                 "top_logprobs": top or 0, **guided,
+                 **thinking_fields(tok, spec, constrained, max_thinking)}
+    sampling = _sampling(body, overrides, tok.vocab_size)
     if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
         raise bad_request("`best_of` must equal `n` when streaming", "best_of")
+    ids = fitted.ids
     check_context(len(ids), sampling.max_tokens, info.max_model_len)
     rid = request_id or "chatcmpl-" + secrets.token_hex(12)
     echo = _bool(body, "echo", False)
     echo_text = messages[-1]["content"] if echo and messages[-1]["role"] == "assistant" else ""
-    return OpenAIPlan("chat", rid, model,
-                      [GenRequest(rid, model, ids, sampling, **_detok_options(body))], [text],
-                      stream, include_usage, logprobs, top or 0, echo, echo_text)
+    if spec.active:
+        detok = dict(detok, skip_special_tokens=False)   # the parser needs the markers
+    return OpenAIPlan("chat", rid, model, [GenRequest(rid, model, ids, sampling, **detok)],
+                      [fitted.text], stream, include_usage, logprobs, top or 0, echo,
+                      echo_text, output=spec, named_tool=choice == "named",
+                      compacted_tokens=fitted.compacted_tokens)
 
 
 def _prompts(prompt, tok, add_special: bool) -> tuple[list[list[int]], list[str]]:
@@ -342,7 +438,9 @@ def _prompts(prompt, tok, add_special: bool) -> tuple[list[list[int]], list[str]
 def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPlan:
     _check_known(body, COMPLETION_FIELDS)
     model = info.resolve(body.get("model"))
-    _not_yet(body)
+    _unsupported(body)
+    guided = {**{g: body[g] for g in GUIDED if body.get(g) is not None},
+              **_response_format(body)}
     if body.get("suffix") not in (None, ""):
         raise bad_request("`suffix` (insertion) is not supported", "suffix")
     stream, include_usage = _stream_flags(body)
@@ -363,7 +461,8 @@ def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> Op
     ids = [truncate(p, keep) for p in ids]
     sampling = _sampling(body, {"max_tokens": max_tokens, "stop": _stop(body),
                                 "logprobs": k is not None, "top_logprobs": k or 0,
-                                **({"prompt_logprobs": k} if echo and k is not None else {})},
+                                **({"prompt_logprobs": k} if echo and k is not None else {}),
+                                **guided},
                          tok.vocab_size)
     if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
         raise bad_request("`best_of` must equal `n` when streaming", "best_of")
@@ -379,14 +478,14 @@ def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> Op
 
 # ---- responses ------------------------------------------------------------------------------------
 
-def usage_body(usages: Iterable[Usage]) -> dict:
+def usage_body(usages: Iterable[Usage], reasoning_tokens: int = 0) -> dict:
     usages = list(usages)
     prompt = sum(u.prompt_tokens for u in usages)
     completion = sum(u.completion_tokens for u in usages)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in usages)},
-            "completion_tokens_details": {"reasoning_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "gpu_seconds": round(sum(u.gpu_seconds for u in usages), 6)}
 
 
@@ -396,26 +495,64 @@ def token_logprob(t: TokenInfo, top: int) -> dict:
                               "bytes": e.bytes} for e in t.top[:top]]}
 
 
-def finish_reason(c: Choice | Delta) -> str:
-    """One rule for streaming and non-streaming (tool calls arrive with their issue)."""
-    return "length" if c.finish_reason == "length" else "stop"
+def finish_reason(c: Choice | Delta, tool_calls: int = 0, named_tool: bool = False) -> str:
+    """One rule for streaming and non-streaming: `length` on truncation, `tool_calls` when
+    the model called tools (a named tool_choice says `stop`, as OpenAI does), else `stop`."""
+    if c.finish_reason == "length":
+        return "length"
+    return "tool_calls" if tool_calls and not named_tool else "stop"
+
+
+def _call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def _extensions(plan: OpenAIPlan) -> dict:
+    return {"compacted_tokens": plan.compacted_tokens} if plan.compacted_tokens else {}
 
 
 def chat_response(plan: OpenAIPlan, choices: list[Choice], final: Final,
                   created: int | None = None) -> dict:
     out = []
+    reasoning_tokens = 0
     for c in choices:
         logprobs = None
         if plan.logprobs:
             logprobs = {"content": [token_logprob(t, plan.top_logprobs) for t in c.tokens],
                         "refusal": None}
-        out.append({"index": c.index,
-                    "message": {"role": "assistant", "content": plan.echo_text + c.text,
-                                "refusal": None},
-                    "logprobs": logprobs, "finish_reason": finish_reason(c)})
+        message = {"role": "assistant", "content": plan.echo_text + c.text, "refusal": None}
+        calls = []
+        if plan.output.active:
+            parsed = parse_whole(plan.output, c.text, [t.id for t in c.tokens])
+            reasoning_tokens += parsed.reasoning_tokens
+            message["content"] = plan.echo_text + parsed.content
+            if parsed.reasoning or plan.output.thinking_open:
+                message["reasoning_content"] = message["reasoning"] = parsed.reasoning
+            calls = [{"id": _call_id(), "type": "function", "function": call}
+                     for call in parsed.calls]
+            if calls:
+                message["tool_calls"] = calls
+                if not message["content"]:
+                    message["content"] = None
+        out.append({"index": c.index, "message": message, "logprobs": logprobs,
+                    "finish_reason": finish_reason(c, len(calls), plan.named_tool)})
     return {"id": plan.request_id, "object": "chat.completion",
             "created": created or int(time.time()), "model": plan.model,
-            "choices": out, "usage": usage_body([final.usage])}
+            "choices": out, "usage": usage_body([final.usage], reasoning_tokens),
+            **_extensions(plan)}
+
+
+def _delta_of(ev: tuple, ids: dict) -> dict:
+    """One parser event as an OpenAI chunk delta."""
+    if ev[0] == "content":
+        return {"content": ev[1]}
+    if ev[0] == "reasoning":
+        return {"reasoning_content": ev[1], "reasoning": ev[1]}
+    if ev[0] == "tool":
+        ids[ev[1]] = _call_id()
+        return {"tool_calls": [{"index": ev[1], "id": ids[ev[1]], "type": "function",
+                                "function": {"name": ev[2], "arguments": ""}}]}
+    return {"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]}
 
 
 def chat_stream(plan: OpenAIPlan, events: Iterable[Delta | Final | None],
@@ -423,6 +560,9 @@ def chat_stream(plan: OpenAIPlan, events: Iterable[Delta | Final | None],
     """Chunks (dicts) in the order of CONFORMANCE.md; a `None` event (a long gap) passes
     through as `None` so the caller can send a keep-alive comment."""
     created = created or int(time.time())
+    parsers = [OutputParser(plan.output) if plan.output.active else None
+               for _ in range(plan.n)]
+    call_ids: list[dict] = [{} for _ in range(plan.n)]
 
     def chunk(choices, **extra):
         c = {"id": plan.request_id, "object": "chat.completion.chunk", "created": created,
@@ -443,18 +583,31 @@ def chat_stream(plan: OpenAIPlan, events: Iterable[Delta | Final | None],
             yield None
         elif isinstance(ev, Final):
             if plan.include_usage:
-                yield chunk([], usage=usage_body([ev.usage]))
+                reasoning = sum(p.reasoning_tokens for p in parsers if p is not None)
+                yield chunk([], usage=usage_body([ev.usage], reasoning), **_extensions(plan))
         else:
-            if ev.text or (plan.logprobs and ev.tokens):
-                logprobs = None
-                if plan.logprobs:
-                    logprobs = {"content": [token_logprob(t, plan.top_logprobs)
-                                            for t in ev.tokens], "refusal": None}
-                yield chunk([{"index": ev.index, "delta": {"content": ev.text},
-                              "logprobs": logprobs, "finish_reason": None}])
+            parser = parsers[ev.index]
+            if parser is None:
+                parsed = [("content", ev.text)] if ev.text else []
+            else:
+                parsed = parser.feed(ev.text, [t.id for t in ev.tokens])
+                if ev.finish_reason is not None:
+                    parsed += parser.finish()
+            logprobs = None
+            if plan.logprobs and ev.tokens:
+                logprobs = {"content": [token_logprob(t, plan.top_logprobs)
+                                        for t in ev.tokens], "refusal": None}
+                if not parsed:
+                    parsed = [("content", "")]
+            for k, item in enumerate(parsed):
+                yield chunk([{"index": ev.index, "delta": _delta_of(item, call_ids[ev.index]),
+                              "logprobs": logprobs if k == 0 else None,
+                              "finish_reason": None}])
             if ev.finish_reason is not None:
+                calls = parser.calls if parser is not None else 0
                 yield chunk([{"index": ev.index, "delta": {}, "logprobs": None,
-                              "finish_reason": finish_reason(ev)}])
+                              "finish_reason": finish_reason(ev, calls, plan.named_tool)}],
+                            **(_extensions(plan) if not plan.include_usage else {}))
 
 
 def legacy_logprobs(tokens: list[TokenInfo], top: int, offset: int) -> dict:

@@ -69,11 +69,30 @@ def spec() -> dict:
         "spaces_between_special_tokens": {**bool_, "default": True},
         "truncate_prompt_tokens": {"type": "integer", "minimum": 1,
                                    "description": "keep the last N prompt tokens"},
-        "tools": {"description": "400 unless empty (tool calling: a later issue)"},
-        "response_format": {"description": "400 unless {type: text}"},
-        "reasoning_effort": {"description": "400 (reasoning: a later issue)"},
+        "tools": {"type": "array", "description": "function tools; calls are parsed from "
+                                                  "<tool_call>{json}</tool_call>"},
+        "tool_choice": {"description": "none | auto | required | {type: function, function: "
+                                       "{name}}; required and named are enforced by a "
+                                       "grammar"},
+        "response_format": {"description": "text | json_object | json_schema (enforced by "
+                                           "guided decoding)"},
+        "reasoning_effort": {"description": "none turns thinking off, other values on "
+                                            "(chat_template_kwargs.enable_thinking)"},
+        "max_thinking_tokens": {"type": "integer", "minimum": 1,
+                                "description": "thinking budget: </think> is forced after it"},
+        "guided_json": {"type": "object", "description": "JSON schema the output must match"},
+        "guided_json_object": bool_,
+        "guided_regex": {"type": "string"},
+        "guided_choice": {"type": "array", "items": {"type": "string"}},
+        "guided_grammar": {"type": "string", "description": "llguidance Lark grammar"},
     }
+    chat_ext["chat_template_kwargs"] = {
+        "type": "object", "description": "every key reaches the template (enable_thinking, "
+        "...); auto_compact: true drops the oldest turns to fit the context and the response "
+        "says compacted_tokens"}
     usage = {"type": "object", "properties": {
+        "compacted_tokens": {"type": "integer", "description": "top level of a response: "
+                             "prompt tokens dropped by auto_compact"},
         "gpu_seconds": {"type": "number", "description": "accelerator seconds spent on this "
                                                          "request (its share of each batch)"}}}
     return {

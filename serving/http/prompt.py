@@ -40,6 +40,14 @@ def _compile(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+def check_template(source: str, where: str) -> None:
+    """A ValueError naming `where` when `source` is not a Jinja template."""
+    try:
+        _compile(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"{where}: chat template syntax error: {e}") from None
+
+
 @dataclass
 class ChatOptions:
     add_generation_prompt: bool = True
@@ -64,6 +72,8 @@ def render_chat(template: str | None, messages: list[dict], options: ChatOptions
     if options.continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
         raise bad_request("continue_final_message needs a final assistant message",
                           "continue_final_message")
+    which = ("the request's chat_template" if options.chat_template else
+             "the model's chat template")
     reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"}
     clash = sorted(reserved & set(options.chat_template_kwargs))
     if clash:
@@ -76,11 +86,12 @@ def render_chat(template: str | None, messages: list[dict], options: ChatOptions
             messages=messages, add_generation_prompt=options.add_generation_prompt,
             bos_token=bos_token, eos_token=eos_token)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise bad_request(f"chat template syntax error: {e}", "chat_template") from None
+        raise bad_request(f"{which}: syntax error: {e}", "chat_template") from None
     except jinja2.exceptions.SecurityError as e:
-        raise bad_request(f"chat template refused by the sandbox: {e}", "chat_template") from None
-    except (jinja2.exceptions.TemplateError, TypeError, ValueError) as e:
-        raise bad_request(f"chat template failed on these messages: {e}", "messages") from None
+        raise bad_request(f"{which}: refused by the sandbox: {e}", "chat_template") from None
+    except (jinja2.exceptions.TemplateError, TypeError, ValueError, AttributeError,
+            KeyError, IndexError) as e:
+        raise bad_request(f"{which} failed on these messages: {e}", "messages") from None
     if options.continue_final_message:
         final = messages[-1].get("content") or ""
         cut = text.rfind(final) if final else -1
@@ -97,6 +108,24 @@ class PromptTokenizer:
         self.bos_token: str = getattr(tokenizer, "bos_token", None) or ""
         self.eos_token: str = getattr(tokenizer, "eos_token", None) or ""
         self.vocab_size: int | None = getattr(tokenizer, "vocab_size", None)
+        # Texts of the special tokens decode(skip_special_tokens=True) drops, and of all.
+        skip = sorted(getattr(tokenizer, "skip_ids", ()) or ())
+        special = sorted(getattr(tokenizer, "special_ids", ()) or skip)
+        self.skip_texts = tuple(t for t in (self._piece(i) for i in skip) if t)
+        self.special_texts = frozenset(t for t in (self._piece(i) for i in special) if t)
+
+    def _piece(self, token_id: int) -> str:
+        try:
+            return self.tok.decode([token_id], skip_special_tokens=False)
+        except (ValueError, IndexError, KeyError):
+            return ""
+
+    def single_token(self, text: str) -> int | None:
+        """The id of `text` when it is one special token of this vocabulary."""
+        if text not in self.special_texts:
+            return None
+        ids = self.encode(text, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return [int(i) for i in self.tok.encode(text, add_special_tokens=add_special_tokens)]
@@ -111,6 +140,48 @@ class PromptTokenizer:
 def load_prompt_tokenizer(model_dir: str) -> PromptTokenizer:
     from checkpoints.tokenizer import load_tokenizer
     return PromptTokenizer(load_tokenizer(model_dir))
+
+
+@dataclass
+class FittedPrompt:
+    text: str
+    ids: list[int]
+    compacted_tokens: int = 0       # tokens of dropped turns (auto_compact), else 0
+    dropped_messages: int = 0
+
+
+def _droppable(messages: list[dict]) -> int | None:
+    """Index of the oldest turn auto_compact may drop: not a system turn, not the last."""
+    for i, m in enumerate(messages[:-1]):
+        if m.get("role") != "system":
+            return i
+    return None
+
+
+def fit_chat(encode_chat, messages: list[dict], max_tokens: int | None,
+             max_model_len: int | None, auto_compact: bool) -> FittedPrompt:
+    """Render + tokenize `messages` (via `encode_chat(messages) -> (text, ids)`); over the
+    context it is a 400 `context_length_exceeded`, unless `auto_compact` drops the oldest
+    non-system turns (a tool result goes with the call before it) until it fits."""
+    text, ids = encode_chat(messages)
+    first = len(ids)
+    dropped = 0
+
+    def fits(n: int) -> bool:
+        return max_model_len is None or (n < max_model_len and (
+            max_tokens is None or n + max_tokens <= max_model_len))
+
+    while auto_compact and not fits(len(ids)):
+        i = _droppable(messages)
+        if i is None:
+            break
+        j = i + 1
+        while j < len(messages) - 1 and messages[j].get("role") == "tool":
+            j += 1
+        messages = messages[:i] + messages[j:]
+        dropped += j - i
+        text, ids = encode_chat(messages)
+    return FittedPrompt(text, ids, first - len(ids) if dropped else 0, dropped)
 
 
 def truncate(ids: list[int], keep_last: int | None) -> list[int]:
