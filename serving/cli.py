@@ -23,6 +23,7 @@ BENCH_COMMANDS = {
     "decode": ("serving.bench_decode", "decode tokens/s, roofline fraction, vs transformers"),
     "sampling": ("sampling.bench", "cost of the sampler, all stages on vs off"),
     "serve": ("serving.bench_serve", "load generator against the gRPC or HTTP server"),
+    "grammar": ("serving.bench_grammar", "constrained decoding: masked vs unmasked step"),
 }
 
 

@@ -53,3 +53,14 @@ def test_bench_serve_in_process_prints_both_loads():
         assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"]
         assert r["tpot_ms"]["mean"] > 0 and r["itl_ms"]["mean"] > 0
     assert out["throughput_ratio_last_vs_first"] > 0
+
+
+def test_bench_grammar_prints_masked_and_unmasked():
+    proc = flaxserve("bench", "grammar", "--config", "tiny", "--batch", "1,2", "--steps", "4",
+                     "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["batch"] for r in out["runs"]] == [1, 2]
+    for r in out["runs"]:
+        assert r["unconstrained_step_ms"] > 0 and r["constrained_step_ms"] > 0
+        assert r["host_fill_ms_per_row"] > 0
