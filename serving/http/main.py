@@ -92,7 +92,12 @@ def run(args) -> int:
     # Before prometheus_client is imported: it picks its multiprocess storage at import,
     # and every worker must share one directory.
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="flaxserve-metrics-")
+        import atexit
+        import shutil
+        metrics_dir = tempfile.mkdtemp(prefix="flaxserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        master = os.getpid()     # workers are forked: only the master removes it
+        atexit.register(lambda: os.getpid() == master and shutil.rmtree(metrics_dir, True))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = settings_from_args(args)
     if not settings.api_keys:
