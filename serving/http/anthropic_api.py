@@ -26,7 +26,8 @@ from serving.http.chat_output import (OutputParser, OutputSpec, make_spec, parse
 from serving.http.errors import bad_request
 from serving.http.generation import Choice, Delta, Final, GenRequest, ModelInfo, Usage
 from serving.http.openai_api import GUIDED, SAMPLING_FIELDS, _bool, _is_int, _sampling
-from serving.http.prompt import ChatOptions, check_context, fit_chat, render_chat
+from serving.http.prompt import (ChatOptions, check_context, fit_chat, render_chat,
+                                 template_kwargs)
 from serving.http.tool_calls import arguments_object
 from serving.http.tools import ToolSpec, anthropic_tools, call_grammar, check_schema
 
@@ -261,14 +262,7 @@ def _prompt(body: dict, info: ModelInfo, secret: bytes | None, max_tokens) -> _P
     choice, allowed, parallel = _tool_choice(body, tools)
     enable, budget = _thinking(body, max_tokens)
     messages, prefill = normalize(body, secret)
-    kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise bad_request("chat_template_kwargs: must be an object", "chat_template_kwargs")
-    kwargs = dict(kwargs)
-    compact = kwargs.pop("auto_compact", False)
-    if not isinstance(compact, bool):
-        raise bad_request("chat_template_kwargs.auto_compact: must be a boolean",
-                          "chat_template_kwargs.auto_compact")
+    kwargs, compact = template_kwargs(body)
     # The Messages API thinks only when asked to.
     kwargs.setdefault("enable_thinking", bool(enable))
     template = body.get("chat_template")

@@ -28,7 +28,8 @@ from serving.http.chat_output import (OutputParser, OutputSpec, make_spec, parse
 from serving.http.errors import bad_request, from_value_error
 from serving.http.generation import (Choice, Delta, Final, GenRequest, ModelInfo, TokenInfo,
                                      Usage, floor_logprob)
-from serving.http.prompt import ChatOptions, check_context, fit_chat, render_chat, truncate
+from serving.http.prompt import (ChatOptions, check_context, fit_chat, render_chat,
+                                 template_kwargs, truncate)
 from serving.http.tools import ToolSpec, call_grammar, check_schema, openai_tools
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -319,14 +320,7 @@ def _detok_options(body: dict) -> dict:
 
 def _kwargs(body: dict) -> tuple[dict, bool]:
     """`chat_template_kwargs`, and its `auto_compact` flag (ours, not the template's)."""
-    kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise bad_request("`chat_template_kwargs` must be an object", "chat_template_kwargs")
-    kwargs = dict(kwargs)
-    compact = kwargs.pop("auto_compact", False)
-    if not isinstance(compact, bool):
-        raise bad_request("`chat_template_kwargs.auto_compact` must be a boolean",
-                          "chat_template_kwargs.auto_compact")
+    kwargs, compact = template_kwargs(body)
     effort = body.get("reasoning_effort")
     if effort is not None:
         if effort not in REASONING_EFFORTS:

@@ -205,3 +205,17 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int | 
         raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) "
                             f"exceeds the model's context of {max_model_len}",
                        param="max_tokens", code="context_length_exceeded")
+
+
+def template_kwargs(body: dict) -> tuple[dict, bool]:
+    """A request's `chat_template_kwargs` (a copy) and its `auto_compact` flag, which is
+    ours, not the template's (both protocols)."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise bad_request("`chat_template_kwargs` must be an object", "chat_template_kwargs")
+    kwargs = dict(kwargs)
+    compact = kwargs.pop("auto_compact", False)
+    if not isinstance(compact, bool):
+        raise bad_request("`chat_template_kwargs.auto_compact` must be a boolean",
+                          "chat_template_kwargs.auto_compact")
+    return kwargs, compact
