@@ -36,7 +36,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
     parser.add_argument("--compile-cache", default=None, metavar="DIR",
                         help="persistent XLA compilation cache (default: "
-                             "$JAX_COMPILATION_CACHE_DIR)")
+                             "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/flaxserve/xla; "
+                             "'' turns it off)")
     parser.add_argument("--served-model-name", default=None, metavar="NAME")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds running requests get to finish on shutdown")
@@ -59,7 +60,10 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    cache_dir = args.compile_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    cache_dir = args.compile_cache
+    if cache_dir is None:
+        cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+            os.path.expanduser("~"), ".cache", "flaxserve", "xla")
     import jax
     if cache_dir:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
