@@ -158,7 +158,8 @@ def test_anthropic_tool_use_round_trip(claude):
     assert use.id.startswith("toolu_") and use.name == "get_weather"
     jsonschema.validate(use.input, CITY)
     with claude.messages.stream(model="default", max_tokens=80, tools=tools, messages=msgs,
-                                tool_choice={"type": "tool", "name": "get_weather"}) as s:
+                                tool_choice={"type": "tool", "name": "get_weather",
+                                             "disable_parallel_tool_use": True}) as s:
         streamed = s.get_final_message()
     assert streamed.stop_reason == "tool_use"
     jsonschema.validate([b for b in streamed.content if b.type == "tool_use"][0].input, CITY)
