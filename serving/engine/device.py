@@ -86,11 +86,12 @@ def _pad_rows(out: StepOutput, slots: int) -> StepOutput:
 class Pending:
     """A dispatched call; `result()` waits for the device and copies the outputs."""
 
-    def __init__(self, engine: "DeviceEngine", out, slots: int | None = None):
+    def __init__(self, engine: "DeviceEngine", out, slots: int | None = None,
+                 dispatched: float | None = None):
         self._engine = engine
         self._out = out
         self._slots = slots          # pad per-slot outputs computed over fewer rows
-        self._dispatched = time.perf_counter()
+        self._dispatched = time.perf_counter() if dispatched is None else dispatched
         self._result: StepOutput | None = None
 
     def result(self) -> StepOutput:
@@ -135,6 +136,14 @@ def default_buckets(max_len: int, smallest: int = 16, largest: int = 512) -> tup
         b *= 2
     buckets.append(min(largest, max_len))
     return tuple(buckets)
+
+
+@dataclass
+class Forward:
+    """A dispatched decode forward pass awaiting its sampler (DeviceEngine.forward_step)."""
+    logits: jax.Array      # [rows, V]
+    rows: int
+    dispatched: float      # perf_counter() at dispatch, for the step's device time
 
 
 class DeviceEngine:
@@ -329,17 +338,30 @@ class DeviceEngine:
         """Dispatch one decode step over all slots; returns at once.
 
         `mask` ([slots, words] int32 packed bits, optional): allowed tokens per slot."""
+        return self.sample_step(self.forward_step(), mask)
+
+    def forward_step(self) -> "Forward":
+        """The first half of `step`: dispatch the forward pass over the live slots.
+
+        A caller whose masks depend on the previous step's tokens reads them and fills the
+        masks while this runs, then calls `sample_step`; nothing else may run in between."""
         live = self._host_pos[self._host_active]
         need = int(live.max()) + 1 if live.size else 1
         attend = next(b for b in self.attend_buckets if b >= min(need, self.max_len))
         slots = np.flatnonzero(self._host_active)
         top = int(slots[-1]) + 1 if slots.size else 1
         rows = next(b for b in self.batch_buckets if b >= top)
+        dispatched = time.perf_counter()
         self.state, logits = self._forward_step(self.params, self.state, attend, rows)
-        self.state, out = self._sample_step(self.state, logits, self._mask_bits(rows, mask),
-                                            bool(self._custom_slots), rows)
+        return Forward(logits, rows, dispatched)
+
+    def sample_step(self, forward: "Forward", mask=None) -> Pending:
+        """The second half of `step`: sample from `forward`'s logits under `mask`."""
+        self.state, out = self._sample_step(self.state, forward.logits,
+                                            self._mask_bits(forward.rows, mask),
+                                            bool(self._custom_slots), forward.rows)
         self._host_pos[self._host_active] += 1
-        return Pending(self, out, self.max_slots)
+        return Pending(self, out, self.max_slots, forward.dispatched)
 
     def release(self, slot: int) -> None:
         self._custom_slots.discard(slot)

@@ -13,9 +13,11 @@ into text (incremental, UTF-8 safe), holds back possible stop strings, cuts on a
 ends the sample; the device thread frees that slot at its next iteration.
 
 Constrained samples (guided_* grammars, thinking budgets): their next-token mask depends
-on the token just sampled, so while one is running the loop reads step N before it
-dispatches step N+1 and fills the masks of those rows on the host (sampling/grammar.py);
-unconstrained rows get all-ones rows, and without constrained samples nothing changes.
+on the token just sampled, so while one is running the loop dispatches step N+1's forward
+pass, reads step N's tokens and fills the masks of those rows on the host
+(sampling/grammar.py) while the forward runs, then dispatches step N+1's sampler with the
+masks; unconstrained rows get all-ones rows, and without constrained samples nothing
+changes (step N+1 is dispatched whole before step N is read).
 
 Prefix cache: each slot remembers the token ids its KV holds (also after release). A new
 prompt takes the slot with the longest common prefix (reused in place when free, copied
@@ -231,21 +233,24 @@ class Scheduler:
                     break
             self._reap()
             inserted = self._admit_and_prefill()
-            mask = None
+            dispatched = None
             if any(o is not None and not o.device_done and o.constraint is not None
                    for o in self._owner):
-                # a constrained row's mask needs the token just sampled: read first
+                # a constrained row's mask needs the token just sampled: dispatch the
+                # forward pass (it reads that token on the device), read the token on the
+                # host while it runs, fill the masks, then dispatch the sampler
+                owners = list(self._owner)
+                forward = self.engine.forward_step()
                 if inflight is not None:
                     self._process_step(*inflight)
                     inflight = None
                 for sample, pending in inserted:
                     self._process_first(sample, pending)
                 inserted = []
-                mask = self._masks()
-            dispatched = None
-            if any(o is not None and not o.device_done for o in self._owner):
+                dispatched = (self.engine.sample_step(forward, self._masks()), owners)
+            elif any(o is not None and not o.device_done for o in self._owner):
                 owners = list(self._owner)
-                dispatched = (self.engine.step(mask), owners)
+                dispatched = (self.engine.step(), owners)
             if inflight is not None:
                 self._process_step(*inflight)
             for sample, pending in inserted:
