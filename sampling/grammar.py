@@ -177,6 +177,12 @@ class Constraint:
             for t in self.compiler.stop_ids:
                 row[:] |= only(t, v)
 
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete and admits nothing more: the sample ends here (even under
+        ignore_eos or min_tokens, which would otherwise fight the forced stop id)."""
+        return not self.thinking and self.matcher is not None and self.matcher.is_stopped()
+
     def _end_progress(self) -> int:
         """How much of end_ids the recent tokens already end with (a forced prefix)."""
         for k in range(min(len(self.end_ids) - 1, len(self.recent)), 0, -1):

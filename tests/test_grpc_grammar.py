@@ -83,6 +83,20 @@ def test_regex_choice_and_json_object(setup):
         assert g.choices[0].text.startswith("{")
 
 
+@pytest.mark.parametrize("extra", [{"ignore_eos": True}, {"min_tokens": 15}])
+def test_a_finished_grammar_ends_the_sample(setup, extra):
+    # ignore_eos would emit the forced stop id until max_tokens, min_tokens would mask the
+    # only allowed token: the end of the grammar ends the sample instead
+    client, tok = setup
+    ids = chat(tok, "Pick one.")
+    for seed in range(3):
+        g = client.generate(ids, {"temperature": 1.0, "seed": seed, "max_tokens": 30,
+                                  "guided_choice": ["yes", "no", "maybe later"], **extra})
+        c = g.choices[0]
+        assert (c.text, c.finish_reason) in [(t, "stop") for t in ("yes", "no", "maybe later")]
+        assert tok.decode(list(c.token_ids)) == c.text      # no stop id after the choice
+
+
 @pytest.mark.parametrize("sampling, field", [
     ({"guided_regex": "(unclosed"}, "guided_regex"),
     ({"guided_grammar": "start: nothing_defined"}, "guided_grammar"),

@@ -506,6 +506,8 @@ class Scheduler:
             finish, stop_id = "stop", token
         elif count > params.min_tokens and not params.ignore_eos and token in self.eos_ids:
             finish, stop_id = "stop", token
+        elif sample.constraint is not None and sample.constraint.finished:
+            finish = "stop"
         elif params.max_tokens is not None and count >= params.max_tokens:
             finish = "length"
         elif len(st.prompt) + count >= self.max_len:
