@@ -1,10 +1,15 @@
 """Temperature and truncation stages over [S, V] logits with per-row parameters.
 
 No sort: on a CPU a full sort of [64, 151936] logits costs seconds. Thresholds that
-depend on ranks (top-k, top-p, typical) are found exactly by bisection over the float32
-bit patterns (32 passes of compare-and-sum), which keeps every token tied with the
-threshold value (documented tie policy: ties at the cut are all kept, as HF's top-k does).
-Every filter keeps at least the most likely token.
+depend on ranks (top-k, top-p, typical) come from the row's CANDIDATES most likely tokens
+(`lax.top_k`, one pass) when the answer lies among them: top_k <= CANDIDATES, the
+candidates' mass reaches top_p, every finite token is a candidate (typical; the usual case
+after top-k or min-p). Rows where it does not are found exactly by bisection over the
+float32 bit patterns (32 passes of compare-and-sum, run only when some row needs it). Which
+path a row takes depends on that row alone, so batch invariance holds. Both keep every
+token tied with the threshold value (documented tie policy: ties at the cut are all kept,
+as HF's top-k does). Every filter keeps at least one token: the most likely one, except
+typical, which keeps the most typical one (HF's rule).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from sampling.rows import SamplingRows
 from sampling.state import SamplerState
 
 NEG_INF = -jnp.inf
+CANDIDATES = 256    # tokens per row looked at before falling back to bisection
 
 
 def sort_key(x: jax.Array) -> jax.Array:
@@ -79,32 +85,54 @@ def apply_min_p(logits, rows: SamplingRows, state: SamplerState):
     return jnp.where(logits >= cut, logits, NEG_INF)
 
 
+def _first_reaching(values, mass):
+    """values [S, K] in the order tokens join the set, their masses summed in that order:
+    (the value of the first token that brings the mass to `mass` [S], whether any does)."""
+    cum = jnp.cumsum(values[1], axis=-1)
+    reach = cum >= mass[:, None]
+    j = jnp.argmax(reach, axis=-1)
+    return jnp.take_along_axis(values[0], j[:, None], axis=-1)[:, 0], reach[:, -1]
+
+
+def _bisect_where(slow, pred, keys):
+    """The bisection cut key for the rows in `slow` (zeros, no passes, when none is)."""
+    s = keys.shape[0]
+    return jax.lax.cond(
+        jnp.any(slow),
+        lambda: largest_true(pred, jnp.zeros((s,), jnp.uint32), jnp.max(keys, axis=-1)),
+        lambda: jnp.zeros((s,), jnp.uint32))
+
+
 def apply_top_k(logits, rows: SamplingRows, state: SamplerState):
     """Keep the k largest (and every token tied with the k-th)."""
+    v = logits.shape[1]
+    k = rows.top_k
+    top, _ = jax.lax.top_k(logits, min(CANDIDATES, v))
+    fast = (k <= top.shape[1]) | (k >= v)
+    kth = jnp.take_along_axis(top, jnp.clip(k - 1, 0, top.shape[1] - 1)[:, None], axis=-1)
     keys = sort_key(logits)
-    k = rows.top_k[:, None]
-    s = logits.shape[0]
-    lo = jnp.zeros((s,), jnp.uint32)
-    hi = jnp.max(keys, axis=-1)
-    pred = lambda t: jnp.sum(keys >= t[:, None], axis=-1, keepdims=True)[:, 0] >= k[:, 0]
-    cut = largest_true(pred, lo, hi)
-    keep = (keys >= cut[:, None]) | (k >= logits.shape[1])
+    pred = lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= k
+    cut = _bisect_where(~fast, pred, keys)
+    keep = jnp.where(fast[:, None], logits >= kth, keys >= cut[:, None]) | (k >= v)[:, None]
     return jnp.where(keep, logits, NEG_INF)
 
 
 def _mass_threshold(p, mass):
-    """Largest t such that the tokens with p >= t carry at least `mass` ([S] -> key [S])."""
+    """Bisection: largest t such that the tokens with p >= t carry at least `mass`."""
     keys = sort_key(p)
-    s = p.shape[0]
     pred = lambda t: jnp.sum(jnp.where(keys >= t[:, None], p, 0.0), axis=-1) >= mass
-    return keys, largest_true(pred, jnp.zeros((s,), jnp.uint32), jnp.max(keys, axis=-1))
+    return keys, pred
 
 
 def apply_top_p(logits, rows: SamplingRows, state: SamplerState):
     """Smallest set of most likely tokens whose mass >= top_p; the max is always kept."""
     p = jax.nn.softmax(logits, axis=-1)
-    keys, cut = _mass_threshold(p, rows.top_p)
-    keep = (keys >= cut[:, None]) | (logits >= _row_max(logits))
+    top, _ = jax.lax.top_k(p, min(CANDIDATES, p.shape[1]))
+    fast_cut, fast = _first_reaching((top, top), rows.top_p)
+    keys, pred = _mass_threshold(p, rows.top_p)
+    cut = _bisect_where(~fast & (rows.top_p < 1.0), pred, keys)
+    keep = jnp.where(fast[:, None], p >= fast_cut[:, None], keys >= cut[:, None])
+    keep = keep | (logits >= _row_max(logits))
     return jnp.where(keep, logits, NEG_INF)
 
 
@@ -116,13 +144,22 @@ def apply_typical(logits, rows: SamplingRows, state: SamplerState):
     entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1, keepdims=True)
     shifted = jnp.abs(-logp - entropy)
     shifted = jnp.where(jnp.isfinite(shifted), shifted, jnp.inf)
+    mass = rows.typical_p
+    # candidates: the most likely tokens, in order of shift; exact when they are all the
+    # finite ones
+    _, ids = jax.lax.top_k(logits, min(CANDIDATES, logits.shape[1]))
+    cand_shift = jnp.take_along_axis(shifted, ids, axis=-1)
+    order = jnp.argsort(cand_shift, axis=-1, stable=True)
+    sorted_shift = jnp.take_along_axis(cand_shift, order, axis=-1)
+    sorted_p = jnp.take_along_axis(jnp.take_along_axis(p, ids, axis=-1), order, axis=-1)
+    fast_cut, reached = _first_reaching((sorted_shift, sorted_p), mass)
+    fast = reached & (jnp.sum(jnp.isfinite(logits), axis=-1) <= ids.shape[1])
     # smallest s with mass(shifted <= s) >= typical_p == largest on the reversed key
     keys = ~sort_key(shifted)   # larger key == smaller shift
-    s = logits.shape[0]
-    mass = rows.typical_p
     pred = lambda t: jnp.sum(jnp.where(keys >= t[:, None], p, 0.0), axis=-1) >= mass
-    cut = largest_true(pred, jnp.zeros((s,), jnp.uint32), jnp.max(keys, axis=-1))
-    keep = (keys >= cut[:, None]) | (logits >= _row_max(logits))
+    cut = _bisect_where(~fast & (mass < 1.0), pred, keys)
+    # HF's rule keeps the most typical token, not the most likely one (which can be atypical)
+    keep = jnp.where(fast[:, None], shifted <= fast_cut[:, None], keys >= cut[:, None])
     return jnp.where(keep, logits, NEG_INF)
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers.generation import logits_process as hf
 
+from sampling.filters import CANDIDATES
 from sampling.params import SamplingParams
 from sampling.rows import make_rows
 from sampling.sampler import process_logits, sample
@@ -31,10 +32,10 @@ def _logits(seed: int, rows: int = 1, scale: float = 3.0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal((rows, V)) * scale).astype(np.float32)
 
 
-def _state(params: list, prompt: list[int], output: list[int] = ()):
+def _state(params: list, prompt: list[int], output: list[int] = (), vocab: int = V):
     """Sampler state holding `prompt` then `output` for every row."""
-    rows = make_rows(params, V, [0] * len(params), [0] * len(params), eos_ids=[EOS])
-    st = init_state(len(params), V, MAX_LEN)
+    rows = make_rows(params, vocab, [0] * len(params), [0] * len(params), eos_ids=[EOS])
+    st = init_state(len(params), vocab, MAX_LEN)
     ids = np.zeros(MAX_LEN, np.int32)
     ids[:len(prompt)] = prompt
     for slot in range(len(params)):
@@ -49,7 +50,7 @@ _process = jax.jit(process_logits)
 
 
 def ours(params: SamplingParams, logits: np.ndarray, prompt=(5,), output=()) -> np.ndarray:
-    rows, st = _state([params], list(prompt), list(output))
+    rows, st = _state([params], list(prompt), list(output), vocab=logits.shape[-1])
     return np.asarray(_process(jnp.asarray(logits), rows, st))
 
 
@@ -82,6 +83,34 @@ def hf_apply(proc, logits: np.ndarray, input_ids=(5,)) -> np.ndarray:
 def test_warpers_match_transformers(seed, name, params, proc):
     logits = _logits(seed)
     check_same(ours(SamplingParams(**params), logits)[0], hf_apply(proc, logits)[0])
+
+
+def test_candidate_and_bisection_paths_match_transformers():
+    """With a vocabulary larger than filters.CANDIDATES, rows whose cut lies among their most
+    likely tokens take the top_k path and the others the bisection, in one batch: both
+    equal transformers' warpers on their own row."""
+    vocab = 4 * CANDIDATES
+    rng = np.random.default_rng(7)
+    peaked = (rng.standard_normal(vocab) * 4).astype(np.float32)
+    flat = (rng.standard_normal(vocab) * 0.5).astype(np.float32)
+    mass_in_candidates = lambda x: np.sort(np.exp(x - x.max()) / np.exp(x - x.max()).sum())[
+        ::-1][:CANDIDATES].sum()
+    assert mass_in_candidates(peaked) > 0.9 > mass_in_candidates(flat)   # fast and slow top_p
+    cases = [(dict(top_k=7), hf.TopKLogitsWarper(7), peaked),                 # candidates
+             (dict(top_k=CANDIDATES + 40), hf.TopKLogitsWarper(CANDIDATES + 40), flat),  # bisection
+             (dict(top_p=0.9), hf.TopPLogitsWarper(0.9), peaked),             # candidates
+             (dict(top_p=0.9), hf.TopPLogitsWarper(0.9), flat),               # bisection
+             (dict(typical_p=0.7), hf.TypicalLogitsWarper(0.7), flat)]        # bisection
+    rows, st = _state([SamplingParams(**c[0]) for c in cases], [5], vocab=vocab)
+    logits = np.stack([c[2] for c in cases])
+    got = np.asarray(_process(jnp.asarray(logits), rows, st))
+    for row, (_, proc, x) in enumerate(cases):
+        check_same(got[row], hf_apply(proc, x[None])[0])
+    # typical over few finite tokens (after min_p): the candidate path
+    x = peaked.copy()
+    x[np.argsort(x)[:-50]] = -np.inf
+    check_same(ours(SamplingParams(typical_p=0.7), x[None])[0],
+               hf_apply(hf.TypicalLogitsWarper(0.7), x[None])[0])
 
 
 def test_top_k_keeps_ties_like_transformers():
