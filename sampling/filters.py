@@ -23,7 +23,7 @@ from sampling.rows import SamplingRows
 from sampling.state import SamplerState
 
 NEG_INF = -jnp.inf
-CANDIDATES = 256    # tokens per row looked at before falling back to bisection
+CANDIDATES = 128    # tokens per row looked at before falling back to bisection
 
 
 def sort_key(x: jax.Array) -> jax.Array:
@@ -52,20 +52,32 @@ def _row_max(logits):
     return jnp.max(logits, axis=-1, keepdims=True)
 
 
+def _lse(logits):
+    return jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def _entropy(logits, lse):
+    """Entropy in nats of softmax(logits), one fused pass (no [S, V] probabilities kept)."""
+    logp = logits - lse
+    return -jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), axis=-1,
+                    keepdims=True)
+
+
 def apply_temperature(logits, rows: SamplingRows, state: SamplerState):
     """logits / T; with dynatemp_range > 0, llama.cpp's entropy-scaled temperature."""
     t = rows.temperature
     dyn = rows.dynatemp_range > 0
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    p = jnp.exp(logp)
-    entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
-    candidates = jnp.sum(jnp.isfinite(logits), axis=-1)
-    max_entropy = jnp.log(jnp.maximum(candidates, 2).astype(jnp.float32))
-    normalized = jnp.clip(entropy / max_entropy, 0.0, 1.0)
-    lo = jnp.maximum(t - rows.dynatemp_range, 0.0)
-    hi = t + rows.dynatemp_range
-    dyn_t = lo + (hi - lo) * normalized ** rows.dynatemp_exponent
-    t = jnp.where(dyn, dyn_t, t)
+
+    def dynamic(t):
+        entropy = _entropy(logits, _lse(logits))[:, 0]
+        candidates = jnp.sum(jnp.isfinite(logits), axis=-1)
+        max_entropy = jnp.log(jnp.maximum(candidates, 2).astype(jnp.float32))
+        normalized = jnp.clip(entropy / max_entropy, 0.0, 1.0)
+        lo = jnp.maximum(t - rows.dynatemp_range, 0.0)
+        hi = t + rows.dynatemp_range
+        return jnp.where(dyn, lo + (hi - lo) * normalized ** rows.dynatemp_exponent, t)
+
+    t = jax.lax.cond(jnp.any(dyn), dynamic, lambda t: t, t)   # entropy only when needed
     return logits / jnp.maximum(t, 1e-6)[:, None]
 
 
@@ -94,13 +106,21 @@ def _first_reaching(values, mass):
     return jnp.take_along_axis(values[0], j[:, None], axis=-1)[:, 0], reach[:, -1]
 
 
-def _bisect_where(slow, pred, keys):
-    """The bisection cut key for the rows in `slow` (zeros, no passes, when none is)."""
+def _bisected_keep(slow, keys, pred):
+    """Keep mask [S, V] by bisection (keys >= the largest t with pred(t)) for the rows in
+    `slow`; all False, with no pass over the logits, when no row is."""
     s = keys.shape[0]
-    return jax.lax.cond(
-        jnp.any(slow),
-        lambda: largest_true(pred, jnp.zeros((s,), jnp.uint32), jnp.max(keys, axis=-1)),
-        lambda: jnp.zeros((s,), jnp.uint32))
+
+    def bisect():
+        cut = largest_true(pred, jnp.zeros((s,), jnp.uint32), jnp.max(keys, axis=-1))
+        return keys >= cut[:, None]
+
+    return jax.lax.cond(jnp.any(slow), bisect, lambda: jnp.zeros(keys.shape, bool))
+
+
+def _mass_pred(keys, p, mass):
+    """pred(t): the tokens with key >= t carry at least `mass`."""
+    return lambda t: jnp.sum(jnp.where(keys >= t[:, None], p, 0.0), axis=-1) >= mass
 
 
 def apply_top_k(logits, rows: SamplingRows, state: SamplerState):
@@ -111,27 +131,20 @@ def apply_top_k(logits, rows: SamplingRows, state: SamplerState):
     fast = (k <= top.shape[1]) | (k >= v)
     kth = jnp.take_along_axis(top, jnp.clip(k - 1, 0, top.shape[1] - 1)[:, None], axis=-1)
     keys = sort_key(logits)
-    pred = lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= k
-    cut = _bisect_where(~fast, pred, keys)
-    keep = jnp.where(fast[:, None], logits >= kth, keys >= cut[:, None]) | (k >= v)[:, None]
+    slow = _bisected_keep(~fast, keys, lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= k)
+    keep = jnp.where(fast[:, None], logits >= kth, slow) | (k >= v)[:, None]
     return jnp.where(keep, logits, NEG_INF)
-
-
-def _mass_threshold(p, mass):
-    """Bisection: largest t such that the tokens with p >= t carry at least `mass`."""
-    keys = sort_key(p)
-    pred = lambda t: jnp.sum(jnp.where(keys >= t[:, None], p, 0.0), axis=-1) >= mass
-    return keys, pred
 
 
 def apply_top_p(logits, rows: SamplingRows, state: SamplerState):
     """Smallest set of most likely tokens whose mass >= top_p; the max is always kept."""
-    p = jax.nn.softmax(logits, axis=-1)
-    top, _ = jax.lax.top_k(p, min(CANDIDATES, p.shape[1]))
-    fast_cut, fast = _first_reaching((top, top), rows.top_p)
-    keys, pred = _mass_threshold(p, rows.top_p)
-    cut = _bisect_where(~fast & (rows.top_p < 1.0), pred, keys)
-    keep = jnp.where(fast[:, None], p >= fast_cut[:, None], keys >= cut[:, None])
+    lse = _lse(logits)
+    top, _ = jax.lax.top_k(logits, min(CANDIDATES, logits.shape[1]))
+    cut, fast = _first_reaching((top, jnp.exp(top - lse)), rows.top_p)
+    p = jnp.exp(logits - lse)
+    keys = sort_key(p)
+    slow = _bisected_keep(~fast & (rows.top_p < 1.0), keys, _mass_pred(keys, p, rows.top_p))
+    keep = jnp.where(fast[:, None], logits >= cut[:, None], slow)
     keep = keep | (logits >= _row_max(logits))
     return jnp.where(keep, logits, NEG_INF)
 
@@ -139,63 +152,61 @@ def apply_top_p(logits, rows: SamplingRows, state: SamplerState):
 def apply_typical(logits, rows: SamplingRows, state: SamplerState):
     """HF TypicalLogitsWarper: keep the tokens whose surprise is closest to the entropy,
     fewest first, until their mass reaches typical_p."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    p = jnp.exp(logp)
-    entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1, keepdims=True)
-    shifted = jnp.abs(-logp - entropy)
-    shifted = jnp.where(jnp.isfinite(shifted), shifted, jnp.inf)
+    lse = _lse(logits)
+    entropy = _entropy(logits, lse)
+
+    def shift(x):   # |surprise - entropy|, inf for removed tokens
+        return jnp.where(jnp.isfinite(x), jnp.abs(lse - x - entropy), jnp.inf)
+
     mass = rows.typical_p
     # candidates: the most likely tokens, in order of shift; exact when they are all the
     # finite ones
-    _, ids = jax.lax.top_k(logits, min(CANDIDATES, logits.shape[1]))
-    cand_shift = jnp.take_along_axis(shifted, ids, axis=-1)
-    order = jnp.argsort(cand_shift, axis=-1, stable=True)
-    sorted_shift = jnp.take_along_axis(cand_shift, order, axis=-1)
-    sorted_p = jnp.take_along_axis(jnp.take_along_axis(p, ids, axis=-1), order, axis=-1)
-    fast_cut, reached = _first_reaching((sorted_shift, sorted_p), mass)
-    fast = reached & (jnp.sum(jnp.isfinite(logits), axis=-1) <= ids.shape[1])
-    # smallest s with mass(shifted <= s) >= typical_p == largest on the reversed key
-    keys = ~sort_key(shifted)   # larger key == smaller shift
-    pred = lambda t: jnp.sum(jnp.where(keys >= t[:, None], p, 0.0), axis=-1) >= mass
-    cut = _bisect_where(~fast & (mass < 1.0), pred, keys)
+    top, _ = jax.lax.top_k(logits, min(CANDIDATES, logits.shape[1]))
+    order = jnp.argsort(shift(top), axis=-1, stable=True)
+    top = jnp.take_along_axis(top, order, axis=-1)
+    cut, reached = _first_reaching((shift(top), jnp.exp(top - lse)), mass)
+    fast = reached & (jnp.sum(jnp.isfinite(logits), axis=-1) <= top.shape[1])
+    # bisection: smallest s with mass(shift <= s) >= typical_p == largest reversed key
+    keys = ~sort_key(shift(logits))   # larger key == smaller shift
+    slow = _bisected_keep(~fast & (mass < 1.0), keys,
+                          _mass_pred(keys, jnp.exp(logits - lse), mass))
     # HF's rule keeps the most typical token, not the most likely one (which can be atypical)
-    keep = jnp.where(fast[:, None], shifted <= fast_cut[:, None], keys >= cut[:, None])
+    keep = jnp.where(fast[:, None], shift(logits) <= cut[:, None], slow)
     return jnp.where(keep, logits, NEG_INF)
 
 
+# The probability thresholds below compare in log space (p >= c <=> logit - lse >= log c):
+# one reduction pass instead of a softmax materialised over [S, V].
+
 def apply_epsilon(logits, rows: SamplingRows, state: SamplerState):
     """HF EpsilonLogitsWarper: drop p < epsilon, keeping the most likely token."""
-    p = jax.nn.softmax(logits, axis=-1)
-    keep = (p >= rows.epsilon[:, None]) | (logits >= _row_max(logits))
+    cut = _lse(logits) + jnp.log(rows.epsilon)[:, None]
+    keep = (logits >= cut) | (logits >= _row_max(logits))
     return jnp.where(keep, logits, NEG_INF)
 
 
 def apply_eta(logits, rows: SamplingRows, state: SamplerState):
     """HF EtaLogitsWarper: drop p < min(eta, sqrt(eta) * exp(-entropy)), keeping the max."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    p = jnp.exp(logp)
-    entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
-    eta = rows.eta
-    cut = jnp.minimum(eta, jnp.sqrt(eta) * jnp.exp(-entropy))[:, None]
-    keep = (p >= cut) | (logits >= _row_max(logits))
+    lse = _lse(logits)
+    eta = rows.eta[:, None]
+    cut = jnp.minimum(eta, jnp.sqrt(eta) * jnp.exp(-_entropy(logits, lse)))
+    keep = (logits >= lse + jnp.log(cut)) | (logits >= _row_max(logits))
     return jnp.where(keep, logits, NEG_INF)
 
 
 def apply_xtc(logits, rows: SamplingRows, state: SamplerState, uniform):
     """llama.cpp XTC: with probability P, drop every token with p >= threshold except the
     least likely of them (only when at least two are above the threshold)."""
-    p = jax.nn.softmax(logits, axis=-1)
-    above = p >= rows.xtc_threshold[:, None]
+    above = logits >= _lse(logits) + jnp.log(rows.xtc_threshold)[:, None]
     n_above = jnp.sum(above, axis=-1)
-    least = jnp.min(jnp.where(above, p, jnp.inf), axis=-1, keepdims=True)
+    least = jnp.min(jnp.where(above, logits, jnp.inf), axis=-1, keepdims=True)
     fire = (uniform < rows.xtc_probability) & (n_above >= 2)
-    drop = above & (p > least) & fire[:, None]
+    drop = above & (logits > least) & fire[:, None]
     return jnp.where(drop, NEG_INF, logits)
 
 
 def apply_mirostat(logits, rows: SamplingRows, mu):
     """Mirostat v2 truncation: drop tokens whose surprise -log2 p exceeds mu (keep the max)."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    surprise = -logp / math.log(2.0)
-    keep = (surprise <= mu[:, None]) | (logits >= _row_max(logits))
+    # -log2 p <= mu  <=>  logit >= lse - mu ln 2
+    keep = (logits >= _lse(logits) - mu[:, None] * math.log(2.0)) | (logits >= _row_max(logits))
     return jnp.where(keep, logits, NEG_INF)

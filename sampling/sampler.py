@@ -237,9 +237,11 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
     error = nan_row | ~jnp.isfinite(top_x)
     sampling = ~rows.greedy
 
-    greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    zeros = jnp.zeros((s,), jnp.int32)
+    greedy_tokens = jax.lax.cond(jnp.any(rows.greedy),
+                                 lambda: jnp.argmax(x, axis=-1).astype(jnp.int32), lambda: zeros)
     uniform = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0)))(keys)
-    drawn = jax.lax.cond(jnp.any(sampling), lambda: draw(x, uniform), lambda: greedy_tokens)
+    drawn = jax.lax.cond(jnp.any(sampling), lambda: draw(x, uniform), lambda: zeros)
     tokens = jnp.where(error, 0, jnp.where(sampling, drawn, greedy_tokens))
 
     raw_lse = jax.nn.logsumexp(logits, axis=-1)
@@ -251,14 +253,16 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
     rank = 1 + jnp.sum(logits > raw_tok[:, None], axis=-1).astype(jnp.int32)
 
     processed = rows.logprobs_processed
-    mode_lp = jnp.where(processed[:, None], x - proc_lse[:, None], logits - raw_lse[:, None])
-    top_ids, top_lp = _top(mode_lp, num_top)
+    mode_x = jnp.where(processed[:, None], x, logits)
+    mode_lse = jnp.where(processed, proc_lse, raw_lse)[:, None]
+    top_ids, top_x = _top(mode_x, num_top)      # the order of x is the order of x - lse
+    top_lp = top_x - mode_lse
 
-    def entropy(lp):
-        p = jnp.exp(lp)
-        return -jnp.sum(jnp.where(p > 0, p * lp, 0.0), axis=-1)
+    def entropy():
+        lp = mode_x - mode_lse
+        return -jnp.sum(jnp.where(jnp.isfinite(lp), jnp.exp(lp) * lp, 0.0), axis=-1)
 
-    ent = jax.lax.cond(jnp.any(rows.return_entropy), entropy, lambda lp: jnp.zeros((s,)), mode_lp)
+    ent = jax.lax.cond(jnp.any(rows.return_entropy), entropy, lambda: jnp.zeros((s,)))
 
     # mirostat v2: mu -= eta * (surprise of the sampled token - tau), surprise in bits under
     # the truncated, renormalised distribution
