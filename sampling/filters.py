@@ -56,7 +56,7 @@ def _lse(logits):
     return jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def _entropy(logits, lse):
+def entropy(logits, lse):
     """Entropy in nats of softmax(logits), one fused pass (no [S, V] probabilities kept)."""
     logp = logits - lse
     return -jnp.sum(jnp.where(jnp.isfinite(logp), jnp.exp(logp) * logp, 0.0), axis=-1,
@@ -69,10 +69,10 @@ def apply_temperature(logits, rows: SamplingRows, state: SamplerState):
     dyn = rows.dynatemp_range > 0
 
     def dynamic(t):
-        entropy = _entropy(logits, _lse(logits))[:, 0]
+        ent = entropy(logits, _lse(logits))[:, 0]
         candidates = jnp.sum(jnp.isfinite(logits), axis=-1)
         max_entropy = jnp.log(jnp.maximum(candidates, 2).astype(jnp.float32))
-        normalized = jnp.clip(entropy / max_entropy, 0.0, 1.0)
+        normalized = jnp.clip(ent / max_entropy, 0.0, 1.0)
         lo = jnp.maximum(t - rows.dynatemp_range, 0.0)
         hi = t + rows.dynatemp_range
         return jnp.where(dyn, lo + (hi - lo) * normalized ** rows.dynatemp_exponent, t)
@@ -153,10 +153,10 @@ def apply_typical(logits, rows: SamplingRows, state: SamplerState):
     """HF TypicalLogitsWarper: keep the tokens whose surprise is closest to the entropy,
     fewest first, until their mass reaches typical_p."""
     lse = _lse(logits)
-    entropy = _entropy(logits, lse)
+    h = entropy(logits, lse)
 
     def shift(x):   # |surprise - entropy|, inf for removed tokens
-        return jnp.where(jnp.isfinite(x), jnp.abs(lse - x - entropy), jnp.inf)
+        return jnp.where(jnp.isfinite(x), jnp.abs(lse - x - h), jnp.inf)
 
     mass = rows.typical_p
     # candidates: the most likely tokens, in order of shift; exact when they are all the
@@ -189,7 +189,7 @@ def apply_eta(logits, rows: SamplingRows, state: SamplerState):
     """HF EtaLogitsWarper: drop p < min(eta, sqrt(eta) * exp(-entropy)), keeping the max."""
     lse = _lse(logits)
     eta = rows.eta[:, None]
-    cut = jnp.minimum(eta, jnp.sqrt(eta) * jnp.exp(-_entropy(logits, lse)))
+    cut = jnp.minimum(eta, jnp.sqrt(eta) * jnp.exp(-entropy(logits, lse)))
     keep = (logits >= lse + jnp.log(cut)) | (logits >= _row_max(logits))
     return jnp.where(keep, logits, NEG_INF)
 

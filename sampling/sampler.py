@@ -258,11 +258,8 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
     top_ids, top_x = _top(mode_x, num_top)      # the order of x is the order of x - lse
     top_lp = top_x - mode_lse
 
-    def entropy():
-        lp = mode_x - mode_lse
-        return -jnp.sum(jnp.where(jnp.isfinite(lp), jnp.exp(lp) * lp, 0.0), axis=-1)
-
-    ent = jax.lax.cond(jnp.any(rows.return_entropy), entropy, lambda: jnp.zeros((s,)))
+    ent = jax.lax.cond(jnp.any(rows.return_entropy),
+                       lambda: filters.entropy(mode_x, mode_lse)[:, 0], lambda: jnp.zeros((s,)))
 
     # mirostat v2: mu -= eta * (surprise of the sampled token - tau), surprise in bits under
     # the truncated, renormalised distribution

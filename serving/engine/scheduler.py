@@ -39,7 +39,7 @@ import traceback
 import numpy as np
 
 from sampling.params import SamplingParams
-from serving.engine.requests import (FAILED_PRECONDITION, INTERNAL, INVALID_ARGUMENT,
+from serving.engine.requests import (INTERNAL, INVALID_ARGUMENT,
                                      RESOURCE_EXHAUSTED, UNAVAILABLE, Delta, EngineRequest,
                                      Failure, Handle, RequestError, RequestState, Sample,
                                      TokenLogprob, Usage)
