@@ -16,7 +16,6 @@ With neither `--grpc` nor `--http`, an engine is started in this process on `--m
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from dataclasses import dataclass, field

@@ -8,12 +8,10 @@ derived from the dataclass, so a new parameter needs no change here.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import secrets
 import sys
-import typing
 
 import numpy as np
 
@@ -155,7 +153,7 @@ def run(args) -> int:
         try:
             prompt_ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"--prompt-ids must be comma-separated integers") from None
+            raise ValueError("--prompt-ids must be comma-separated integers") from None
         bad = [t for t in prompt_ids if not 0 <= t < config.vocab_size]
         if bad:
             raise ValueError(f"--prompt-ids: ids {bad[:5]} are outside the vocabulary "
