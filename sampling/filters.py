@@ -97,30 +97,28 @@ def apply_min_p(logits, rows: SamplingRows, state: SamplerState):
     return jnp.where(logits >= cut, logits, NEG_INF)
 
 
-def _first_reaching(values, mass):
-    """values [S, K] in the order tokens join the set, their masses summed in that order:
-    (the value of the first token that brings the mass to `mass` [S], whether any does)."""
-    cum = jnp.cumsum(values[1], axis=-1)
-    reach = cum >= mass[:, None]
+def _first_reaching(values, masses, target):
+    """values, masses [S, K] in the order tokens join the set: the value of the token that
+    brings the summed mass to `target` [S], and whether any does."""
+    reach = jnp.cumsum(masses, axis=-1) >= target[:, None]
     j = jnp.argmax(reach, axis=-1)
-    return jnp.take_along_axis(values[0], j[:, None], axis=-1)[:, 0], reach[:, -1]
+    return jnp.take_along_axis(values, j[:, None], axis=-1)[:, 0], reach[:, -1]
 
 
-def _bisected_keep(slow, keys, pred):
-    """Keep mask [S, V] by bisection (keys >= the largest t with pred(t)) for the rows in
-    `slow`; all False, with no pass over the logits, when no row is."""
-    s = keys.shape[0]
+def _bisected_keep(slow, logits, key_of, weight_of, target):
+    """Keep mask [S, V] by bisection for the rows in `slow`: with keys = key_of(logits)
+    and weights = weight_of(logits), keep keys >= the largest t such that the tokens with
+    key >= t weigh at least `target` [S]. All False, with no pass over the logits, when no
+    row is slow (everything is computed inside the cond)."""
+    s = logits.shape[0]
 
     def bisect():
-        cut = largest_true(pred, jnp.zeros((s,), jnp.uint32), jnp.max(keys, axis=-1))
+        keys, w = key_of(logits), weight_of(logits)
+        enough = lambda t: jnp.sum(jnp.where(keys >= t[:, None], w, 0.0), axis=-1) >= target
+        cut = largest_true(enough, jnp.zeros((s,), jnp.uint32), jnp.max(keys, axis=-1))
         return keys >= cut[:, None]
 
-    return jax.lax.cond(jnp.any(slow), bisect, lambda: jnp.zeros(keys.shape, bool))
-
-
-def _mass_pred(keys, p, mass):
-    """pred(t): the tokens with key >= t carry at least `mass`."""
-    return lambda t: jnp.sum(jnp.where(keys >= t[:, None], p, 0.0), axis=-1) >= mass
+    return jax.lax.cond(jnp.any(slow), bisect, lambda: jnp.zeros(logits.shape, bool))
 
 
 def apply_top_k(logits, rows: SamplingRows, state: SamplerState):
@@ -130,8 +128,7 @@ def apply_top_k(logits, rows: SamplingRows, state: SamplerState):
     top, _ = jax.lax.top_k(logits, min(CANDIDATES, v))
     fast = (k <= top.shape[1]) | (k >= v)
     kth = jnp.take_along_axis(top, jnp.clip(k - 1, 0, top.shape[1] - 1)[:, None], axis=-1)
-    keys = sort_key(logits)
-    slow = _bisected_keep(~fast, keys, lambda t: jnp.sum(keys >= t[:, None], axis=-1) >= k)
+    slow = _bisected_keep(~fast, logits, sort_key, jnp.ones_like, k.astype(jnp.float32))
     keep = jnp.where(fast[:, None], logits >= kth, slow) | (k >= v)[:, None]
     return jnp.where(keep, logits, NEG_INF)
 
@@ -140,10 +137,10 @@ def apply_top_p(logits, rows: SamplingRows, state: SamplerState):
     """Smallest set of most likely tokens whose mass >= top_p; the max is always kept."""
     lse = _lse(logits)
     top, _ = jax.lax.top_k(logits, min(CANDIDATES, logits.shape[1]))
-    cut, fast = _first_reaching((top, jnp.exp(top - lse)), rows.top_p)
-    p = jnp.exp(logits - lse)
-    keys = sort_key(p)
-    slow = _bisected_keep(~fast & (rows.top_p < 1.0), keys, _mass_pred(keys, p, rows.top_p))
+    cut, fast = _first_reaching(top, jnp.exp(top - lse), rows.top_p)
+    p = lambda x: jnp.exp(x - lse)
+    slow = _bisected_keep(~fast & (rows.top_p < 1.0), logits, lambda x: sort_key(p(x)), p,
+                          rows.top_p)
     keep = jnp.where(fast[:, None], logits >= cut[:, None], slow)
     keep = keep | (logits >= _row_max(logits))
     return jnp.where(keep, logits, NEG_INF)
@@ -162,14 +159,12 @@ def apply_typical(logits, rows: SamplingRows, state: SamplerState):
     # candidates: the most likely tokens, in order of shift; exact when they are all the
     # finite ones
     top, _ = jax.lax.top_k(logits, min(CANDIDATES, logits.shape[1]))
-    order = jnp.argsort(shift(top), axis=-1, stable=True)
-    top = jnp.take_along_axis(top, order, axis=-1)
-    cut, reached = _first_reaching((shift(top), jnp.exp(top - lse)), mass)
+    top = jnp.take_along_axis(top, jnp.argsort(shift(top), axis=-1, stable=True), axis=-1)
+    cut, reached = _first_reaching(shift(top), jnp.exp(top - lse), mass)
     fast = reached & (jnp.sum(jnp.isfinite(logits), axis=-1) <= top.shape[1])
     # bisection: smallest s with mass(shift <= s) >= typical_p == largest reversed key
-    keys = ~sort_key(shift(logits))   # larger key == smaller shift
-    slow = _bisected_keep(~fast & (mass < 1.0), keys,
-                          _mass_pred(keys, jnp.exp(logits - lse), mass))
+    slow = _bisected_keep(~fast & (mass < 1.0), logits, lambda x: ~sort_key(shift(x)),
+                          lambda x: jnp.exp(x - lse), mass)
     # HF's rule keeps the most typical token, not the most likely one (which can be atypical)
     keep = jnp.where(fast[:, None], shift(logits) <= cut[:, None], slow)
     return jnp.where(keep, logits, NEG_INF)
