@@ -77,6 +77,14 @@ def _nullable(node):
 _COMPONENTS = None
 
 
+def sse_events(body: bytes) -> list:
+    """(event name or None, data) of each server-sent event in a response body, parsed by
+    the openai SDK's own decoder: what real clients run (lines end at CR/LF only, so a
+    U+2028 in generated text stays inside its data line)."""
+    from openai._streaming import SSEDecoder
+    return [(e.event, e.data) for e in SSEDecoder().iter_bytes(iter([body]))]
+
+
 def validate_openai(instance: dict, schema_name: str) -> None:
     """Validate against a schema of the OpenAI subset (jsonschema, OpenAPI nullables)."""
     import jsonschema

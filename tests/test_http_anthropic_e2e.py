@@ -14,7 +14,7 @@ import anthropic
 import requests
 import pytest
 
-from tests.http_fixtures import API_KEY, start_servers
+from tests.http_fixtures import API_KEY, sse_events, start_servers
 
 pytestmark = pytest.mark.timeout(300)
 MESSAGES = [{"role": "user", "content": "hello world"}]
@@ -57,10 +57,9 @@ def test_raw_event_sequence(servers):
                          "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = []
-    for block in r.text.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.splitlines())
-        payload = json.loads(lines["data"])
-        assert lines["event"] == payload["type"]
+    for name, data in sse_events(r.content):
+        payload = json.loads(data)
+        assert name == payload["type"]
         events.append(payload["type"])
     assert events[:3] == ["message_start", "content_block_start", "ping"]
     assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]

@@ -10,7 +10,7 @@ import requests
 import openai
 import pytest
 
-from tests.http_fixtures import API_KEY, start_servers, validate_openai
+from tests.http_fixtures import API_KEY, sse_events, start_servers, validate_openai
 
 pytestmark = pytest.mark.timeout(300)
 MESSAGES = [{"role": "user", "content": "hello world"}]
@@ -34,12 +34,8 @@ def raw_post(servers, path: str, body: dict, **headers) -> requests.Response:
 def sse_chunks(response: requests.Response) -> list:
     """The data payloads of an SSE body, `[DONE]` included as a string."""
     assert response.headers["content-type"].startswith("text/event-stream")
-    out = []
-    for block in response.text.split("\n\n"):
-        data = [line[6:] for line in block.splitlines() if line.startswith("data: ")]
-        if data:
-            out.append(data[0] if data[0] == "[DONE]" else json.loads(data[0]))
-    return out
+    return [data if data == "[DONE]" else json.loads(data)
+            for _, data in sse_events(response.content)]
 
 
 def test_models(client, servers):

@@ -455,3 +455,16 @@ def test_gen_stream_gaps_and_cancel():
     stream.cancel()
     stream.cancel()                  # twice is fine
     assert call.cancelled.is_set()
+
+
+def test_sse_data_stays_on_one_line_for_any_text():
+    """Generated text may hold U+2028, U+2029 or U+0085, which Python's str.splitlines()
+    (and naive clients) treat as line ends: they are escaped, and the JSON is unchanged."""
+    import json
+
+    text = "a\u2028b\u2029c\x85d\n\r\te \u00e8"
+    frame = sse.data({"t": text}).decode()
+    assert frame.endswith("\n\n") and len(frame[:-2].splitlines()) == 1
+    assert json.loads(frame[len("data: "):-2]) == {"t": text}
+    name, body = sse.event("x", {"t": text}).decode()[:-2].splitlines()
+    assert name == "event: x" and json.loads(body[len("data: "):]) == {"t": text}

@@ -14,8 +14,13 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 
 
+# Characters that str.splitlines() treats as line ends although SSE does not: escaped (JSON
+# allows it), so a client splitting lines the Python way cannot cut generated text in two.
+_LINE_LIKE = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_LIKE)
 
 
 def data(obj) -> bytes:
