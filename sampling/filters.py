@@ -97,6 +97,11 @@ def apply_min_p(logits, rows: SamplingRows, state: SamplerState):
     return jnp.where(logits >= cut, logits, NEG_INF)
 
 
+def _candidates(logits):
+    """The row's CANDIDATES largest logits, largest first ([S, K])."""
+    return jax.lax.top_k(logits, min(CANDIDATES, logits.shape[1]))[0]
+
+
 def _first_reaching(values, masses, target):
     """values, masses [S, K] in the order tokens join the set: the value of the token that
     brings the summed mass to `target` [S], and whether any does."""
@@ -125,7 +130,7 @@ def apply_top_k(logits, rows: SamplingRows, state: SamplerState):
     """Keep the k largest (and every token tied with the k-th)."""
     v = logits.shape[1]
     k = rows.top_k
-    top, _ = jax.lax.top_k(logits, min(CANDIDATES, v))
+    top = _candidates(logits)
     fast = (k <= top.shape[1]) | (k >= v)
     kth = jnp.take_along_axis(top, jnp.clip(k - 1, 0, top.shape[1] - 1)[:, None], axis=-1)
     slow = _bisected_keep(~fast, logits, sort_key, jnp.ones_like, k.astype(jnp.float32))
@@ -136,9 +141,9 @@ def apply_top_k(logits, rows: SamplingRows, state: SamplerState):
 def apply_top_p(logits, rows: SamplingRows, state: SamplerState):
     """Smallest set of most likely tokens whose mass >= top_p; the max is always kept."""
     lse = _lse(logits)
-    top, _ = jax.lax.top_k(logits, min(CANDIDATES, logits.shape[1]))
-    cut, fast = _first_reaching(top, jnp.exp(top - lse), rows.top_p)
+    top = _candidates(logits)
     p = lambda x: jnp.exp(x - lse)
+    cut, fast = _first_reaching(top, p(top), rows.top_p)
     slow = _bisected_keep(~fast & (rows.top_p < 1.0), logits, lambda x: sort_key(p(x)), p,
                           rows.top_p)
     keep = jnp.where(fast[:, None], logits >= cut[:, None], slow)
@@ -155,16 +160,17 @@ def apply_typical(logits, rows: SamplingRows, state: SamplerState):
     def shift(x):   # |surprise - entropy|, inf for removed tokens
         return jnp.where(jnp.isfinite(x), jnp.abs(lse - x - h), jnp.inf)
 
+    p = lambda x: jnp.exp(x - lse)
     mass = rows.typical_p
     # candidates: the most likely tokens, in order of shift; exact when they are all the
     # finite ones
-    top, _ = jax.lax.top_k(logits, min(CANDIDATES, logits.shape[1]))
+    top = _candidates(logits)
     top = jnp.take_along_axis(top, jnp.argsort(shift(top), axis=-1, stable=True), axis=-1)
-    cut, reached = _first_reaching(shift(top), jnp.exp(top - lse), mass)
+    cut, reached = _first_reaching(shift(top), p(top), mass)
     fast = reached & (jnp.sum(jnp.isfinite(logits), axis=-1) <= top.shape[1])
     # bisection: smallest s with mass(shift <= s) >= typical_p == largest reversed key
-    slow = _bisected_keep(~fast & (mass < 1.0), logits, lambda x: ~sort_key(shift(x)),
-                          lambda x: jnp.exp(x - lse), mass)
+    slow = _bisected_keep(~fast & (mass < 1.0), logits, lambda x: ~sort_key(shift(x)), p,
+                          mass)
     # HF's rule keeps the most typical token, not the most likely one (which can be atypical)
     keep = jnp.where(fast[:, None], shift(logits) <= cut[:, None], slow)
     return jnp.where(keep, logits, NEG_INF)

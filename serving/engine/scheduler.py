@@ -234,12 +234,12 @@ class Scheduler:
             self._reap()
             inserted = self._admit_and_prefill()
             dispatched = None
+            owners = list(self._owner)
             if any(o is not None and not o.device_done and o.constraint is not None
-                   for o in self._owner):
+                   for o in owners):
                 # a constrained row's mask needs the token just sampled: dispatch the
                 # forward pass (it reads that token on the device), read the token on the
                 # host while it runs, fill the masks, then dispatch the sampler
-                owners = list(self._owner)
                 forward = self.engine.forward_step()
                 if inflight is not None:
                     self._process_step(*inflight)
@@ -248,8 +248,7 @@ class Scheduler:
                     self._process_first(sample, pending)
                 inserted = []
                 dispatched = (self.engine.sample_step(forward, self._masks()), owners)
-            elif any(o is not None and not o.device_done for o in self._owner):
-                owners = list(self._owner)
+            elif any(o is not None and not o.device_done for o in owners):
                 dispatched = (self.engine.step(), owners)
             if inflight is not None:
                 self._process_step(*inflight)
