@@ -98,9 +98,6 @@ def load_hf(path: str, mesh=None, dtype: str | None = None, progress=None):
     """(config, params) from a Hugging Face directory, params placed on `mesh`.
 
     `progress(name)` is called once per parameter leaf (for a progress bar)."""
-    from model import sharding
-    from model.decoder import abstract_params
-
     if not os.path.isdir(path):
         raise ValueError(f"{path}: no such directory")
     config_file = os.path.join(path, "config.json")
@@ -110,25 +107,39 @@ def load_hf(path: str, mesh=None, dtype: str | None = None, progress=None):
     where = _tensor_index(path)
     if config.tie_word_embeddings:
         where.pop("lm_head.weight", None)
+
+    def get(name: str) -> np.ndarray:
+        if name not in where:
+            files = sorted({os.path.basename(f.path) for f in where.values()})
+            raise ValueError(f"{path}: missing tensor {name} (looked in {', '.join(files)})")
+        return where[name].get(name)
+
+    return config, place_params(config, get, path, mesh=mesh, progress=progress)
+
+
+def place_params(config: ModelConfig, get, label: str, mesh=None, progress=None):
+    """Our parameter tree, each leaf built from the Hugging Face tensors `get(name)` returns
+    (checkpoints/hf_layout.py) in the config's dtype and placed on `mesh`, one at a time.
+
+    Shared by the safetensors and the GGUF importers; `label` (a path) names the source in
+    errors."""
+    from model import sharding
+    from model.decoder import abstract_params
+
     mesh = mesh if mesh is not None else sharding.make_mesh(None)
     shapes = nn.meta.unbox(abstract_params(config))
     shardings = sharding.param_shardings(config, mesh)
     target_dtype = np.dtype(config.dtype) if config.dtype != "bfloat16" else ml_dtypes.bfloat16
 
     def build(source: Source, shape, sharding_, leaf_name: str):
-        tensors = []
-        for name in source.names:
-            if name not in where:
-                files = sorted({os.path.basename(f.path) for f in where.values()})
-                raise ValueError(f"{path}: missing tensor {name} (looked in {', '.join(files)})")
-            tensors.append(where[name].get(name))
+        tensors = [get(name) for name in source.names]
         try:
             value = source.build(*[t.astype(np.float32) for t in tensors])
         except ValueError:
             value = None
         if value is None or value.shape != tuple(shape.shape):
             found = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(source.names, tensors))
-            raise ValueError(f"{path}: shape mismatch for {found}: does not fit the "
+            raise ValueError(f"{label}: shape mismatch for {found}: does not fit the "
                              f"config's parameter {leaf_name} of shape {list(shape.shape)}")
         value = value.astype(target_dtype)
         if progress is not None:
@@ -140,8 +151,7 @@ def load_hf(path: str, mesh=None, dtype: str | None = None, progress=None):
             return build(src, shp, shd, prefix)
         return {k: walk(src[k], shp[k], shd[k], f"{prefix}/{k}" if prefix else k) for k in src}
 
-    params = walk(param_sources(config), shapes, shardings, "")
-    return config, params
+    return walk(param_sources(config), shapes, shardings, "")
 
 
 def count_leaves(config: ModelConfig) -> int:

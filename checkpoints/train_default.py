@@ -126,6 +126,9 @@ def write_tokenizer_files(sp: spm.SentencePieceProcessor, out_dir: str) -> tuple
         "unk_token": "<unk>",
         "add_bos_token": False,
         "add_eos_token": False,
+        # sentencepiece adds no dummy prefix here; without this transformers' Llama
+        # tokenizer would put "\u2581" before the first word
+        "add_prefix_space": False,
         "model_max_length": 2048,
         "additional_special_tokens": SPECIAL_TOKENS,
         "added_tokens_decoder": added,
