@@ -10,7 +10,10 @@ rows are filled here, every other row is all ones.
 
 Thinking: with `thinking_end_ids` the sample starts free (it may reason) and the
 constraint applies once it has emitted that sequence; with `max_thinking_tokens` too, the
-sequence is forced (one allowed token per step) when the budget is spent.
+sequence is forced (one allowed token per step) when the budget is spent. While a grammar
+waits behind the thinking, the stop ids are masked out: a sample that must answer in a
+form (a forced tool call, a JSON schema) cannot end inside its reasoning.
+GBNF (llama.cpp's `root ::= ...`) is converted to Lark by llguidance's own converter.
 """
 
 from __future__ import annotations
@@ -51,6 +54,23 @@ def strict(schema):
     return out
 
 
+_GBNF_RULE = re.compile(r"(?m)^\s*[A-Za-z][A-Za-z0-9_-]*\s*::=")
+
+
+def lark_of(grammar: str) -> str:
+    """A guided_grammar in Lark syntax: GBNF (rules written `name ::= ...`) is converted."""
+    from llguidance.gbnf_to_lark import gbnf_to_lark, is_lark_syntax
+
+    from llguidance.gbnf_to_lark import GbnfToLarkError
+
+    if is_lark_syntax(grammar) or not _GBNF_RULE.search(grammar):
+        return grammar
+    try:
+        return gbnf_to_lark(grammar)
+    except GbnfToLarkError as e:
+        raise ValueError(f"GBNF grammar: {e}") from None
+
+
 def grammar_source(params) -> tuple[str, str] | None:
     """(field, llguidance grammar) of the request's guided_* field, or None."""
     import llguidance
@@ -68,7 +88,7 @@ def grammar_source(params) -> tuple[str, str] | None:
         rx = "(" + "|".join(re.escape(c) for c in params.guided_choice) + ")"
         return "guided_choice", m.grammar_from_regex(rx)
     if params.guided_grammar is not None:
-        return "guided_grammar", m.grammar_from_lark(params.guided_grammar)
+        return "guided_grammar", m.grammar_from_lark(lark_of(params.guided_grammar))
     return None
 
 
@@ -153,15 +173,20 @@ class Constraint:
     def active(self) -> bool:
         """Whether this sample's next token is restricted at all."""
         if self.thinking:
-            return self.budget is not None and self.count >= self.budget
+            return self.matcher is not None or (
+                self.budget is not None and self.count >= self.budget)
         return self.matcher is not None
 
     def fill(self, row: np.ndarray) -> None:
         """Write the allowed-token bitmask of the next step into `row` ([words] int32)."""
         v = self.compiler.vocab_size
         if self.thinking:
-            done = self._end_progress()
-            row[:] = only(self.end_ids[done], v)
+            if self.budget is not None and self.count >= self.budget:
+                row[:] = only(self.end_ids[self._end_progress()], v)
+            else:           # free reasoning, but no stop before the grammar has run
+                row[:] = -1
+                for t in self.compiler.stop_ids:
+                    row[:] &= ~only(t, v)
             return
         if self.matcher is None:
             row[:] = -1

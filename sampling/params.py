@@ -115,10 +115,14 @@ class SamplingParams:
             "sampler_order", "dry_sequence_breaker_ids", "guided_json", "guided_regex",
             "guided_choice", "guided_grammar", "max_thinking_tokens")}
         if isinstance(values.get("logit_bias"), dict):
-            try:
-                values["logit_bias"] = {int(k): v for k, v in values["logit_bias"].items()}
-            except (TypeError, ValueError):
-                raise ValueError("logit_bias keys must be token ids (integers)") from None
+            bias = {}
+            for k, v in values["logit_bias"].items():
+                try:
+                    bias[int(k)] = v
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias keys must be token ids (integers); got the "
+                                     f"key {k!r}") from None
+            values["logit_bias"] = bias
         if isinstance(values.get("stop"), str):
             values["stop"] = [values["stop"]]
         return cls(**values).validate(vocab_size)
@@ -202,7 +206,7 @@ class SamplingParams:
         if not isinstance(self.logit_bias, dict):
             raise _err("logit_bias", "a map of token id to bias", self.logit_bias)
         for t, b in self.logit_bias.items():
-            token_id("logit_bias", t)
+            token_id(f"logit_bias[{t}] (a key)", t)
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
                 raise _err(f"logit_bias[{t}]", "in [-100, 100]", b)
         if self.allowed_token_ids is not None:

@@ -317,14 +317,15 @@ def parse_messages(body, info: ModelInfo, request_id: str | None = None,
     tok = info.tokenizer
     skip = _bool(body, "skip_special_tokens", True)
     spec = make_spec(tok, prompt.text, bool(prompt.tools) and prompt.choice != "none",
-                     None if prompt.parallel else 1, skip)
+                     None if prompt.parallel else 1, skip, forced=forced)
     if forced:
         guided = {"guided_grammar": call_grammar(prompt.allowed, prompt.parallel,
                                                  tok.special_texts)}
     constrained = any(v not in (None, False) for v in guided.values())
     sampling = _sampling({k: v for k, v in body.items() if k in SAMPLING_FIELDS},
                          {"max_tokens": max_tokens, "stop": stops or [], **guided,
-                          **thinking_fields(tok, spec, constrained, prompt.budget)},
+                          **thinking_fields(tok, spec, constrained, prompt.budget,
+                                            max_tokens)},
                          tok.vocab_size)
     if sampling.n != 1 or sampling.best_of not in (None, 1):
         raise bad_request("n: the Messages API returns one message", "n")

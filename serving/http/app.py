@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Iterator
 import falcon
 
 from serving.http import anthropic_api, metrics, openai_api, sse, thinking_signature
+from serving.http import responses_api, tokenize_api
+from serving.http.response_store import DEFAULT_PATH as RESPONSE_STORE_PATH, ResponseStore
 from serving.http.auth import KeyChecker, presented_key
 from serving.http.errors import APIError, body_for, openai_body
 from serving.http.generation import Delta, Final, ModelInfo, accumulate
@@ -30,7 +32,9 @@ from serving.http.generation import Delta, Final, ModelInfo, accumulate
 log = logging.getLogger("flaxserve.http")
 MAX_BODY = 32 * 1024 * 1024
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
-          "/v1/messages/count_tokens", "/health", "/metrics", "/openapi.json")
+          "/v1/messages/count_tokens", "/health", "/metrics", "/openapi.json",
+          "/v1/responses", "/tokenize", "/detokenize", "/version")
+AUTH_OUTSIDE_V1 = ("/tokenize", "/detokenize")    # vLLM's paths, the model's tokenizer
 KEEPALIVE_S = 10.0
 ANTHROPIC_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -43,6 +47,7 @@ class Settings:
     model_dir: str | None = None                  # default: the engine's (ListModels)
     keepalive_s: float = KEEPALIVE_S
     chat_template: str | None = None              # --chat-template: overrides the model's
+    response_store: str = RESPONSE_STORE_PATH     # --response-store: stored /v1/responses
     # HMAC key of thinking signatures; drawn here, in the gunicorn master, so that every
     # worker shares it (serving.http.thinking_signature)
     thinking_secret: bytes = field(default_factory=thinking_signature.load_secret,
@@ -67,7 +72,7 @@ class _Middleware:
         req.context.start = time.monotonic()
         resp.set_header("x-request-id", rid)
         resp.set_header("request-id", rid)
-        if req.path.startswith("/v1/") and not self.keys.allows(
+        if (req.path.startswith("/v1/") or req.path in AUTH_OUTSIDE_V1) and not self.keys.allows(
                 presented_key(req.get_header("Authorization"), req.get_header("x-api-key"))):
             raise APIError(401, "Invalid API key: send it as `Authorization: Bearer KEY`, "
                                 "`Authorization: Api-Key KEY` or `x-api-key: KEY`")
@@ -279,6 +284,35 @@ class Models:
         resp.media = openai_api.models_body(self.server.info())
 
 
+class Model:
+    def __init__(self, server: _Server):
+        self.server = server
+
+    def on_get(self, req, resp, model_id):
+        info = self.server.info()
+        if model_id not in info.served_names:
+            raise APIError(404, f"The model `{model_id}` does not exist; this server serves "
+                                f"{', '.join(info.served_names)}", param="model",
+                           code="model_not_found")
+        resp.media = openai_api.model_card(info, model_id)
+
+
+class Tokenize:
+    def __init__(self, server: _Server, detokenize: bool = False):
+        self.server = server
+        self.detokenize = detokenize
+
+    def on_post(self, req, resp):
+        body = _read_json(req)
+        fn = tokenize_api.detokenize if self.detokenize else tokenize_api.tokenize
+        resp.media = fn(body, self.server.info())
+
+
+class Version:
+    def on_get(self, req, resp):
+        resp.media = tokenize_api.version()
+
+
 class Messages:
     def __init__(self, server: _Server):
         self.server = server
@@ -364,6 +398,13 @@ def create_app(settings: Settings, link=None) -> falcon.App:
     app.add_route("/v1/chat/completions", ChatCompletions(server))
     app.add_route("/v1/completions", Completions(server))
     app.add_route("/v1/models", Models(server))
+    app.add_route("/v1/models/{model_id:path}", Model(server))
+    store = ResponseStore(settings.response_store)
+    app.add_route("/v1/responses", responses_api.Responses(server, store))
+    app.add_route("/v1/responses/{response_id}", responses_api.StoredResponse(store))
+    app.add_route("/tokenize", Tokenize(server))
+    app.add_route("/detokenize", Tokenize(server, detokenize=True))
+    app.add_route("/version", Version())
     app.add_route("/v1/messages", Messages(server))
     app.add_route("/v1/messages/count_tokens", CountTokens(server))
     app.add_route("/health", Health(server))

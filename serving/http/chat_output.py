@@ -22,6 +22,7 @@ class OutputSpec:
     thinking_open: bool = False         # the prompt left <think> open
     tools: bool = False                 # parse <tool_call> ... </tool_call>
     max_calls: int | None = None        # 1 when parallel tool calls are off
+    forced: bool = False                # a forced call: an unfinished one is not content
     strip: tuple[str, ...] = ()         # special-token texts to drop from the output
     think_ids: tuple[int | None, int | None] = (None, None)   # ids of <think>, </think>
 
@@ -42,7 +43,7 @@ class OutputParser:
     def __init__(self, spec: OutputSpec):
         self.spec = spec
         self.think = reasoning.ThinkSplitter(spec.thinking_open) if spec.reasoning else None
-        self.tools = tool_calls.ToolCallParser(spec.max_calls) if spec.tools else None
+        self.tools = tool_calls.ToolCallParser(spec.max_calls, spec.forced) if spec.tools else None
         self.in_think = spec.reasoning and spec.thinking_open
         self.reasoning_tokens = 0
         self.calls = 0
@@ -130,7 +131,7 @@ def parse_whole(spec: OutputSpec, text: str, token_ids=()) -> ParsedOutput:
 
 
 def make_spec(tok, prompt_text: str, tools: bool, max_calls: int | None,
-              skip_special_tokens: bool) -> OutputSpec:
+              skip_special_tokens: bool, forced: bool = False) -> OutputSpec:
     """Which parsers a request's output needs, for this tokenizer and rendered prompt.
 
     Reasoning is parsed when the vocabulary has `<think>`/`</think>` as special tokens
@@ -149,16 +150,20 @@ def make_spec(tok, prompt_text: str, tools: bool, max_calls: int | None,
     return OutputSpec(reasoning=has_reasoning,
                       thinking_open=has_reasoning and reasoning.prompt_opens_thinking(
                           prompt_text),
-                      tools=tools, max_calls=max_calls, strip=strip,
+                      tools=tools, max_calls=max_calls, forced=forced, strip=strip,
                       think_ids=(open_id, close_id))
 
 
 def thinking_fields(tok, spec: OutputSpec, constrained: bool,
-                    max_thinking_tokens: int | None) -> dict:
+                    max_thinking_tokens: int | None, max_tokens: int | None = None) -> dict:
     """`thinking_end_ids` / `max_thinking_tokens` for the engine: only when the prompt
     opened a thinking block (then a guided constraint starts after `</think>`, and a
-    budget forces `</think>`); otherwise the sample is all answer and neither applies."""
+    budget forces `</think>`); otherwise the sample is all answer and neither applies.
+    A forced tool call with no budget of its own may think for half of `max_tokens`, so
+    that the call (which the engine will not let the sample skip) fits in the rest."""
     if not spec.thinking_open or not (constrained or max_thinking_tokens is not None):
         return {"max_thinking_tokens": None}
+    if spec.forced and max_thinking_tokens is None and max_tokens:
+        max_thinking_tokens = max(1, max_tokens // 2)
     end_ids = tok.encode(reasoning.CLOSE, add_special_tokens=False)
     return {"thinking_end_ids": end_ids, "max_thinking_tokens": max_thinking_tokens}

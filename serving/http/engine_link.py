@@ -148,7 +148,7 @@ class EngineLink:
 
         def entry(token_id: int, logprob: float) -> TopEntry:
             raw = token_bytes(token_id)
-            return TopEntry(raw.decode("utf-8", errors="replace"), logprob, list(raw))
+            return TopEntry(raw.decode("utf-8", errors="replace"), logprob, list(raw), token_id)
 
         def convert(r) -> list:
             events = []
@@ -168,7 +168,8 @@ class EngineLink:
                         token_id, text, lp.logprob if lp is not None else None,
                         list(token_bytes(token_id)),
                         [] if lp is None else [entry(t, v) for t, v in
-                                               zip(lp.top_ids, lp.top_logprobs)]))
+                                               zip(lp.top_ids, lp.top_logprobs)],
+                        lp.rank if lp is not None else None))
                 events.append(Delta(d.index, d.text, tokens, d.finish_reason or None,
                                     d.stop_sequence or None))
             if r.HasField("usage"):
@@ -180,7 +181,8 @@ class EngineLink:
                                             list(token_bytes(ids[0])))] + [
                         TokenInfo(lp.token_id, _text(token_bytes(lp.token_id)), lp.logprob,
                                   list(token_bytes(lp.token_id)),
-                                  [entry(t, v) for t, v in zip(lp.top_ids, lp.top_logprobs)])
+                                  [entry(t, v) for t, v in zip(lp.top_ids, lp.top_logprobs)],
+                                  lp.rank)
                         for lp in u.prompt_logprobs]
                 events.append(Final(Usage(u.prompt_tokens, u.completion_tokens,
                                           u.cached_tokens, u.gpu_seconds), seed=u.seed,

@@ -29,6 +29,7 @@ class TopEntry:
     token: str
     logprob: float
     bytes: list[int] | None
+    id: int | None = None         # the token id (vLLM's prompt_logprobs key)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TokenInfo:
     logprob: float | None = None
     bytes: list[int] | None = None
     top: list[TopEntry] = field(default_factory=list)
+    rank: int | None = None       # 1 = the most likely token
 
 
 @dataclass
@@ -112,8 +114,10 @@ class ModelInfo:
     def resolve(self, name) -> str:
         """The model a request names; another name is a 404 model_not_found."""
         from serving.http.errors import APIError, bad_request
+        if name is None:          # no model named: the one this server serves
+            return self.served_names[0]
         if not isinstance(name, str) or not name:
-            raise bad_request("`model` is required (a string)", "model")
+            raise bad_request("`model` must be a non-empty string", "model")
         if name not in self.served_names:
             raise APIError(404, f"The model `{name}` does not exist; this server serves "
                                 f"{', '.join(self.served_names)}", param="model",

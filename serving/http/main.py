@@ -16,6 +16,7 @@ import os
 import tempfile
 
 log = logging.getLogger("flaxserve.http")
+RESPONSE_STORE = "~/.cache/flaxserve/responses.sqlite"   # = response_store.DEFAULT_PATH
 
 
 def add_arguments(parser) -> None:
@@ -36,6 +37,8 @@ def add_arguments(parser) -> None:
                         help="model directory for the tokenizer (default: the engine's)")
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="a Jinja chat template file that replaces the model's")
+    parser.add_argument("--response-store", default=RESPONSE_STORE, metavar="FILE",
+                        help="SQLite file of stored /v1/responses (store: true)")
 
 
 def settings_from_args(args):
@@ -64,7 +67,8 @@ def settings_from_args(args):
         check_template(template, "--chat-template")
     return Settings(engine=args.engine, api_keys=keys,
                     served_model_names=list(dict.fromkeys(args.served_model_name)),
-                    model_dir=args.model, chat_template=template)
+                    model_dir=args.model, chat_template=template,
+                    response_store=getattr(args, "response_store", None) or RESPONSE_STORE)
 
 
 def run_gunicorn(settings, host: str, port: int, workers: int, threads: int | None) -> int:

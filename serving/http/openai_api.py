@@ -31,6 +31,7 @@ from serving.http.generation import (Choice, Delta, Final, GenRequest, ModelInfo
 from serving.http.prompt import (ChatOptions, check_context, fit_chat, render_chat,
                                  template_kwargs, truncate)
 from serving.http.tools import ToolSpec, call_grammar, check_schema, openai_tools
+from serving.http import vllm_ext
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 # Structured outputs as request fields (the engine's SamplingParams names).
@@ -117,6 +118,7 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
                           "stream_options")
     if not isinstance(opts, dict):
         raise bad_request("`stream_options` must be an object", "stream_options")
+    vllm_ext.check_stream_options(opts)
     include = opts.get("include_usage", False)
     if not isinstance(include, bool):
         raise bad_request("`stream_options.include_usage` must be a boolean",
@@ -145,6 +147,9 @@ def _tool_choice(body: dict, tools: list[ToolSpec]) -> tuple[str, list[ToolSpec]
     choice = body.get("tool_choice")
     if choice is None:
         return ("auto" if tools else "none"), tools
+    if not tools and choice != "none":
+        raise bad_request("`tool_choice` needs `tools` (there is nothing to call)",
+                          "tool_choice")
     if choice in ("none", "auto", "required"):
         if choice == "required" and not tools:
             raise bad_request("`tool_choice: required` needs `tools`", "tool_choice")
@@ -168,6 +173,12 @@ def _response_format(body: dict) -> dict:
     if fmt is None:
         return {}
     kind = fmt.get("type") if isinstance(fmt, dict) else None
+    extra = sorted(set(fmt) - {"type", "json_schema"}) if isinstance(fmt, dict) else []
+    if kind in ("text", "json_object") and "json_schema" in fmt:
+        extra = ["json_schema"]
+    if extra:
+        raise bad_request(f"unknown field `response_format.{extra[0]}`",
+                          f"response_format.{extra[0]}")
     if kind == "text":
         return {}
     if kind == "json_object":
@@ -177,6 +188,10 @@ def _response_format(body: dict) -> dict:
         if not isinstance(spec, dict):
             raise bad_request("`response_format.json_schema` must be an object with a "
                               "`schema`", "response_format.json_schema")
+        extra = sorted(set(spec) - {"name", "description", "schema", "strict"})
+        if extra:
+            raise bad_request(f"unknown field `response_format.json_schema.{extra[0]}`",
+                              f"response_format.json_schema.{extra[0]}")
         name = spec.get("name")
         if name is not None and not isinstance(name, str):
             raise bad_request("`response_format.json_schema.name` must be a string",
@@ -221,6 +236,7 @@ class OpenAIPlan:
     output: OutputSpec = dataclasses.field(default_factory=OutputSpec)
     named_tool: bool = False        # tool_choice named one function: finish_reason "stop"
     compacted_tokens: int | None = None
+    vllm: vllm_ext.VllmOptions = dataclasses.field(default_factory=vllm_ext.VllmOptions)
 
     @property
     def n(self) -> int:
@@ -303,6 +319,8 @@ def _tool_calls(calls, where: str) -> list[dict]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise bad_request("a tool call needs `function.name`", f"{where}[{k}].function")
         args = fn.get("arguments", "{}")
+        if isinstance(args, str) and not args.strip():
+            args = "{}"             # vLLM sends "" for a call of a tool without parameters
         try:
             args = json.loads(args) if isinstance(args, str) else args
         except ValueError:
@@ -332,6 +350,7 @@ def _kwargs(body: dict) -> tuple[dict, bool]:
 
 
 def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPlan:
+    body, ext = vllm_ext.translate(body)
     _check_known(body, CHAT_FIELDS)
     model = info.resolve(body.get("model"))
     _unsupported(body)
@@ -377,7 +396,8 @@ def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPl
     fitted = fit_chat(encode_chat, messages, max_tokens, info.max_model_len, compact)
     detok = _detok_options(body)
     spec = make_spec(tok, fitted.text, bool(tools) and choice != "none",
-                     None if parallel else 1, detok["skip_special_tokens"])
+                     None if parallel else 1, detok["skip_special_tokens"],
+                     forced=choice in ("required", "named"))
     if choice in ("required", "named"):
         guided = {"guided_grammar": call_grammar(allowed, parallel and choice == "required",
                                                  tok.special_texts)}
@@ -385,7 +405,7 @@ def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPl
     constrained = any(v not in (None, False) for v in guided.values())
     overrides = {"max_tokens": max_tokens, "stop": _stop(body), "logprobs": logprobs,
                  "top_logprobs": top or 0, **guided,
-                 **thinking_fields(tok, spec, constrained, max_thinking)}
+                 **thinking_fields(tok, spec, constrained, max_thinking, max_tokens)}
     sampling = _sampling(body, overrides, tok.vocab_size)
     if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
         raise bad_request("`best_of` must equal `n` when streaming", "best_of")
@@ -399,7 +419,7 @@ def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPl
     return OpenAIPlan("chat", rid, model, [GenRequest(rid, model, ids, sampling, **detok)],
                       [fitted.text], stream, include_usage, logprobs, top or 0, echo,
                       echo_text, output=spec, named_tool=choice == "named",
-                      compacted_tokens=fitted.compacted_tokens)
+                      compacted_tokens=fitted.compacted_tokens, vllm=ext)
 
 
 def _prompts(prompt, tok, add_special: bool) -> tuple[list[list[int]], list[str]]:
@@ -430,6 +450,7 @@ def _prompts(prompt, tok, add_special: bool) -> tuple[list[list[int]], list[str]
 
 
 def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPlan:
+    body, ext = vllm_ext.translate(body)
     _check_known(body, COMPLETION_FIELDS)
     model = info.resolve(body.get("model"))
     _unsupported(body)
@@ -466,8 +487,10 @@ def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> Op
     detok = _detok_options(body)
     reqs = [GenRequest(f"{rid}-{i}" if len(ids) > 1 else rid, model, p, sampling, **detok)
             for i, p in enumerate(ids)]
+    if echo:   # the echoed prompt is its tokens' text, special tokens included, so that
+        texts = [tok.decode(p, skip_special_tokens=False) for p in ids]  # offsets agree
     return OpenAIPlan("completion", rid, model, reqs, texts, stream, include_usage,
-                      k is not None, k or 0, echo)
+                      k is not None, k or 0, echo, vllm=ext)
 
 
 # ---- responses ------------------------------------------------------------------------------------
@@ -530,10 +553,11 @@ def chat_response(plan: OpenAIPlan, choices: list[Choice], final: Final,
                     message["content"] = None
         out.append({"index": c.index, "message": message, "logprobs": logprobs,
                     "finish_reason": finish_reason(c, len(calls), plan.named_tool)})
-    return {"id": plan.request_id, "object": "chat.completion",
-            "created": created or int(time.time()), "model": plan.model,
-            "choices": out, "usage": usage_body([final.usage], reasoning_tokens),
-            **_extensions(plan)}
+    return vllm_ext.chat_extras(plan.vllm, {
+        "id": plan.request_id, "object": "chat.completion",
+        "created": created or int(time.time()), "model": plan.model,
+        "choices": out, "usage": usage_body([final.usage], reasoning_tokens),
+        **_extensions(plan)}, plan.requests[0].prompt_ids, choices, final)
 
 
 def _delta_of(ev: tuple, ids: dict) -> dict:
@@ -557,6 +581,7 @@ def chat_stream(plan: OpenAIPlan, events: Iterable[Delta | Final | None],
     parsers = [OutputParser(plan.output) if plan.output.active else None
                for _ in range(plan.n)]
     call_ids: list[dict] = [{} for _ in range(plan.n)]
+    ext = vllm_ext.StreamExtras(plan.vllm, len(plan.requests[0].prompt_ids))
 
     def chunk(choices, **extra):
         c = {"id": plan.request_id, "object": "chat.completion.chunk", "created": created,
@@ -564,11 +589,13 @@ def chat_stream(plan: OpenAIPlan, events: Iterable[Delta | Final | None],
         if plan.include_usage:
             c["usage"] = None
         c.update(extra)
-        return c
+        return ext.decorate(c, plan.include_usage)
 
     for i in range(plan.n):
+        first = {"prompt_token_ids": list(plan.requests[0].prompt_ids)} \
+            if plan.vllm.return_token_ids and i == 0 else {}
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                      "logprobs": None, "finish_reason": None}])
+                      "logprobs": None, "finish_reason": None}], **first)
         if plan.echo_text:
             yield chunk([{"index": i, "delta": {"content": plan.echo_text},
                           "logprobs": None, "finish_reason": None}])
@@ -576,10 +603,13 @@ def chat_stream(plan: OpenAIPlan, events: Iterable[Delta | Final | None],
         if ev is None:
             yield None
         elif isinstance(ev, Final):
+            if ext.final_fields(ev):
+                yield chunk([], **ext.final_fields(ev))
             if plan.include_usage:
                 reasoning = sum(p.reasoning_tokens for p in parsers if p is not None)
                 yield chunk([], usage=usage_body([ev.usage], reasoning), **_extensions(plan))
         else:
+            ext.count(ev)
             parser = parsers[ev.index]
             if parser is None:
                 parsed = [("content", ev.text)] if ev.text else []
@@ -593,10 +623,14 @@ def chat_stream(plan: OpenAIPlan, events: Iterable[Delta | Final | None],
                                         for t in ev.tokens], "refusal": None}
                 if not parsed:
                     parsed = [("content", "")]
+            if not parsed and plan.vllm.return_token_ids and ev.tokens:
+                parsed = [("content", "")]      # the token ids still go out
             for k, item in enumerate(parsed):
-                yield chunk([{"index": ev.index, "delta": _delta_of(item, call_ids[ev.index]),
-                              "logprobs": logprobs if k == 0 else None,
-                              "finish_reason": None}])
+                choice = {"index": ev.index, "delta": _delta_of(item, call_ids[ev.index]),
+                          "logprobs": logprobs if k == 0 else None, "finish_reason": None}
+                if k == 0:
+                    ext.token_ids(choice, ev)
+                yield chunk([choice])
             if ev.finish_reason is not None:
                 calls = parser.calls if parser is not None else 0
                 yield chunk([{"index": ev.index, "delta": {}, "logprobs": None,
@@ -634,9 +668,11 @@ def completion_response(plan: OpenAIPlan, results: list[tuple[list[Choice], Fina
                 logprobs = legacy_logprobs(c.tokens, plan.top_logprobs, len(prefix))
             out.append({"index": p * plan.n + c.index, "text": prefix + c.text,
                         "logprobs": logprobs, "finish_reason": finish_reason(c)})
-    return {"id": plan.request_id, "object": "text_completion",
-            "created": created or int(time.time()), "model": plan.model, "choices": out,
-            "usage": usage_body(f.usage for _, f in results)}
+    return vllm_ext.completion_extras(plan.vllm, {
+        "id": plan.request_id, "object": "text_completion",
+        "created": created or int(time.time()), "model": plan.model, "choices": out,
+        "usage": usage_body(f.usage for _, f in results)},
+        [r.prompt_ids for r in plan.requests], results, plan.n)
 
 
 def completion_stream(plan: OpenAIPlan, prompt_index: int,
@@ -645,15 +681,22 @@ def completion_stream(plan: OpenAIPlan, prompt_index: int,
     """Chunks of one prompt's generation; its usage is appended to `usages` (the caller
     sends the usage chunk once every prompt is done)."""
     offsets = [0] * plan.n
+    ext = vllm_ext.StreamExtras(plan.vllm, len(plan.requests[prompt_index].prompt_ids))
+    sent_prompt_ids = [False] * plan.n
 
-    def chunk(index, text, logprobs, reason):
+    def chunk(index, text, logprobs, reason, ev=None):
+        choice = {"index": prompt_index * plan.n + index, "text": text, "logprobs": logprobs,
+                  "finish_reason": reason}
+        if plan.vllm.return_token_ids and not sent_prompt_ids[index]:
+            sent_prompt_ids[index] = True
+            choice["prompt_token_ids"] = list(plan.requests[prompt_index].prompt_ids)
+        if ev is not None:
+            ext.token_ids(choice, ev)
         c = {"id": plan.request_id, "object": "text_completion", "created": created,
-             "model": plan.model, "choices": [{"index": prompt_index * plan.n + index,
-                                               "text": text, "logprobs": logprobs,
-                                               "finish_reason": reason}]}
+             "model": plan.model, "choices": [choice]}
         if plan.include_usage:
             c["usage"] = None
-        return c
+        return ext.decorate(c, plan.include_usage)
 
     if plan.echo:
         for i in range(plan.n):
@@ -665,12 +708,16 @@ def completion_stream(plan: OpenAIPlan, prompt_index: int,
             yield None
         elif isinstance(ev, Final):
             usages.append(ev.usage)
+            if ext.final_fields(ev):
+                yield {"id": plan.request_id, "object": "text_completion", "created": created,
+                       "model": plan.model, "choices": [], **ext.final_fields(ev)}
         else:
-            if ev.text or (plan.logprobs and ev.tokens):
+            ext.count(ev)
+            if ev.text or (ev.tokens and (plan.logprobs or plan.vllm.return_token_ids)):
                 lp = (legacy_logprobs(ev.tokens, plan.top_logprobs, offsets[ev.index])
                       if plan.logprobs else None)
                 offsets[ev.index] += len(ev.text)
-                yield chunk(ev.index, ev.text, lp, None)
+                yield chunk(ev.index, ev.text, lp, None, ev)
             if ev.finish_reason is not None:
                 yield chunk(ev.index, "", None, finish_reason(ev))
 
@@ -680,8 +727,10 @@ def usage_chunk(plan: OpenAIPlan, usages: list[Usage], created: int) -> dict:
             "model": plan.model, "choices": [], "usage": usage_body(usages)}
 
 
+def model_card(info: ModelInfo, name: str) -> dict:
+    return {"id": name, "object": "model", "created": info.created, "owned_by": "flaxserve",
+            "max_model_len": info.max_model_len, "vocab_size": info.vocab_size}
+
+
 def models_body(info: ModelInfo) -> dict:
-    return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": info.created, "owned_by": "flaxserve",
-         "max_model_len": info.max_model_len, "vocab_size": info.vocab_size}
-        for name in info.served_names]}
+    return {"object": "list", "data": [model_card(info, name) for name in info.served_names]}

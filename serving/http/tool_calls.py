@@ -6,7 +6,9 @@ The parser reads the answer's text stream and gives content pieces and tool-call
 fragments are the same however the text arrives), so a streamed call accumulated by an
 SDK equals the non-streamed one: a partial `<tool_call>` is held back, and so is the tail
 of the arguments that may be the call object's closing `}`. Blank text next to a call is
-dropped. A `<tool_call>` whose name never parses is given back as content.
+dropped. A `<tool_call>` whose name never parses is given back as content, except when
+the call was forced (`forced`: the grammar made the whole output calls, so an unfinished
+one is a call cut by max_tokens, never text the model meant to say).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 
 class ToolCallParser:
-    def __init__(self, max_calls: int | None = None):
+    def __init__(self, max_calls: int | None = None, forced: bool = False):
         self.max_calls = max_calls
+        self.forced = forced
         self.calls = 0            # calls seen (including dropped ones past max_calls)
         self.state = "text"
         self.buf = ""             # text state: unsent text; call state: the call's text
@@ -102,7 +105,8 @@ class ToolCallParser:
         out: list[tuple] = []
         if self.state == "call" and not self.header:
             self.calls -= 1
-            self._content(OPEN + self.buf, out)
+            if not self.forced:
+                self._content(OPEN + self.buf, out)
         elif self.state == "text":
             self._content(self.buf, out)
         if self.calls == 0 and self.blank:

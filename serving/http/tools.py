@@ -7,6 +7,10 @@ Anthropic `any` or `tool`) is a `guided_grammar` in llguidance's Lark syntax:
 `<tool_call>` + a JSON object {"name": const, "arguments": that tool's parameters} +
 `</tool_call>`, an alternation over the allowed tools, repeated when parallel calls are
 allowed. So even a tiny model emits a call that parses and whose arguments validate.
+The tool's schema is embedded as the `arguments` property of the call object, so its
+`$defs` / `definitions` are hoisted to the root and its local `$ref`s rewritten (nested
+pydantic models refer to `#/$defs/...`), and the JSON has a fixed layout (`", "` and
+`": "`, no free whitespace: a model cannot spend its tokens on blanks inside a call).
 Schemas (tool parameters, response formats) are checked here, so a bad one is a 400
 naming its field before anything reaches the engine.
 """
@@ -117,6 +121,50 @@ def _literal(text: str, special: set[str]) -> str:
     return text if text in special else json.dumps(text)
 
 
+# llguidance's JSON options: the layout of json.dumps, nothing else between the tokens
+CALL_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_DEFS = ("$defs", "definitions")
+
+
+def _rebase(node, prefix: str, defs: dict[str, set[str]]):
+    """`node` with its local `$ref`s valid once it sits at `prefix` inside another schema:
+    refs to hoisted definitions stay as they are, every other local ref gets the prefix."""
+    if isinstance(node, list):
+        return [_rebase(x, prefix, defs) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for k, v in node.items():
+        if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+            parts = v[1:].split("/")
+            hoisted = len(parts) >= 3 and parts[0] == "" and parts[2] in defs.get(parts[1], ())
+            out[k] = v if hoisted else "#" + prefix + v[1:]
+        else:
+            out[k] = _rebase(v, prefix, defs)
+    return out
+
+
+def embed_schema(schema: dict, prefix: str) -> tuple[dict, dict]:
+    """(the schema to place at JSON pointer `prefix`, the definitions to put at the root).
+
+    `$defs` and `definitions` move to the root (their pointers keep resolving), other local
+    refs (`#`, `#/properties/x`) are rebased under `prefix`; `$schema` / `$id` are dropped
+    (only a root may carry them)."""
+    defs = {k: schema[k] for k in _DEFS if isinstance(schema.get(k), dict)}
+    names = {k: set(v) for k, v in defs.items()}
+    body = {k: v for k, v in schema.items() if k not in _DEFS and k not in ("$schema", "$id")}
+    return (_rebase(body, prefix, names),
+            {k: _rebase(v, prefix, names) for k, v in defs.items()})
+
+
+def call_object_schema(spec: ToolSpec) -> dict:
+    """The JSON schema of one call: {"name": const, "arguments": the tool's parameters}."""
+    arguments, defs = embed_schema(spec.parameters, "/properties/arguments")
+    return {"x-guidance": CALL_JSON_LAYOUT, "type": "object",
+            "properties": {"name": {"const": spec.name}, "arguments": arguments},
+            "required": ["name", "arguments"], "additionalProperties": False, **defs}
+
+
 def call_grammar(specs: list[ToolSpec], parallel: bool, special: set[str]) -> str:
     """An llguidance Lark grammar: one (or, `parallel`, one or more) forced tool calls."""
     open_, close = _literal("<tool_call>", special), _literal("</tool_call>", special)
@@ -125,8 +173,5 @@ def call_grammar(specs: list[ToolSpec], parallel: bool, special: set[str]) -> st
              "call: " + " | ".join(f"call_{i}" for i in range(len(specs)))]
     for i, s in enumerate(specs):
         lines.append(f'call_{i}: {open_} "\\n" body_{i} "\\n" {close}')
-        body = {"type": "object",
-                "properties": {"name": {"const": s.name}, "arguments": s.parameters},
-                "required": ["name", "arguments"], "additionalProperties": False}
-        lines.append(f"body_{i}: %json {json.dumps(body)}")
+        lines.append(f"body_{i}: %json {json.dumps(call_object_schema(s))}")
     return "\n".join(lines) + "\n"
