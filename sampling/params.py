@@ -22,8 +22,13 @@ TEMPERATURE_LAST_ORDER = tuple(s for s in STAGES if s != "temperature" and s != 
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 16
-MAX_BAD_WORDS = 16
-MAX_BAD_WORD_LEN = 8
+MAX_BAD_WORDS = 16                # bad_words strings
+MAX_BAD_WORD_LEN = 8              # tokens per banned sequence
+MAX_BAD_WORD_CHARS = 64           # characters per bad_words string
+# bad_words_ids lists, including the tokenizations of bad_words (two per word: with and
+# without a leading space)
+MAX_BAD_WORD_SEQUENCES = 3 * MAX_BAD_WORDS
+MAX_TOP_P_RESET_IDS = 8
 MAX_DRY_BREAKERS = 32
 MAX_NGRAM = 16
 
@@ -54,6 +59,15 @@ class SamplingParams:
     mirostat_mode: int = 0
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
+    # dynamic top-p (TensorRT-LLM): after each token p = max(p * decay, min), reset to top_p
+    # when the token is one of top_p_reset_ids (sampling/dynamic_top_p.py)
+    top_p_decay: float = 1.0
+    top_p_min: float = 1e-6
+    top_p_reset_ids: list[int] = field(default_factory=list)
+    # beam search (not served yet): only their neutral values are accepted
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool = False
     # -- penalties ----------------------------------------------------------------------------
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -72,6 +86,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     allowed_token_ids: list[int] | None = None
     bad_words_ids: list[list[int]] = field(default_factory=list)
+    bad_words: list[str] = field(default_factory=list)   # strings; sampling/bad_words.py
     min_tokens: int = 0
     # -- stopping (host side, except min_tokens' EOS mask) ----------------------------------------
     max_tokens: int | None = None
@@ -125,6 +140,11 @@ class SamplingParams:
             values["logit_bias"] = bias
         if isinstance(values.get("stop"), str):
             values["stop"] = [values["stop"]]
+        if isinstance(values.get("top_p_reset_ids"), int) and not isinstance(
+                values["top_p_reset_ids"], bool):
+            values["top_p_reset_ids"] = [values["top_p_reset_ids"]]   # TensorRT-LLM: one id
+        if isinstance(values.get("bad_words"), str):
+            values["bad_words"] = [values["bad_words"]]
         return cls(**values).validate(vocab_size)
 
     def to_dict(self) -> dict:
@@ -182,6 +202,8 @@ class SamplingParams:
             raise _err("mirostat_mode", "0 (off) or 2 (mirostat v2)", self.mirostat_mode)
         number("mirostat_tau", 0.0)
         number("mirostat_eta", 0.0)
+        self._validate_dynamic_top_p(number, token_id)
+        self._validate_beam_search(number, flag)
         number("repetition_penalty", 0.0, lo_open=True)
         number("presence_penalty", -2.0, 2.0)
         number("frequency_penalty", -2.0, 2.0)
@@ -215,9 +237,15 @@ class SamplingParams:
                            self.allowed_token_ids)
             for t in self.allowed_token_ids:
                 token_id("allowed_token_ids", t)
-        if not isinstance(self.bad_words_ids, list) or len(self.bad_words_ids) > MAX_BAD_WORDS:
-            raise _err("bad_words_ids", f"a list of at most {MAX_BAD_WORDS} token-id lists",
-                       self.bad_words_ids)
+        if not isinstance(self.bad_words_ids, list) or len(
+                self.bad_words_ids) > MAX_BAD_WORD_SEQUENCES:
+            raise _err("bad_words_ids", f"a list of at most {MAX_BAD_WORD_SEQUENCES} "
+                       "token-id lists", self.bad_words_ids)
+        words = self.bad_words
+        if not isinstance(words, list) or len(words) > MAX_BAD_WORDS or not all(
+                isinstance(w, str) and w.strip() and len(w) <= MAX_BAD_WORD_CHARS for w in words):
+            raise _err("bad_words", f"a list of at most {MAX_BAD_WORDS} non-blank strings of "
+                       f"at most {MAX_BAD_WORD_CHARS} characters", self.bad_words)
         for word in self.bad_words_ids:
             if not isinstance(word, list) or not 1 <= len(word) <= MAX_BAD_WORD_LEN:
                 raise _err("bad_words_ids", f"lists of 1 to {MAX_BAD_WORD_LEN} token ids", word)
@@ -268,6 +296,32 @@ class SamplingParams:
     def guided(self) -> str | None:
         """The guided_* field this request sets, if any."""
         return next((f for f in GUIDED_FIELDS if getattr(self, f) not in (None, False)), None)
+
+    def _validate_dynamic_top_p(self, number, token_id) -> None:
+        number("top_p_decay", 0.0, 1.0, lo_open=True)
+        number("top_p_min", 0.0, 1.0, lo_open=True)
+        if self.top_p_min > self.top_p:
+            raise _err("top_p_min", f"<= top_p ({self.top_p}), the floor of a decaying top_p",
+                       self.top_p_min)
+        if not isinstance(self.top_p_reset_ids, list) or len(
+                self.top_p_reset_ids) > MAX_TOP_P_RESET_IDS:
+            raise _err("top_p_reset_ids", f"a token id or a list of at most "
+                       f"{MAX_TOP_P_RESET_IDS}", self.top_p_reset_ids)
+        for t in self.top_p_reset_ids:
+            token_id("top_p_reset_ids", t)
+
+    def _validate_beam_search(self, number, flag) -> None:
+        flag("use_beam_search")
+        flag("early_stopping")
+        number("length_penalty")
+        if self.use_beam_search:
+            raise _err("use_beam_search", "false: beam search is not supported yet", True)
+        if self.length_penalty != 1.0:
+            raise _err("length_penalty", "1.0 (neutral) without use_beam_search: it only "
+                       "applies to beam search, which needs use_beam_search", self.length_penalty)
+        if self.early_stopping:
+            raise _err("early_stopping", "false without use_beam_search: it only applies to "
+                       "beam search, which needs use_beam_search", self.early_stopping)
 
     def _validate_guided(self, token_id) -> None:
         set_ = [f for f in GUIDED_FIELDS if getattr(self, f) not in (None, False)]

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sampling import registry
-from sampling.params import (MAX_BAD_WORD_LEN, MAX_BAD_WORDS, MAX_DRY_BREAKERS,
-                             MAX_STOP_TOKEN_IDS, STAGES, SamplingParams)
+from sampling.params import (MAX_BAD_WORD_LEN, MAX_BAD_WORD_SEQUENCES, MAX_DRY_BREAKERS,
+                             MAX_STOP_TOKEN_IDS, MAX_TOP_P_RESET_IDS, STAGES, SamplingParams)
 
 NUM_STAGES = len(STAGES)
 
@@ -32,6 +32,9 @@ class SamplingRows:
     temperature: jax.Array
     top_k: jax.Array              # int32, 0 = off
     top_p: jax.Array
+    top_p_decay: jax.Array        # dynamic top-p (1 = off); the current p is in SamplerState
+    top_p_min: jax.Array
+    top_p_reset_ids: jax.Array    # int32 [S, MAX_TOP_P_RESET_IDS], -1 pad
     min_p: jax.Array
     typical_p: jax.Array
     epsilon: jax.Array
@@ -58,7 +61,7 @@ class SamplingRows:
     no_repeat_ngram: jax.Array    # int32
     has_bias: jax.Array           # bool [S]
     bias: jax.Array               # float32 [S, V]: logit_bias + hard masks (-inf)
-    bad_words: jax.Array          # int32 [S, MAX_BAD_WORDS, MAX_BAD_WORD_LEN], right-aligned, -1 pad
+    bad_words: jax.Array          # int32 [S, MAX_BAD_WORD_SEQUENCES, MAX_BAD_WORD_LEN], right-aligned, -1 pad
     min_tokens: jax.Array         # int32
     min_stop_ids: jax.Array       # int32 [S, MAX_STOP_TOKEN_IDS + 8], -1 pad
     logprobs_processed: jax.Array  # bool
@@ -87,6 +90,8 @@ def make_rows(params: list[SamplingParams | None], vocab_size: int, seeds: list[
     cols = dict(
         seed_hi=np.zeros(s, np.uint32), seed_lo=np.zeros(s, np.uint32), sample_index=i32(0),
         greedy=np.ones(s, bool), temperature=f32(1.0), top_k=i32(0), top_p=f32(1.0),
+        top_p_decay=f32(1.0), top_p_min=f32(1e-6),
+        top_p_reset_ids=np.full((s, MAX_TOP_P_RESET_IDS), -1, np.int32),
         min_p=f32(0.0), typical_p=f32(1.0), epsilon=f32(0.0), eta=f32(0.0),
         top_n_sigma=f32(0.0), xtc_probability=f32(0.0), xtc_threshold=f32(0.1),
         dynatemp_range=f32(0.0), dynatemp_exponent=f32(1.0), mirostat=np.zeros(s, bool),
@@ -97,7 +102,7 @@ def make_rows(params: list[SamplingParams | None], vocab_size: int, seeds: list[
         dry_last_n=i32(0), dry_breakers=np.full((s, MAX_DRY_BREAKERS), -1, np.int32),
         no_repeat_ngram=i32(0), has_bias=np.zeros(s, bool),
         bias=np.zeros((s, vocab_size), np.float32),
-        bad_words=np.full((s, MAX_BAD_WORDS, MAX_BAD_WORD_LEN), -1, np.int32),
+        bad_words=np.full((s, MAX_BAD_WORD_SEQUENCES, MAX_BAD_WORD_LEN), -1, np.int32),
         min_tokens=i32(0), min_stop_ids=np.full((s, MAX_STOP_TOKEN_IDS + 8), -1, np.int32),
         logprobs_processed=np.zeros(s, bool), return_entropy=np.zeros(s, bool),
         order=np.tile(np.arange(NUM_STAGES, dtype=np.int32), (s, 1)),
@@ -115,6 +120,9 @@ def make_rows(params: list[SamplingParams | None], vocab_size: int, seeds: list[
         c["temperature"][r] = p.temperature if p.temperature > 0 else 1.0
         c["top_k"][r] = max(p.top_k, 0)
         c["top_p"][r] = p.top_p
+        c["top_p_decay"][r] = p.top_p_decay
+        c["top_p_min"][r] = p.top_p_min
+        c["top_p_reset_ids"][r, :len(p.top_p_reset_ids)] = p.top_p_reset_ids
         c["min_p"][r] = p.min_p
         c["typical_p"][r] = p.typical_p
         c["epsilon"][r] = p.epsilon_cutoff

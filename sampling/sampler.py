@@ -9,7 +9,8 @@
  4. registered processors (sampling/registry.py), in name order
  5-6. T == 0 rows: argmax of the logits after 1-4, no division, no warpers
  7. temperature (or dynamic temperature)
- 8. top_n_sigma -> min_p -> top_k -> top_p -> typical -> epsilon -> eta
+ 8. top_n_sigma -> min_p -> top_k -> top_p -> typical -> epsilon -> eta (top_p of a row
+    with top_p_decay < 1 is its current, decayed p: sampling/dynamic_top_p.py)
  9. XTC
  10. processed snapshot; 11. draw: inverse CDF with one uniform from the row's own key (or mirostat v2)
 
@@ -42,7 +43,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from sampling import filters, penalties, registry
+from sampling import dynamic_top_p, filters, penalties, registry
 from sampling.params import STAGES
 from sampling.rows import NUM_STAGES, SamplingRows, processor_args
 from sampling.state import SamplerState, append
@@ -189,6 +190,7 @@ def process_logits(logits: jax.Array, rows: SamplingRows, state: SamplerState, *
     logits = logits.astype(jnp.float32)
     logits = jnp.where(jnp.isnan(logits), -jnp.inf, logits)
     keys = row_keys(rows, state.step)
+    rows = rows.replace(top_p=dynamic_top_p.current(rows, state))   # decayed top_p rows
     x = _hard_masks(logits, rows, state, mask)
     return _run_stages(x, rows, state, keys, custom_order)
 
@@ -287,7 +289,8 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
         entropy=jnp.where(error | jnp.isnan(ent), 0.0, ent),
         error=error,
     )
-    return out, append(state, tokens, mu)
+    top_p_next = dynamic_top_p.advance(rows, dynamic_top_p.current(rows, state), tokens)
+    return out, append(state, tokens, mu, top_p_next)
 
 
 def score_tokens(logits: jax.Array, targets: jax.Array, *, num_top: int = 0):

@@ -2,7 +2,8 @@
 
 Penalties, DRY, no-repeat n-grams and mirostat all depend on what a sequence has seen, so
 each slot keeps its token history (prompt then output), output token counts, prompt token
-counts, its step index (which also feeds its PRNG key) and mirostat's mu. Forking a
+counts, its step index (which also feeds its PRNG key), mirostat's mu and the current p of
+a decaying top-p (sampling/dynamic_top_p.py; -1 until the first token). Forking a
 sequence for n > 1 is a row copy; nothing here is shared between rows.
 """
 
@@ -22,6 +23,7 @@ class SamplerState:
     out_counts: jax.Array     # int32 [S, V]: output token counts
     prompt_counts: jax.Array  # int32 [S, V]: prompt token counts
     mu: jax.Array             # float32 [S]: mirostat v2 state
+    top_p: jax.Array          # float32 [S]: dynamic top-p's current p, -1 = the row's top_p
 
 
 def init_state(slots: int, vocab_size: int, max_len: int) -> SamplerState:
@@ -33,6 +35,7 @@ def init_state(slots: int, vocab_size: int, max_len: int) -> SamplerState:
         out_counts=jnp.zeros((slots, vocab_size), jnp.int32),
         prompt_counts=jnp.zeros((slots, vocab_size), jnp.int32),
         mu=jnp.zeros((slots,), jnp.float32),
+        top_p=jnp.full((slots,), -1.0, jnp.float32),
     )
 
 
@@ -51,10 +54,12 @@ def reset_row(state: SamplerState, slot, prompt_ids: jax.Array, prompt_len,
         out_counts=put(state.out_counts, jnp.zeros((vocab,), jnp.int32)),
         prompt_counts=put(state.prompt_counts, counts),
         mu=state.mu.at[slot].set(2.0 * rows_one.mirostat_tau[0]),
+        top_p=state.top_p.at[slot].set(-1.0),
     )
 
 
-def append(state: SamplerState, tokens: jax.Array, mu: jax.Array) -> SamplerState:
+def append(state: SamplerState, tokens: jax.Array, mu: jax.Array,
+           top_p: jax.Array | None = None) -> SamplerState:
     """Record one sampled token per row (every row; the engine ignores inactive ones)."""
     s, max_len = state.history.shape
     rows = jnp.arange(s)
@@ -65,4 +70,5 @@ def append(state: SamplerState, tokens: jax.Array, mu: jax.Array) -> SamplerStat
         step=state.step + 1,
         out_counts=state.out_counts.at[rows, tokens].add(1),
         mu=mu,
+        top_p=state.top_p if top_p is None else top_p,
     )

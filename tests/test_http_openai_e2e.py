@@ -170,9 +170,9 @@ def test_legacy_echo_logprobs_scores_the_prompt(client):
 
 
 @pytest.mark.parametrize("patch,param", [
-    ({"temperature": 3}, "temperature"), ({"top_k": -7}, "top_k"),
+    ({"temperature": 4.5}, "temperature"), ({"top_k": -7}, "top_k"),
     ({"top_logprobs": 2}, "top_logprobs"), ({"logit_bias": {"100000": 5}}, "logit_bias"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": [f"s{i}" for i in range(33)]}, "stop"),
     # tools and response_format are served now; bad values of them are still a 400
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]},
      "tools[0].function.name"),

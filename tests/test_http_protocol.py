@@ -77,7 +77,7 @@ def test_chat_maps_every_sampling_extension(info):
 
 
 @pytest.mark.parametrize("patch,param", [
-    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": 4.5}, "temperature"),
     ({"temperature": -1}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"top_k": 1.5}, "top_k"),
@@ -88,7 +88,7 @@ def test_chat_maps_every_sampling_extension(info):
     ({"seed": "x"}, "seed"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"max_tokens": -3}, "max_tokens"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": [f"s{i}" for i in range(33)]}, "stop"),
     ({"stop": [""]}, "stop"),
     ({"logprobs": "yes"}, "logprobs"),
     ({"top_logprobs": 3}, "top_logprobs"),

@@ -56,8 +56,10 @@ COMPLETION_FIELDS = {"model", "prompt", "stream", "stream_options", "suffix", "e
                      "response_format"} | set(GUIDED) | IGNORED | SAMPLING_FIELDS
 ROLES = ("developer", "system", "user", "assistant", "tool")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
-OPENAI_MAX_TEMPERATURE = 2.0
-MAX_STOP = 4
+# Limits: the widest of the hosted OpenAI-compatible APIs (docs/fields.md), still validated.
+OPENAI_MAX_TEMPERATURE = 4.0      # Baseten / TensorRT-LLM; OpenAI itself stops at 2
+MAX_STOP = 32                     # chat: Baseten's 32 sequences (OpenAI: 4)
+MAX_STOP_COMPLETIONS = 128        # /v1/completions: vLLM has no cap; eval harnesses send many
 MAX_LEGACY_LOGPROBS = 20
 
 
@@ -95,7 +97,7 @@ def _check_known(body, known: set[str]) -> None:
                           "silently ignored; see GET /openapi.json)", unknown[0])
 
 
-def _stop(body: dict) -> list[str]:
+def _stop(body: dict, cap: int = MAX_STOP) -> list[str]:
     v = body.get("stop")
     if v is None:
         return []
@@ -103,8 +105,8 @@ def _stop(body: dict) -> list[str]:
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
         raise bad_request("`stop` must be a non-empty string or a list of them", "stop")
-    if len(v) > MAX_STOP:
-        raise bad_request(f"`stop` takes at most {MAX_STOP} sequences, got {len(v)}", "stop")
+    if len(v) > cap:
+        raise bad_request(f"`stop` takes at most {cap} sequences, got {len(v)}", "stop")
     return v
 
 
@@ -474,7 +476,8 @@ def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> Op
     ids, texts = _prompts(body.get("prompt"), tok, _bool(body, "add_special_tokens", True))
     keep = _opt_int(body, "truncate_prompt_tokens", 1)
     ids = [truncate(p, keep) for p in ids]
-    sampling = _sampling(body, {"max_tokens": max_tokens, "stop": _stop(body),
+    sampling = _sampling(body, {"max_tokens": max_tokens,
+                                "stop": _stop(body, MAX_STOP_COMPLETIONS),
                                 "logprobs": k is not None, "top_logprobs": k or 0,
                                 **({"prompt_logprobs": k} if echo and k is not None else {}),
                                 **guided},
