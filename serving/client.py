@@ -40,7 +40,12 @@ class EngineClient:
         self.address = address
         self.channel = grpc.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # reconnect within a second of a restarted engine (gRPC's default backoff
+            # grows to minutes: a front end took ~7 s to see its engine back)
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 1000),
+            ("grpc.max_reconnect_backoff_ms", 1000)])
         self.stub = pb_grpc.FlaxServeStub(self.channel)
 
     def close(self) -> None:

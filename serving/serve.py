@@ -1,11 +1,20 @@
-"""`flaxserve serve`: the batch server and the HTTP front end, one command.
+"""`flaxserve serve`: the batch server and the HTTP front end, one command, supervised.
 
-Two child processes, supervised here: `flaxserve engine` (the only process that imports
-JAX and holds the device) and `flaxserve http` (gunicorn). The front end starts once the
-engine's gRPC health check says SERVING, so the first HTTP request never meets a cold
-engine. Ctrl-C or SIGTERM stops the front end first (no new requests), then the engine;
-if either child dies, the other is stopped and the exit status says so. API keys go to
-the front end through its environment (FLAXSERVE_API_KEYS), never its command line.
+Two child processes: `flaxserve engine` (the only process that imports JAX and holds the
+device) and `flaxserve http` (gunicorn). Both ports are checked before anything loads, so a
+busy port is one clear error line at once (never a new front end talking to an old
+engine). The front end starts once the engine's gRPC health says SERVING, and "serving on"
+is printed once it accepts connections.
+
+Supervision: each child runs in its own process group (a terminal's Ctrl-C or hang-up
+reaches this process alone) and dies with it (parent-death signal, `serving.process`), so
+nothing outlives `serve`, even a SIGKILL of it. A child that dies is restarted with backoff
+(1, 2, 4 ... 30 s); while the engine is down the front end answers 503 with Retry-After,
+and it reconnects within a second of the engine being back. SIGTERM, SIGINT or SIGHUP
+stop the front end first (it stops accepting and lets running requests finish for up to
+`--drain-timeout`, then ends them with an error event), then the engine; a second signal
+kills both at once. API keys go to the front end through its environment
+(FLAXSERVE_API_KEYS), never its command line.
 """
 
 from __future__ import annotations
@@ -17,11 +26,15 @@ import sys
 import time
 
 ENGINE_START_TIMEOUT_S = 1800.0
+HTTP_START_TIMEOUT_S = 120.0
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STABLE_S = 60.0          # a child up this long starts its backoff from the beginning again
 
 
 def add_arguments(parser) -> None:
+    from serving.http.main import add_limit_arguments
     parser.add_argument("--model", default="default",
-                        help="Hugging Face dir, orbax dir written by convert, or 'default'")
+                        help="model reference: default (bundled), smollm2, a Hugging Face or orbax dir, a .gguf file, or a Hub id org/name[@revision]")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=50051)
@@ -33,16 +46,26 @@ def add_arguments(parser) -> None:
                         help="a Jinja chat template file that replaces the model's")
     parser.add_argument("--max-slots", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-queue", type=int, default=None,
+                        help="the engine's admission queue (default: the engine's, 256)")
     parser.add_argument("--mesh", default=None, metavar="data=1,model=1")
     parser.add_argument("--engine-start-timeout", type=float, default=ENGINE_START_TIMEOUT_S,
-                        help="seconds to wait for the engine to load and compile")
+                        help="seconds to wait for the engine to load and compile "
+                             f"(default {ENGINE_START_TIMEOUT_S:g})")
+    add_limit_arguments(parser)
+
+
+LIMIT_FLAGS = (("--max-inflight", "max_inflight"), ("--max-waiting", "max_waiting"),
+               ("--queue-timeout", "queue_timeout"), ("--header-timeout", "header_timeout"),
+               ("--body-timeout", "body_timeout"), ("--max-connections", "max_connections"),
+               ("--drain-timeout", "drain_timeout"))
 
 
 def engine_command(args) -> list[str]:
     cmd = [sys.executable, "-m", "serving.cli", "engine", "--model", args.model,
-           "--grpc-port", str(args.grpc_port)]
+           "--grpc-port", str(args.grpc_port), "--drain-timeout", str(args.drain_timeout)]
     for flag, value in (("--max-slots", args.max_slots), ("--max-model-len", args.max_model_len),
-                        ("--mesh", args.mesh)):
+                        ("--max-queue", args.max_queue), ("--mesh", args.mesh)):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd
@@ -52,11 +75,58 @@ def http_command(args) -> list[str]:
     cmd = [sys.executable, "-m", "serving.http.main", "--engine",
            f"127.0.0.1:{args.grpc_port}", "--host", args.host, "--port", str(args.port),
            "--workers", str(args.workers)]
+    for flag, name in LIMIT_FLAGS:
+        cmd += [flag, str(getattr(args, name))]
     for name in args.served_model_name:
         cmd += ["--served-model-name", name]
     if args.chat_template is not None:
         cmd += ["--chat-template", os.path.abspath(args.chat_template)]
     return cmd
+
+
+def _say(msg: str) -> None:
+    print(f"flaxserve: {msg}", file=sys.stderr, flush=True)
+
+
+class Child:
+    """One supervised child: its own process group, dies with us, restarted with backoff."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict):
+        self.name, self.cmd, self.env = name, cmd, env
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.failures = 0
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, env=self.env, process_group=0)
+        self.started = time.monotonic()
+        self.restart_at = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def schedule_restart(self) -> float:
+        if time.monotonic() - self.started > STABLE_S:
+            self.failures = 0
+        delay = BACKOFF_S[min(self.failures, len(BACKOFF_S) - 1)]
+        self.failures += 1
+        self.restart_at = time.monotonic() + delay
+        return delay
+
+    def stop(self, grace_s: float, force=lambda: False) -> None:
+        """SIGTERM, up to `grace_s` to exit, then SIGKILL of its whole process group."""
+        from serving.process import kill_group
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while self.proc.poll() is None and time.monotonic() < deadline and not force():
+                time.sleep(0.05)
+        kill_group(self.proc.pid, signal.SIGKILL)     # what is left of it (e.g. workers)
+        if self.proc.poll() is None:
+            self.proc.wait()
 
 
 def wait_engine(proc: subprocess.Popen, address: str, timeout_s: float,
@@ -73,64 +143,100 @@ def wait_engine(proc: subprocess.Popen, address: str, timeout_s: float,
             if proc.poll() is not None:
                 raise ValueError(f"the engine exited with status {proc.returncode} while "
                                  "starting (see its log above)")
-            if link.healthy(timeout_s=2.0):
+            if link.healthy(timeout_s=1.0):
                 return True
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         link.close()
     raise ValueError(f"the engine did not become healthy within {timeout_s:.0f} s")
 
 
-def _stop(proc: subprocess.Popen | None, grace_s: float = 20.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def wait_http(proc: subprocess.Popen, host: str, port: int, timeout_s: float,
+              stopping=lambda: False) -> bool:
+    """True once the front end accepts connections (the port was free before it started,
+    so whatever answers is ours)."""
+    from serving.process import can_connect
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if stopping():
+            return False
+        if proc.poll() is not None:
+            raise ValueError(f"the http front end exited with status {proc.returncode} "
+                             "while starting (see its log above)")
+        if can_connect(host, port):
+            return True
+        time.sleep(0.1)
+    raise ValueError(f"the http front end did not listen within {timeout_s:.0f} s")
 
 
 def run(args) -> int:
     from serving.http.auth import ENV_VAR, load_keys
+    from serving.http.main import limits_from_args
+    from serving.process import PARENT_ENV, check_port_free
 
     for name in ("port", "grpc_port", "workers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    limits_from_args(args)                            # flag errors before anything starts
+    check_port_free(args.host, args.port, "--port")
+    check_port_free("127.0.0.1", args.grpc_port, "--grpc-port")
+    if args.port == args.grpc_port:
+        raise ValueError("--port and --grpc-port must differ")
     keys = load_keys(args.api_key, args.api_key_file)
-    stopping = False
+    # the engine's gRPC port takes a token that only our two children (and this process's
+    # health checks) know, so other users of the host cannot bypass the HTTP API keys
+    import secrets
+    os.environ.setdefault("FLAXSERVE_GRPC_TOKEN", secrets.token_urlsafe(32))
+    signals = []
 
     def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = True
+        signals.append(signum)
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    engine = http = None
+    def stopping() -> bool:
+        return bool(signals)
+
+    def forced() -> bool:
+        return len(signals) > 1
+
+    watched = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, on_signal) for s in watched}
+    env = dict(os.environ)
+    env[PARENT_ENV] = str(os.getpid())
+    http_env = dict(env)
+    if keys:
+        http_env[ENV_VAR] = ",".join(keys)
+    address = f"127.0.0.1:{args.grpc_port}"
+    engine = Child("engine", engine_command(args), env)
+    http = Child("http front end", http_command(args), http_env)
     try:
-        engine = subprocess.Popen(engine_command(args))
-        if not wait_engine(engine, f"127.0.0.1:{args.grpc_port}", args.engine_start_timeout,
-                           lambda: stopping):
+        engine.start()
+        if not wait_engine(engine.proc, address, args.engine_start_timeout, stopping):
             return 0
-        env = dict(os.environ)
-        if keys:
-            env[ENV_VAR] = ",".join(keys)
-        http = subprocess.Popen(http_command(args), env=env)
-        print(f"flaxserve: serving on http://{args.host}:{args.port} "
-              f"(engine on 127.0.0.1:{args.grpc_port})", file=sys.stderr, flush=True)
-        while not stopping:
-            if engine.poll() is not None or http.poll() is not None:
-                time.sleep(0.5)  # a Ctrl-C reaches the children too: let ours land first
-                break
-            time.sleep(0.2)
-        if stopping:
+        http.start()
+        if not wait_http(http.proc, args.host, args.port, HTTP_START_TIMEOUT_S, stopping):
             return 0
-        dead, code = ("engine", engine.returncode) if engine.poll() is not None else (
-            "http front end", http.returncode)
-        print(f"flaxserve: the {dead} exited with status {code}; stopping", file=sys.stderr)
-        return 1
+        _say(f"serving on http://{args.host}:{args.port} (engine on {address})")
+        while not stopping():
+            for child in (engine, http):
+                if child.restart_at is None and not child.alive():
+                    delay = child.schedule_restart()
+                    _say(f"the {child.name} exited with status {child.proc.returncode}; "
+                         f"restarting it in {delay:.0f} s")
+                elif child.restart_at is not None and time.monotonic() >= child.restart_at:
+                    child.start()
+                    if child is engine:
+                        try:
+                            if wait_engine(engine.proc, address, args.engine_start_timeout,
+                                           stopping):
+                                _say("the engine is back")
+                        except ValueError as e:
+                            _say(str(e))
+            time.sleep(0.1)
+        _say(f"stopping ({signal.Signals(signals[0]).name}): the front end drains "
+             f"(up to {args.drain_timeout:g} s), then the engine stops")
+        return 0
     finally:
-        _stop(http)
-        _stop(engine)
+        http.stop(args.drain_timeout + 15.0, forced)
+        engine.stop(args.drain_timeout + 15.0, forced)
         for s, h in old.items():
             signal.signal(s, h)

@@ -109,6 +109,8 @@ def run(args) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(model_dir))
     server = EngineServer(scheduler, name, model_dir, tokenizer)
     stop = threading.Event()
+    from serving.process import die_with_parent
+    die_with_parent()             # started by `flaxserve serve`: never outlive it
     old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         port = server.start(args.host, args.grpc_port)

@@ -34,7 +34,7 @@ MAX_BODY = 32 * 1024 * 1024
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
           "/v1/messages/count_tokens", "/health", "/metrics", "/openapi.json",
           "/v1/responses", "/tokenize", "/detokenize", "/version")
-AUTH_OUTSIDE_V1 = ("/tokenize", "/detokenize")    # vLLM's paths, the model's tokenizer
+AUTH_OUTSIDE_V1 = ("/tokenize", "/detokenize", "/tokenizer_info")    # vLLM's paths, the model's tokenizer
 KEEPALIVE_S = 10.0
 ANTHROPIC_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -313,6 +313,14 @@ class Version:
         resp.media = tokenize_api.version()
 
 
+class TokenizerInfo:
+    def __init__(self, server: _Server):
+        self.server = server
+
+    def on_get(self, req, resp):
+        resp.media = tokenize_api.tokenizer_info(self.server.info())
+
+
 class Messages:
     def __init__(self, server: _Server):
         self.server = server
@@ -405,6 +413,7 @@ def create_app(settings: Settings, link=None) -> falcon.App:
     app.add_route("/tokenize", Tokenize(server))
     app.add_route("/detokenize", Tokenize(server, detokenize=True))
     app.add_route("/version", Version())
+    app.add_route("/tokenizer_info", TokenizerInfo(server))
     app.add_route("/v1/messages", Messages(server))
     app.add_route("/v1/messages/count_tokens", CountTokens(server))
     app.add_route("/health", Health(server))

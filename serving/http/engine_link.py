@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
 
+from serving.http import admission
 from serving.http.errors import APIError, from_value_error
 from serving.http.generation import GenRequest
 
 _END = object()
+HEALTH_INTERVAL_S = 0.25
 
 
 @dataclass
@@ -33,19 +36,20 @@ class EngineModel:
 def map_rpc_error(e: grpc.RpcError) -> APIError:
     code = e.code() if hasattr(e, "code") else None
     details = (e.details() if hasattr(e, "details") else None) or str(e)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return APIError(429, f"the engine is at capacity: {details}", retry_after=1.0)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:   # 529 on /v1/messages (app.py)
+        return APIError(429, f"the engine is at capacity: {details}",
+                        code="server_overloaded", retry_after=1.0)
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
                 grpc.StatusCode.FAILED_PRECONDITION):
         return from_value_error(ValueError(details))
     if code == grpc.StatusCode.NOT_FOUND:
         return APIError(404, details, param="model", code="model_not_found")
     if code == grpc.StatusCode.UNAVAILABLE:
-        return APIError(503, f"the engine is unavailable: {details}")
+        return APIError(503, f"the engine is unavailable: {details}", retry_after=1.0)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return APIError(504, f"the engine did not answer in time: {details}")
     if code == grpc.StatusCode.CANCELLED:
-        return APIError(503, f"the generation was cancelled: {details}")
+        return APIError(503, f"the generation was cancelled: {details}", retry_after=1.0)
     return APIError(500, f"engine error ({code.name if code else 'unknown'}): {details}")
 
 
@@ -62,8 +66,10 @@ class GenStream:
         self._keepalive_s = keepalive_s
         self._queue: queue.Queue = queue.Queue()
         self._cancelled = False
+        self._aborted: APIError | None = None
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
+        admission.attach(self)      # a client that leaves, or a shutdown, can abort it now
         self._pending = self._next_blocking()   # the first answer, or its error, now
 
     def _read(self) -> None:
@@ -83,6 +89,8 @@ class GenStream:
         return item
 
     def _raise_if_error(self, item) -> None:
+        if self._aborted is not None:
+            raise self._aborted
         if isinstance(item, grpc.RpcError):
             raise map_rpc_error(item)
         if isinstance(item, APIError):
@@ -105,6 +113,13 @@ class GenStream:
             self._cancelled = True
             self._call.cancel()
 
+    def abort(self, err: APIError) -> None:
+        """End the stream with `err` (its reader sees it next) and free the engine slot.
+        From any thread: the client left, or the server is shutting down."""
+        self._aborted = err
+        self._queue.put(_END)       # wakes a reader blocked on the queue
+        self.cancel()
+
 
 class EngineLink:
     """`serving.client.EngineClient` plus what the front end adds: errors as `APIError`,
@@ -113,13 +128,35 @@ class EngineLink:
     def __init__(self, address: str):
         from serving.client import EngineClient
         self.address = address
+        self._healthy = False
+        self._health_thread: threading.Thread | None = None
+        self._health_lock = threading.Lock()
+        self._closed = False
         self.client = EngineClient(address)
 
     def close(self) -> None:
+        self._closed = True
         self.client.close()
 
     def healthy(self, timeout_s: float = 2.0) -> bool:
         return self.client.healthy(timeout=timeout_s)
+
+    def healthy_cached(self) -> bool:
+        """The engine's health as last seen by a watcher thread (every 0.25 s), so that
+        `/health` answers at once under any load and while the engine is down."""
+        if self._health_thread is None:
+            with self._health_lock:
+                if self._health_thread is None:
+                    self._healthy = self.healthy(timeout_s=1.0)
+                    self._health_thread = threading.Thread(
+                        target=self._watch_health, daemon=True, name="flaxserve-health")
+                    self._health_thread.start()
+        return self._healthy
+
+    def _watch_health(self) -> None:
+        while not self._closed:
+            time.sleep(HEALTH_INTERVAL_S)
+            self._healthy = self.healthy(timeout_s=1.0)
 
     def model_info(self) -> EngineModel:
         try:
@@ -131,7 +168,8 @@ class EngineLink:
                            vocab_size=m.vocab_size or None)
 
     def stats(self) -> dict:
-        reply = self.client.stats()
+        from serving.proto import flaxserve_pb2 as pb
+        reply = self.client.stub.Stats(pb.StatsRequest(), timeout=1.0)
         return {"queue_depth": reply.queue_depth, "slots_in_use": reply.slots_in_use}
 
     def generate(self, request: GenRequest, keepalive_s: float | None = None) -> GenStream:

@@ -26,7 +26,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None,
-                        help="concurrent requests per worker (default 32)")
+                        help="threads per worker (default: --max-inflight + --max-waiting "
+                             "+ 16)")
+    add_limit_arguments(parser)
     parser.add_argument("--api-key", action="append", default=[], metavar="K",
                         help="accepted API key (repeatable); also FLAXSERVE_API_KEYS")
     parser.add_argument("--api-key-file", default=None, metavar="F",
@@ -39,6 +41,43 @@ def add_arguments(parser) -> None:
                         help="a Jinja chat template file that replaces the model's")
     parser.add_argument("--response-store", default=RESPONSE_STORE, metavar="FILE",
                         help="SQLite file of stored /v1/responses (store: true)")
+
+
+def add_limit_arguments(parser) -> None:
+    """Admission, slow-client and shutdown limits (per worker); `serve` has them too."""
+    from serving.http.admission import Limits
+    d = Limits()
+    parser.add_argument("--max-inflight", type=int, default=d.max_inflight, metavar="N",
+                        help="POST requests running at once per worker "
+                             f"(default {d.max_inflight})")
+    parser.add_argument("--max-waiting", type=int, default=d.max_waiting, metavar="N",
+                        help="POST requests waiting for a place per worker; beyond, an "
+                             f"immediate 429/529 (default {d.max_waiting})")
+    parser.add_argument("--queue-timeout", type=float, default=d.queue_timeout_s,
+                        metavar="S", help="longest wait for a place before a 429/529 "
+                                          f"(default {d.queue_timeout_s:g} s)")
+    parser.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                        metavar="S", help="a request's line and headers must arrive within "
+                                          f"this, or it is closed (default "
+                                          f"{d.header_timeout_s:g} s)")
+    parser.add_argument("--body-timeout", type=float, default=d.body_timeout_s, metavar="S",
+                        help="its body within this after the headers (default "
+                             f"{d.body_timeout_s:g} s)")
+    parser.add_argument("--max-connections", type=int, default=d.max_connections,
+                        metavar="N", help="open connections per worker (default "
+                                          f"{d.max_connections})")
+    parser.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s,
+                        metavar="S", help="on SIGTERM/SIGINT, how long running requests may "
+                                          "finish before they end with an error event "
+                                          f"(default {d.drain_timeout_s:g} s)")
+
+
+def limits_from_args(args):
+    from serving.http.admission import Limits
+    return Limits(max_inflight=args.max_inflight, max_waiting=args.max_waiting,
+                  queue_timeout_s=args.queue_timeout, header_timeout_s=args.header_timeout,
+                  body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+                  drain_timeout_s=args.drain_timeout).validate()
 
 
 def settings_from_args(args):
@@ -71,12 +110,16 @@ def settings_from_args(args):
                     response_store=getattr(args, "response_store", None) or RESPONSE_STORE)
 
 
-def run_gunicorn(settings, host: str, port: int, workers: int, threads: int | None) -> int:
+def run_gunicorn(settings, host: str, port: int, workers: int, threads: int | None,
+                 limits=None) -> int:
     from gunicorn.app.base import BaseApplication
 
-    from serving.http import gunicorn_conf
+    from serving.http import gunicorn_conf, worker
+    from serving.http.admission import Admission, Limits
     from serving.http.app import create_app
-    opts = gunicorn_conf.options(host, port, workers)
+    limits = limits or Limits()
+    worker.LIMITS = limits                # read by the workers after the fork
+    opts = gunicorn_conf.options(host, port, workers, limits)
     if threads:
         opts["threads"] = threads
 
@@ -86,13 +129,15 @@ def run_gunicorn(settings, host: str, port: int, workers: int, threads: int | No
                 self.cfg.set(k, v)
 
         def load(self):
-            return create_app(settings)
+            return Admission(create_app(settings), limits)
 
     _Application().run()
     return 0
 
 
 def run(args) -> int:
+    from serving.process import die_with_parent
+    die_with_parent()             # started by `flaxserve serve`: never outlive it
     # Before prometheus_client is imported: it picks its multiprocess storage at import,
     # and every worker must share one directory.
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -104,10 +149,11 @@ def run(args) -> int:
         atexit.register(lambda: os.getpid() == master and shutil.rmtree(metrics_dir, True))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = settings_from_args(args)
+    limits = limits_from_args(args)
     if not settings.api_keys:
         log.warning("no API key configured (--api-key, --api-key-file, FLAXSERVE_API_KEYS): "
                     "the API is open to anyone who can reach %s:%d", args.host, args.port)
-    return run_gunicorn(settings, args.host, args.port, args.workers, args.threads)
+    return run_gunicorn(settings, args.host, args.port, args.workers, args.threads, limits)
 
 
 def main(argv=None) -> int:

@@ -71,3 +71,12 @@ def version() -> dict:
         return {"version": dist_version("flaxserve")}
     except PackageNotFoundError:
         return {"version": "0.0.0+local"}
+
+
+def tokenizer_info(info: ModelInfo) -> dict:
+    """vLLM's GET /tokenizer_info (what lm-evaluation-harness's remote tokenizer reads)."""
+    tok = info.tokenizer
+    return {"tokenizer_class": type(getattr(tok, "tok", tok)).__name__,
+            "bos_token": tok.bos_token or None, "eos_token": tok.eos_token or None,
+            "pad_token": None, "model_max_length": info.max_model_len,
+            "vocab_size": tok.vocab_size, "chat_template": tok.chat_template}
