@@ -132,61 +132,90 @@ class GGUFFile:
 
 
 def _reader_error(path: str, e: Exception) -> str:
-    """What went wrong inside gguf's reader, in words (an unknown type names its tensor)."""
+    """What went wrong inside gguf's reader, in words, naming the tensor where we can: an
+    unknown type id, or data that runs past the end of the file."""
     text = str(e) or type(e).__name__
-    if "GGMLQuantizationType" in text or "is not a valid" in text:
-        name = _tensor_with_unknown_type(path)
-        if name:
-            return f"tensor {name} has an unknown quantization type ({text})"
+    infos = _walk_header(path)
+    if infos is None:
+        return text
+    import gguf
+    known = {int(t) for t in gguf.GGMLQuantizationType}
+    size = os.path.getsize(path)
+    for name, dims, ttype, end in infos:
+        if ttype not in known:
+            return f"tensor {name} has an unknown quantization type id {ttype} ({text})"
+    for name, dims, ttype, end in infos:
+        if end > size:
+            return (f"truncated: tensor {name} needs bytes up to {end} but the file has {size} "
+                    f"(an incomplete download?)")
     return text
 
 
-def _tensor_with_unknown_type(path: str) -> str | None:
-    """Walk the header by hand to name the tensor whose type id gguf does not know."""
+def _walk_header(path: str):
+    """[(name, dims, type id, end offset of its data)] read from the header by hand, or None
+    if the header itself is cut short (only for error messages)."""
     import struct
 
     import gguf
-    known = {int(t) for t in gguf.GGMLQuantizationType}
     sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
     try:
         with open(path, "rb") as f:
-            data = f.read(64 << 20)
+            data = f.read(256 << 20)
         pos = 8
         n_tensors, n_kv = struct.unpack_from("<QQ", data, pos)
         pos += 16
+        alignment = 32
 
-        def skip_value(vtype: int) -> None:
+        def value(vtype: int):
             nonlocal pos
             if vtype == 8:
                 (n,) = struct.unpack_from("<Q", data, pos)
                 pos += 8 + n
-            elif vtype == 9:
+                return None
+            if vtype == 9:
                 etype, n = struct.unpack_from("<IQ", data, pos)
                 pos += 12
                 for _ in range(n):
-                    skip_value(etype)
-            else:
-                pos += sizes[vtype]
+                    value(etype)
+                return None
+            out = int.from_bytes(data[pos:pos + sizes[vtype]], "little")
+            pos += sizes[vtype]
+            return out
 
         for _ in range(n_kv):
             (n,) = struct.unpack_from("<Q", data, pos)
+            key = data[pos + 8:pos + 8 + n]
             pos += 8 + n
             (vtype,) = struct.unpack_from("<I", data, pos)
             pos += 4
-            skip_value(vtype)
+            v = value(vtype)
+            if key == b"general.alignment" and v:
+                alignment = v
+        infos = []
         for _ in range(n_tensors):
             (n,) = struct.unpack_from("<Q", data, pos)
             name = data[pos + 8:pos + 8 + n].decode("utf-8", "replace")
             pos += 8 + n
-            (dims,) = struct.unpack_from("<I", data, pos)
-            pos += 4 + 8 * dims
-            (ttype,) = struct.unpack_from("<I", data, pos)
-            pos += 4 + 8
-            if ttype not in known:
-                return name
-    except (struct.error, KeyError, IndexError):
+            (ndims,) = struct.unpack_from("<I", data, pos)
+            dims = struct.unpack_from(f"<{ndims}Q", data, pos + 4)
+            pos += 4 + 8 * ndims
+            ttype, offset = struct.unpack_from("<IQ", data, pos)
+            pos += 12
+            infos.append([name, dims, ttype, offset])
+        if pos > len(data):
+            return None
+        start = -(-pos // alignment) * alignment
+        for info in infos:
+            block, type_size = gguf.GGML_QUANT_SIZES.get(gguf.GGMLQuantizationType(info[2]),
+                                                         (1, 0)) \
+                if info[2] in {int(t) for t in gguf.GGMLQuantizationType} else (1, 0)
+            count = 1
+            for d in info[1]:
+                count *= d
+            info[3] = start + info[3] + count // block * type_size
+        return [tuple(i) for i in infos]
+    except (struct.error, KeyError, IndexError, ValueError):
         return None
-    return None
 
 
 def read_config(f: GGUFFile, dtype: str | None = None) -> ModelConfig:

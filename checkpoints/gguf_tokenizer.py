@@ -203,31 +203,39 @@ def tokenizer_dir(f) -> str:
     key = hashlib.sha256(f"{f.path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
     stem = os.path.splitext(os.path.basename(f.path))[0]
     out = os.path.join(cache_root(), f"{stem}-{key}")
-    if os.path.isfile(os.path.join(out, "tokenizer.json")):
+    if os.path.isfile(os.path.join(out, "source.json")):
         return out
-    meta = Metadata(f)
-    tok = build_tokenizer(meta)
+    if f.get("tokenizer.ggml.model") is None:   # weights only: token-id prompts
+        meta, tok = None, None
+    else:
+        meta = Metadata(f)
+        tok = build_tokenizer(meta)
     os.makedirs(cache_root(), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_root())
     try:
-        tok.save(os.path.join(tmp, "tokenizer.json"))
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as fh:
-            json.dump(tokenizer_config(meta), fh, indent=2, ensure_ascii=False)
-        eos = [meta.ids[k] for k in ("eos", "eot", "eom") if meta.ids[k] is not None]
-        generation = {"eos_token_id": list(dict.fromkeys(eos))}
-        if meta.ids["bos"] is not None:
-            generation["bos_token_id"] = meta.ids["bos"]
-        if meta.ids["padding"] is not None:
-            generation["pad_token_id"] = meta.ids["padding"]
-        with open(os.path.join(tmp, "generation_config.json"), "w") as fh:
-            json.dump(generation, fh, indent=2)
+        if tok is not None:
+            _write_tokenizer(tmp, meta, tok)
         with open(os.path.join(tmp, "source.json"), "w") as fh:
             json.dump({"gguf": f.path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}, fh)
         try:
             os.rename(tmp, out)
         except OSError:            # another process wrote it first
-            if not os.path.isfile(os.path.join(out, "tokenizer.json")):
+            if not os.path.isfile(os.path.join(out, "source.json")):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_tokenizer(tmp: str, meta: Metadata, tok) -> None:
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as fh:
+        json.dump(tokenizer_config(meta), fh, indent=2, ensure_ascii=False)
+    eos = [meta.ids[k] for k in ("eos", "eot", "eom") if meta.ids[k] is not None]
+    generation = {"eos_token_id": list(dict.fromkeys(eos))}
+    if meta.ids["bos"] is not None:
+        generation["bos_token_id"] = meta.ids["bos"]
+    if meta.ids["padding"] is not None:
+        generation["pad_token_id"] = meta.ids["padding"]
+    with open(os.path.join(tmp, "generation_config.json"), "w") as fh:
+        json.dump(generation, fh, indent=2)

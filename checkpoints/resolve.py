@@ -264,3 +264,17 @@ def fetch_hub(repo: str, filename: str | None, revision: str | None, say) -> str
 def pull(ref: str, say=None) -> str:
     """`flaxserve pull REF`: fetch a reference into its cache, load nothing."""
     return resolve(ref, fetch=True, say=say)
+
+
+# -- `flaxserve pull REF` -----------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("ref", metavar="REF",
+                        help="a model reference: smollm2, org/name[@revision], "
+                             "org/name/FILE.gguf[@revision], a local path or default")
+
+
+def run(args) -> int:
+    path = pull(args.ref)
+    print(path)
+    return 0

@@ -16,7 +16,8 @@ COMMANDS = {
     "engine": ("serving.engine.main", "the gRPC batch server alone"),
     "http": ("serving.http.main", "the HTTP front end alone, against a running engine"),
     "generate": ("serving.generate", "generate in process, no servers"),
-    "convert": ("checkpoints.convert", "convert a Hugging Face checkpoint to orbax"),
+    "convert": ("checkpoints.convert", "convert a Hugging Face checkpoint or a GGUF file to orbax"),
+    "pull": ("checkpoints.resolve", "fetch a model reference (smollm2, a Hub id) into the cache"),
 }
 
 BENCH_COMMANDS = {

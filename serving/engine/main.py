@@ -18,7 +18,7 @@ import time
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="default",
-                        help="Hugging Face dir, orbax dir written by convert, or 'default'")
+                        help="model reference: default (bundled), smollm2, a Hugging Face or orbax dir, a .gguf file, or a Hub id org/name[@revision]")
     parser.add_argument("--grpc-port", type=int, default=50051)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--max-slots", type=int, default=None,
@@ -106,7 +106,8 @@ def run(args) -> int:
     scheduler = Scheduler(engine, tokenizer, max_queue=args.max_queue,
                           prefill_budget=args.prefill_budget,
                           prefix_cache=not args.no_prefix_cache)
-    name = args.served_model_name or os.path.basename(os.path.normpath(model_dir))
+    from checkpoints.resolve import served_name
+    name = args.served_model_name or served_name(args.model, model_dir)
     server = EngineServer(scheduler, name, model_dir, tokenizer)
     stop = threading.Event()
     from serving.process import die_with_parent
