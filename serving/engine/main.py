@@ -56,6 +56,8 @@ def _say(msg: str) -> None:
 
 
 def run(args) -> int:
+    from serving.process import die_with_parent
+    die_with_parent()             # started by `flaxserve serve`: never outlive it
     for name in ("grpc_port", "max_slots", "max_model_len", "max_queue", "prefill_budget"):
         value = getattr(args, name)
         if value is not None and value < 1:

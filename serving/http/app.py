@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 import falcon
 
-from serving.http import anthropic_api, metrics, openai_api, sse, thinking_signature
+from serving.http import admission, anthropic_api, metrics, openai_api, sse, thinking_signature
 from serving.http import responses_api, tokenize_api
 from serving.http.response_store import DEFAULT_PATH as RESPONSE_STORE_PATH, ResponseStore
 from serving.http.auth import KeyChecker, presented_key
@@ -104,6 +104,8 @@ def _error_handler(req, resp, ex, params):
         log.exception("unhandled error on %s %s", req.method, req.path)
         err = APIError(500, "internal server error; the request id is "
                             f"{getattr(req.context, 'request_id', '?')}")
+    if err.code == "server_overloaded" and _protocol(req.path) == "anthropic":
+        err = admission.overloaded("anthropic", err.message, err.retry_after)   # 529
     resp.status = err.status
     resp.content_type = falcon.MEDIA_JSON
     resp.text = json.dumps(body_for(_protocol(req.path), err))
@@ -368,7 +370,12 @@ class Health:
         self.server = server
 
     def on_get(self, req, resp):
-        ok = self.server.link.healthy()
+        # the watcher's last answer: instant under any load, and while the engine is down
+        ok = getattr(self.server.link, "healthy_cached", self.server.link.healthy)()
+        controller = admission.current()
+        if controller is not None and controller.draining:
+            resp.status, resp.media = 503, {"status": "draining"}
+            return
         resp.status = 200 if ok else 503
         resp.media = {"status": "ok" if ok else "engine unavailable"}
 
