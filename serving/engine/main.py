@@ -112,8 +112,6 @@ def run(args) -> int:
     name = args.served_model_name or served_name(args.model, model_dir)
     server = EngineServer(scheduler, name, model_dir, tokenizer)
     stop = threading.Event()
-    from serving.process import die_with_parent
-    die_with_parent()             # started by `flaxserve serve`: never outlive it
     old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         port = server.start(args.host, args.grpc_port)
