@@ -31,11 +31,61 @@ MAX_BAD_WORD_SEQUENCES = 3 * MAX_BAD_WORDS
 MAX_TOP_P_RESET_IDS = 8
 MAX_DRY_BREAKERS = 32
 MAX_NGRAM = 16
+# Server caps of the fields with no natural bound (docs/reliability.md, "Limits and
+# validation"). Every integer that reaches a device array must fit in int32.
+MAX_SEQUENCE = 1 << 24            # lengths and windows when the context is not known
+MAX_VOCAB = 1 << 24               # top_k when the vocabulary is not known
+MAX_STOP_STRINGS = 128            # stop strings per request (the HTTP routes cap lower)
+MAX_STOP_STRING_CHARS = 1024      # characters per stop string
+MAX_DRY_BREAKER_CHARS = 64
+MAX_PROCESSORS = 16               # logits_processors entries
+MAX_THINKING_END_IDS = 16
+MAX_GUIDED_CHOICES = 1024
+MAX_GUIDED_CHARS = 1 << 16        # guided_regex / guided_grammar / each guided_choice
+MAX_SAMPLES = 128                 # n and best_of
+
+# Range of every numeric field: (low, high, low open, high open, integer). "vocab" and
+# "context" are the engine's vocabulary size and context length (MAX_VOCAB and
+# MAX_SEQUENCE when unknown). serving/http/openapi.py publishes the same table.
+BOUNDS = {
+    "temperature": (0.0, 100.0, False, False, False),
+    "top_k": (-1, "vocab", False, False, True),
+    "top_p": (0.0, 1.0, True, False, False),
+    "min_p": (0.0, 1.0, False, False, False),
+    "typical_p": (0.0, 1.0, True, False, False),
+    "epsilon_cutoff": (0.0, 1.0, False, True, False),
+    "eta_cutoff": (0.0, 1.0, False, True, False),
+    "top_n_sigma": (0.0, 100.0, False, False, False),
+    "xtc_probability": (0.0, 1.0, False, False, False),
+    "xtc_threshold": (0.0, 0.5, False, False, False),
+    "dynatemp_range": (0.0, 100.0, False, False, False),
+    "dynatemp_exponent": (0.0, 100.0, False, False, False),
+    "mirostat_tau": (0.0, 100.0, False, False, False),
+    "mirostat_eta": (0.0, 10.0, False, False, False),
+    "repetition_penalty": (0.0, 100.0, True, False, False),
+    "presence_penalty": (-2.0, 2.0, False, False, False),
+    "frequency_penalty": (-2.0, 2.0, False, False, False),
+    "penalty_window": (0, "context", False, False, True),
+    "dry_multiplier": (0.0, 100.0, False, False, False),
+    "dry_base": (1.0, 100.0, True, False, False),
+    "dry_allowed_length": (1, "context", False, False, True),
+    "dry_penalty_last_n": (-1, "context", False, False, True),
+    "no_repeat_ngram_size": (0, MAX_NGRAM, False, False, True),
+    "min_tokens": (0, "context", False, False, True),
+    "max_tokens": (1, MAX_SEQUENCE, False, False, True),
+    "n": (1, MAX_SAMPLES, False, False, True),
+    "best_of": (1, MAX_SAMPLES, False, False, True),
+    "top_logprobs": (0, MAX_TOP_LOGPROBS, False, False, True),
+    "prompt_logprobs": (0, MAX_TOP_LOGPROBS, False, False, True),
+    "max_thinking_tokens": (0, "context", False, False, True),
+}
 
 
 def _err(name: str, rule: str, value) -> ValueError:
     return ValueError(f"{name} must be {rule}, got {value!r}")
 
+
+_NULLABLE = ("max_tokens", "best_of", "prompt_logprobs", "max_thinking_tokens")
 
 GUIDED_FIELDS = ("guided_json", "guided_json_object", "guided_regex", "guided_choice",
                  "guided_grammar")
@@ -120,7 +170,8 @@ class SamplingParams:
     # ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: dict, vocab_size: int | None = None) -> "SamplingParams":
+    def from_dict(cls, d: dict, vocab_size: int | None = None,
+                  max_len: int | None = None) -> "SamplingParams":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -145,7 +196,7 @@ class SamplingParams:
             values["top_p_reset_ids"] = [values["top_p_reset_ids"]]   # TensorRT-LLM: one id
         if isinstance(values.get("bad_words"), str):
             values["bad_words"] = [values["bad_words"]]
-        return cls(**values).validate(vocab_size)
+        return cls(**values).validate(vocab_size, max_len)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,7 +210,12 @@ class SamplingParams:
             return tuple(self.sampler_order)
         return TEMPERATURE_LAST_ORDER if self.temperature_last else DEFAULT_ORDER
 
-    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+    def validate(self, vocab_size: int | None = None,
+                 max_len: int | None = None) -> "SamplingParams":
+        """Self, or a ValueError naming the first bad field. `vocab_size` bounds token ids
+        and top_k, `max_len` (the context) bounds windows and lengths."""
+        self._validate_bounds(vocab_size, max_len)
+        self._validate_sizes()
         def number(name, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
             v = getattr(self, name)
             kind = "an integer" if integer else "a number"
@@ -291,6 +347,54 @@ class SamplingParams:
         validate_processors(self.logits_processors)
         self._validate_guided(token_id)
         return self
+
+    def _validate_bounds(self, vocab_size: int | None, max_len: int | None) -> None:
+        """Type and range of every numeric field of BOUNDS (None where it may be None)."""
+        limit = {"vocab": vocab_size or MAX_VOCAB, "context": max_len or MAX_SEQUENCE}
+        for name, (lo, hi, lo_open, hi_open, integer) in BOUNDS.items():
+            v = getattr(self, name)
+            if v is None and name in _NULLABLE:
+                continue
+            hi = limit.get(hi, hi)
+            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+                raise _err(name, "an integer" if integer else "a number", v)
+            if not integer and not math.isfinite(v):
+                raise _err(name, "a finite number", v)
+            if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+                raise _err(name, f"in {'(' if lo_open else '['}{lo}, {hi}"
+                                 f"{')' if hi_open else ']'}", v)
+
+    def _validate_sizes(self) -> None:
+        """Counts and lengths of the list and string fields (a request's cost is bounded)."""
+        def sized(name, items: int, what: str):
+            v = getattr(self, name)
+            if isinstance(v, list) and len(v) > items:
+                raise _err(name, f"at most {items} {what}", f"a list of {len(v)}")
+
+        sized("stop", MAX_STOP_STRINGS, "stop strings")
+        if isinstance(self.stop, list):
+            for s in self.stop:
+                if isinstance(s, str) and len(s) > MAX_STOP_STRING_CHARS:
+                    raise _err("stop", f"strings of at most {MAX_STOP_STRING_CHARS} "
+                               "characters", f"one of {len(s)}")
+        sized("dry_sequence_breakers", MAX_DRY_BREAKERS, "strings")
+        if isinstance(self.dry_sequence_breakers, list):
+            for s in self.dry_sequence_breakers:
+                if isinstance(s, str) and len(s) > MAX_DRY_BREAKER_CHARS:
+                    raise _err("dry_sequence_breakers", f"strings of at most "
+                               f"{MAX_DRY_BREAKER_CHARS} characters", f"one of {len(s)}")
+        sized("allowed_token_ids", MAX_VOCAB, "token ids")
+        sized("logits_processors", MAX_PROCESSORS, "processors")
+        sized("thinking_end_ids", MAX_THINKING_END_IDS, "token ids")
+        sized("guided_choice", MAX_GUIDED_CHOICES, "choices")
+        for name in ("guided_regex", "guided_grammar"):
+            v = getattr(self, name)
+            if isinstance(v, str) and len(v) > MAX_GUIDED_CHARS:
+                raise _err(name, f"at most {MAX_GUIDED_CHARS} characters", f"{len(v)}")
+        if isinstance(self.guided_choice, list) and any(
+                isinstance(c, str) and len(c) > MAX_GUIDED_CHARS for c in self.guided_choice):
+            raise _err("guided_choice", f"strings of at most {MAX_GUIDED_CHARS} characters",
+                       "a longer one")
 
     @property
     def guided(self) -> str | None:

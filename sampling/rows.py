@@ -77,6 +77,20 @@ def _split_seed(seed: int) -> tuple[int, int]:
     return seed >> 32, seed & 0xFFFFFFFF
 
 
+_INT32_FIELDS = ("top_k", "penalty_window", "dry_allowed_length", "dry_penalty_last_n",
+                 "no_repeat_ngram_size", "min_tokens")
+_INT32 = np.iinfo(np.int32)
+
+
+def _check_int32(p: SamplingParams) -> None:
+    """A ValueError naming the field, not an OverflowError inside the device loop, for a
+    value that bypassed `SamplingParams.validate` and does not fit its int32 column."""
+    for name in _INT32_FIELDS:
+        v = getattr(p, name)
+        if not isinstance(v, (int, np.integer)) or not _INT32.min <= v <= _INT32.max:
+            raise ValueError(f"{name} must be an integer that fits in int32, got {v!r}")
+
+
 def make_rows(params: list[SamplingParams | None], vocab_size: int, seeds: list[int],
               sample_indices: list[int], eos_ids=()) -> SamplingRows:
     """Host (numpy) rows for a list of requests; None is a disabled greedy row.
@@ -113,6 +127,7 @@ def make_rows(params: list[SamplingParams | None], vocab_size: int, seeds: list[
     for r, p in enumerate(params):
         if p is None:
             continue
+        _check_int32(p)
         c = cols
         c["seed_hi"][r], c["seed_lo"][r] = _split_seed(int(seeds[r]))
         c["sample_index"][r] = sample_indices[r]

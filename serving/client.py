@@ -4,11 +4,15 @@
 returns a `Generation` (one `Choice` per sample, and the usage); `stream(...)` yields the raw
 `GenerateResponse` messages as they arrive, and `.cancel()` on the returned call frees the
 engine slot. gRPC errors come through as `grpc.RpcError` with the engine's status code.
+An engine started with a shared token (FLAXSERVE_GRPC_TOKEN) needs it on every call:
+`EngineClient(address, token=...)`, or the same environment variable here.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 from dataclasses import dataclass, field
 
 import grpc
@@ -35,10 +39,38 @@ class Generation:
     usage: pb.Usage
 
 
+class _CallDetails(collections.namedtuple("_CallDetails", (
+        "method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):
+    pass
+
+
+class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer TOKEN` to every call."""
+
+    def __init__(self, token: str):
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def _with_token(self, details):
+        return _CallDetails(details.method, details.timeout,
+                            tuple(details.metadata or ()) + self._metadata,
+                            details.credentials, getattr(details, "wait_for_ready", None),
+                            getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+
 class EngineClient:
-    def __init__(self, address: str):
+    def __init__(self, address: str, token: str | None = None):
+        """`token`: the engine's shared token (default: $FLAXSERVE_GRPC_TOKEN, if set)."""
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=[
+        if token is None:
+            token = os.environ.get("FLAXSERVE_GRPC_TOKEN", "").strip() or None
+        self._raw_channel = grpc.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             # reconnect within a second of a restarted engine (gRPC's default backoff
@@ -46,10 +78,12 @@ class EngineClient:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 1000),
             ("grpc.max_reconnect_backoff_ms", 1000)])
+        self.channel = (grpc.intercept_channel(self._raw_channel, _TokenMetadata(token))
+                        if token else self._raw_channel)
         self.stub = pb_grpc.FlaxServeStub(self.channel)
 
     def close(self) -> None:
-        self.channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> "EngineClient":
         return self

@@ -27,7 +27,7 @@ def server():
     cfg = named_config("tiny", dtype="float32")
     srv = start_in_process(cfg, init_params(cfg, seed=1), max_slots=SLOTS, max_len=MAX_LEN,
                            prefill_buckets=(8, 16, 32), max_queue=MAX_QUEUE,
-                           model_name="tiny")
+                           model_name="tiny", reflection=True)
     yield srv
     srv.stop(grace_s=5)
 
@@ -289,6 +289,7 @@ def test_generated_code_matches_the_proto():
 
 
 def test_reflection_lists_the_services(server):
+    # on here (reflection=True); off by default (tests/reliability/test_auth.py)
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
         ProtoReflectionDescriptorDatabase
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:

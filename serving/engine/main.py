@@ -5,6 +5,10 @@ bucket, the first-token sampler and the decode step before the health check says
 so no request ever waits for a compilation; with a persistent compilation cache dir
 (`--compile-cache` or JAX_COMPILATION_CACHE_DIR) a restart loads them from disk. SIGTERM or
 SIGINT: health goes NOT_SERVING, new requests are refused, running ones finish, then exit.
+If the device loop breaks for good (see serving/engine/scheduler.py), the process exits
+with status 1 within seconds, so a supervisor restarts it. The gRPC port binds to
+127.0.0.1 unless `--host` says otherwise; give remote front ends a shared token
+(FLAXSERVE_GRPC_TOKEN or `--grpc-token-file`) and they must send it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default="default",
                         help="model reference: default (bundled), smollm2, a Hugging Face or orbax dir, a .gguf file, or a Hub id org/name[@revision]")
     parser.add_argument("--grpc-port", type=int, default=50051)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface of the gRPC port (default loopback only; anything "
+                             "else should come with a shared token)")
+    parser.add_argument("--grpc-token-file", default=None, metavar="F",
+                        help="file whose first line is the shared token every gRPC call "
+                             "must send (default: $FLAXSERVE_GRPC_TOKEN; none: no token)")
+    parser.add_argument("--grpc-reflection", action="store_true",
+                        help="enable gRPC server reflection (off by default)")
     parser.add_argument("--max-slots", type=int, default=None,
                         help="concurrent sequences on the device (default 32 on CPU, 64 else)")
     parser.add_argument("--max-model-len", type=int, default=None,
@@ -89,6 +100,14 @@ def run(args) -> int:
         tokenizer = None
     on_cpu = jax.default_backend() == "cpu"
     max_slots = args.max_slots or (32 if on_cpu else 64)
+def _exit_soon(status: int, after_s: float = 10.0) -> None:
+    """Exit with `status` after `after_s` even if the shutdown hangs (a broken engine must
+    not keep its port and its supervisor waiting)."""
+    timer = threading.Timer(after_s, lambda: (sys.stderr.flush(), os._exit(status)))
+    timer.daemon = True
+    timer.start()
+
+
     max_len = args.max_model_len or min(config.max_position_embeddings, 2048)
     if max_len > config.max_position_embeddings:
         raise ValueError(f"--max-model-len {max_len} exceeds the model's "
@@ -96,6 +115,12 @@ def run(args) -> int:
     eos_ids = set(config.eos_token_ids or ())
     if tokenizer is not None:
         eos_ids |= set(tokenizer.stop_ids)
+    from serving.engine.server import load_token
+    token = load_token(getattr(args, "grpc_token_file", None))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+        _say(f"warning: the gRPC port listens on {args.host} without a shared token: anyone "
+             "who reaches it can generate, bypassing the HTTP API keys "
+             "(set FLAXSERVE_GRPC_TOKEN or --grpc-token-file)")
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
                           eos_ids=tuple(sorted(eos_ids)))
     _say(f"loaded in {time.monotonic() - t0:.1f} s: {max_slots} slots, max_model_len "
@@ -110,20 +135,23 @@ def run(args) -> int:
                           prefix_cache=not args.no_prefix_cache)
     from checkpoints.resolve import served_name
     name = args.served_model_name or served_name(args.model, model_dir)
-    server = EngineServer(scheduler, name, model_dir, tokenizer)
+    server = EngineServer(scheduler, name, model_dir, tokenizer, token=token,
+                          reflection=getattr(args, "grpc_reflection", False))
     stop = threading.Event()
     old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         port = server.start(args.host, args.grpc_port)
         _say(f"serving {name} on {args.host}:{port} (gRPC)")
         while not stop.wait(0.5):
-            if not scheduler.healthy:
-                _say("the scheduler failed; exiting")
+            if scheduler.failed is not None:
+                _say(f"the device loop failed ({scheduler.failed}); exiting with status 1")
+                _exit_soon(1)
                 return 1
         _say("stopping: finishing running requests")
         return 0
     finally:
-        server.stop(grace_s=args.drain_timeout)
+        # a broken engine has nothing left to drain
+        server.stop(grace_s=args.drain_timeout if scheduler.failed is None else 1.0)
         for s, h in old.items():
             signal.signal(s, h)
         _say("stopped")

@@ -48,6 +48,11 @@ from serving.engine.stops import StopStrings
 log = logging.getLogger("flaxserve.engine")
 
 IDLE_WAIT_S = 0.05
+# Failure containment: a failed admit, prefill, insert or step fails the requests involved
+# and the loop goes on; the engine is broken (the loop ends, `flaxserve engine` exits
+# non-zero for its supervisor) only when the device state is lost or this many steps in a
+# row fail.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -83,6 +88,7 @@ class Scheduler:
         self._wake_event = threading.Event()
         self._stopping = False
         self._failed: str | None = None
+        self._step_failures = 0                              # consecutive, device thread
         self._device_thread: threading.Thread | None = None
         self._detok_thread: threading.Thread | None = None
         self._detok_q: queue.Queue = queue.Queue()
@@ -122,6 +128,11 @@ class Scheduler:
         self._detok_q.put(None)
         if self._detok_thread is not None:
             self._detok_thread.join(timeout=10)
+
+    @property
+    def failed(self) -> str | None:
+        """Why the engine stopped serving (broken or shut down), else None."""
+        return self._failed
 
     @property
     def healthy(self) -> bool:
@@ -240,16 +251,20 @@ class Scheduler:
                 # a constrained row's mask needs the token just sampled: dispatch the
                 # forward pass (it reads that token on the device), read the token on the
                 # host while it runs, fill the masks, then dispatch the sampler
-                forward = self.engine.forward_step()
+                forward = self._guard_step(self.engine.forward_step, owners)
                 if inflight is not None:
                     self._process_step(*inflight)
                     inflight = None
                 for sample, pending in inserted:
                     self._process_first(sample, pending)
                 inserted = []
-                dispatched = (self.engine.sample_step(forward, self._masks()), owners)
+                if forward is not None:
+                    pending = self._guard_step(
+                        lambda: self.engine.sample_step(forward, self._masks()), owners)
+                    dispatched = (pending, owners) if pending is not None else None
             elif any(o is not None and not o.device_done for o in owners):
-                dispatched = (self.engine.step(), owners)
+                pending = self._guard_step(self.engine.step, owners)
+                dispatched = (pending, owners) if pending is not None else None
             if inflight is not None:
                 self._process_step(*inflight)
             for sample, pending in inserted:
@@ -283,6 +298,76 @@ class Scheduler:
             if id(st) not in seen:
                 seen.add(id(st))
                 self._detok_q.put(("fail", st, Failure(kind, message)))
+
+    # -- failure containment (device thread) ------------------------------------------------
+
+    def _guard_step(self, dispatch, owners):
+        """`dispatch()` (a decode step, or half of one); None when it raised."""
+        try:
+            return dispatch()
+        except Exception as e:
+            self._step_failed(owners, e)
+            return None
+
+    def _step_failed(self, owners, error: Exception) -> None:
+        """A step failed: every sample in it fails (which row caused it is unknown)."""
+        self._step_failures += 1
+        states = list({id(o.state): o.state for o in owners
+                       if o is not None and not o.device_done}.values())
+        self._contain("a decode step", states, error)
+        if self._failed is None and self._step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+            with self._lock:
+                self._failed = (f"engine failure: {self._step_failures} decode steps in a row "
+                                f"failed, the last with {type(error).__name__}: {error}")
+
+    def _contain(self, what: str, states: list, error: Exception) -> None:
+        """Fail `states` with a clear error, give back their slots, and mark the engine
+        broken only if the device state did not survive."""
+        log.error("engine: %s failed for %d request(s); failing them and carrying on:\n%s",
+                  what, len(states), traceback.format_exc())
+        message = f"the engine failed while {what}: {type(error).__name__}: {error}"
+        for st in states:
+            self._fail_request(st, message)
+        if self._failed is None and self._device_state_lost():
+            with self._lock:
+                self._failed = f"engine failure: the device state was lost ({message})"
+
+    def _fail_request(self, st: RequestState, message: str) -> None:
+        """End one request with INTERNAL and free its slots (their KV is not reused)."""
+        for k, sample in enumerate(st.samples):
+            sample.device_done = True
+            slot = st.slots[k] if k < len(st.slots) else None
+            if slot is None:
+                continue
+            if self._owner[slot] is sample:
+                self._owner[slot] = None
+                try:
+                    self.engine.release(slot)
+                except Exception:      # a lost device state is caught by the caller
+                    log.exception("engine: releasing slot %d failed", slot)
+            elif sample.slot != -1:    # inserted and already freed by _reap
+                continue
+            self._slot_tokens[slot] = np.zeros(0, np.int32)
+            with self._lock:
+                if slot not in self._free:
+                    self._free.append(slot)
+        with self._lock:
+            self._prefilling[:] = [p for p in self._prefilling if p is not st]
+            self._running.discard(id(st))
+        self._detok_q.put(("fail", st, Failure(INTERNAL, message)))
+
+    def _device_state_lost(self) -> bool:
+        """Whether the engine's device state is gone (donated to a call that failed while
+        running, or holding an error): then no later step can succeed."""
+        import jax
+        try:
+            leaves = jax.tree.leaves(getattr(self.engine, "state", None))
+            if any(x.is_deleted() for x in leaves if hasattr(x, "is_deleted")):
+                return True
+            jax.block_until_ready(leaves)
+        except Exception:
+            return True
+        return False
 
     def _release(self, slot: int, tokens: np.ndarray) -> None:
         self.engine.release(slot)
@@ -352,7 +437,15 @@ class Scheduler:
                     sample.device_done = True
                     self._detok_q.put(("end", sample, "abort"))
                 continue
-            break
+            try:
+                return self._reserve(st)
+            except Exception as e:
+                self._contain("admitting", [st], e)
+                if self._failed is not None:
+                    return None
+
+    def _reserve(self, st: RequestState) -> RequestState:
+        """Slots for a popped request (prefix reuse, prompt scoring); it is prefilling."""
         prompt = np.asarray(st.prompt, np.int32)
         length, src = self._best_prefix(prompt) if self.prefix_cache else (0, -1)
         length = min(length, len(prompt) - 1)
@@ -374,6 +467,7 @@ class Scheduler:
                 self._free.remove(others[-1])
             self._prefilling.append(st)
             self._running.add(id(st))
+            st.slots = [target] + others     # from here a failure gives them back
         for slot in [target] + others:
             if slot != src:
                 self._keep_cached(slot, avoid=src)
@@ -423,25 +517,31 @@ class Scheduler:
         inserted = []
         while True:
             st = self._prefilling[0] if self._prefilling else self._next_admissible()
-            if st is None:
+            if st is None or self._failed is not None:
                 break
-            target = st.slots[0]
-            remaining = len(st.prompt) - st.prefill_pos
-            if remaining > self.largest_chunk:
-                cost = self.largest_chunk
+            try:
+                target = st.slots[0]
+                remaining = len(st.prompt) - st.prefill_pos
+                if remaining > self.largest_chunk:
+                    cost = self.largest_chunk
+                    if spent and spent + cost > self.prefill_budget:
+                        break
+                    chunk = st.prompt[st.prefill_pos:st.prefill_pos + cost]
+                    self.engine.prefill_chunk(target, chunk, st.prefill_pos)
+                    st.prefill_pos += cost
+                    self._slot_tokens[target] = np.asarray(st.prompt[:st.prefill_pos],
+                                                           np.int32)
+                    spent += cost
+                    continue
+                cost = remaining + len(st.samples) - 1
                 if spent and spent + cost > self.prefill_budget:
                     break
-                chunk = st.prompt[st.prefill_pos:st.prefill_pos + cost]
-                self.engine.prefill_chunk(target, chunk, st.prefill_pos)
-                st.prefill_pos += cost
-                self._slot_tokens[target] = np.asarray(st.prompt[:st.prefill_pos], np.int32)
                 spent += cost
-                continue
-            cost = remaining + len(st.samples) - 1
-            if spent and spent + cost > self.prefill_budget:
-                break
-            spent += cost
-            inserted += self._insert(st)
+                inserted += self._insert(st)
+            except Exception as e:
+                self._contain("prefilling or inserting", [st], e)
+                if self._failed is not None:
+                    break
         return inserted
 
     def _insert(self, st: RequestState) -> list:
@@ -471,7 +571,11 @@ class Scheduler:
         return out
 
     def _process_first(self, sample: Sample, pending) -> None:
-        out = pending.result()
+        try:
+            out = pending.result()
+        except Exception as e:
+            self._contain("sampling the first token", [sample.state], e)
+            return
         st = sample.state
         st.gpu_seconds += out.device_seconds
         if st.first_token is None:
@@ -480,7 +584,12 @@ class Scheduler:
             self._take(sample, out, 0)
 
     def _process_step(self, pending, owners) -> None:
-        out = pending.result()
+        try:
+            out = pending.result()
+        except Exception as e:
+            self._step_failed(owners, e)
+            return
+        self._step_failures = 0
         active = [o for o in owners if o is not None]
         share = out.device_seconds / max(len(active), 1)
         for slot, sample in enumerate(owners):

@@ -4,17 +4,26 @@ A thin translation layer: proto messages in, `Scheduler` calls, proto messages o
 refusal is a status code with a message naming the field (INVALID_ARGUMENT), a full
 admission queue is RESOURCE_EXHAUSTED, and the end of the RPC for any reason (client
 cancel, deadline, normal end) cancels the request, so its slots are freed at the next step.
+
+The port is the engine's only door and takes raw token ids, so it is closed by default:
+it binds to loopback, server reflection is off unless asked for, and with a shared token
+(`FLAXSERVE_GRPC_TOKEN`, `--grpc-token-file`) every call but the health check must carry
+`authorization: Bearer TOKEN` metadata (serving/client.py sends it).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
+import queue
 import uuid
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from serving.engine import requests as rq
 from serving.engine.scheduler import Scheduler
@@ -29,6 +38,66 @@ STATUS = {
     rq.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
 }
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FlaxServe"].full_name
+TOKEN_ENV = "FLAXSERVE_GRPC_TOKEN"
+# How long a Generate call waits for its next event before checking that its client and
+# the engine are still there (a stream never waits on a dead engine).
+EVENT_POLL_S = 1.0
+
+
+def load_token(token_file: str | None = None, environ=None) -> str | None:
+    """The shared gRPC token: `token_file` (first line) if given, else $FLAXSERVE_GRPC_TOKEN."""
+    environ = os.environ if environ is None else environ
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except OSError as e:
+            raise ValueError(f"--grpc-token-file: cannot read {token_file}: {e.strerror}") \
+                from None
+        if not token:
+            raise ValueError(f"--grpc-token-file: {token_file} is empty")
+        return token
+    return environ.get(TOKEN_ENV, "").strip() or None
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Every call but grpc.health.v1 needs `authorization: Bearer TOKEN` (constant time)."""
+
+    def __init__(self, token: str):
+        self._expected = _digest(token)
+
+    def _allowed(self, details) -> bool:
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return True
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization" and isinstance(value, str):
+                scheme, _, presented = value.strip().partition(" ")
+                if scheme.lower() == "bearer" and hmac.compare_digest(
+                        _digest(presented.strip()), self._expected):
+                    return True
+        return False
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or self._allowed(details):
+            return handler
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "this engine needs its shared token: send `authorization: Bearer "
+                          f"TOKEN` metadata (${TOKEN_ENV} for serving.client)")
+
+        kind = ((handler.request_streaming, handler.response_streaming))
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[kind]
+        return make(deny, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
 
 
 def delta_message(d: rq.Delta) -> pb.Delta:
@@ -92,13 +161,33 @@ class FlaxServeServicer(pb_grpc.FlaxServeServicer):
         except rq.RequestError as e:
             context.abort(STATUS[e.kind], e.message)
         context.add_callback(handle.cancel)
-        for event in handle:
+        for event in self._events(handle, context):
             if isinstance(event, rq.Delta):
                 yield pb.GenerateResponse(request_id=request_id, delta=delta_message(event))
             elif isinstance(event, rq.Usage):
                 yield pb.GenerateResponse(request_id=request_id, usage=usage_message(event))
             else:
                 context.abort(STATUS.get(event.kind, grpc.StatusCode.INTERNAL), event.message)
+
+    def _events(self, handle, context):
+        """The request's events; ends if the client left, and fails the call if the
+        engine stopped without sending this request its end (never waits forever)."""
+        quiet = 0
+        while True:
+            try:
+                event = handle.get(timeout=EVENT_POLL_S)
+            except queue.Empty:
+                if not context.is_active():
+                    handle.cancel()
+                    return
+                quiet = quiet + 1 if self.scheduler.failed is not None else 0
+                if quiet >= 3:
+                    event = rq.Failure(rq.UNAVAILABLE, self.scheduler.failed)
+                else:
+                    continue
+            yield event
+            if isinstance(event, (rq.Usage, rq.Failure)):
+                return
 
     def CountTokens(self, request, context):
         ids = self._prompt(request.prompt_ids, request.prompt_text,
@@ -121,8 +210,10 @@ class EngineServer:
     """A started scheduler behind a gRPC server; `start()` returns the bound port."""
 
     def __init__(self, scheduler: Scheduler, model_name: str, model_dir: str = "",
-                 tokenizer=None):
+                 tokenizer=None, *, token: str | None = None, reflection: bool = False):
         self.scheduler = scheduler
+        self.token = token
+        self.reflection = reflection
         self.servicer = FlaxServeServicer(scheduler, model_name, model_dir, tokenizer)
         self.health = health.HealthServicer()
         self.server: grpc.Server | None = None
@@ -134,13 +225,15 @@ class EngineServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             maximum_concurrent_rpcs=workers,
+            interceptors=[TokenInterceptor(self.token)] if self.token else [],
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                      ("grpc.max_send_message_length", 64 * 1024 * 1024),
                      ("grpc.so_reuseport", 0)])
         pb_grpc.add_FlaxServeServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        if self.reflection:
+            grpc_reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, grpc_reflection.SERVICE_NAME), self.server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.port = self.server.add_insecure_port(address)
         if self.port == 0:
@@ -169,8 +262,10 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
                      tokenizer=None, model_name: str = "model", model_dir: str = "",
                      max_queue: int = 256, prefix_cache: bool = True, eos_ids=None,
                      host: str = "127.0.0.1", port: int = 0, mesh=None,
-                     progress=None) -> EngineServer:
-    """Engine + scheduler + gRPC server in this process (notebooks, tests); warmed up."""
+                     progress=None, token: str | None = None,
+                     reflection: bool = False, kv: dict | None = None) -> EngineServer:
+    """Engine + scheduler + gRPC server in this process (notebooks, tests); warmed up.
+    `kv`: DeviceEngine's KV layout arguments (kv_layout, block_size, num_blocks)."""
     from serving.engine.device import DeviceEngine
 
     if eos_ids is None:
@@ -178,9 +273,11 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
         if tokenizer is not None:
             eos_ids |= set(tokenizer.stop_ids)
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
-                          prefill_buckets=prefill_buckets, eos_ids=tuple(sorted(eos_ids)))
+                          prefill_buckets=prefill_buckets, eos_ids=tuple(sorted(eos_ids)),
+                          **(kv or {}))
     engine.warmup(progress)
     scheduler = Scheduler(engine, tokenizer, max_queue=max_queue, prefix_cache=prefix_cache)
-    server = EngineServer(scheduler, model_name, model_dir, tokenizer)
+    server = EngineServer(scheduler, model_name, model_dir, tokenizer, token=token,
+                          reflection=reflection)
     server.start(host, port)
     return server

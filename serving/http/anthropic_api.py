@@ -24,6 +24,7 @@ from serving.http import thinking_signature
 from serving.http.chat_output import (OutputParser, OutputSpec, make_spec, parse_whole,
                                       thinking_fields)
 from serving.http.errors import bad_request
+from serving.http.limits import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from serving.http.generation import Choice, Delta, Final, GenRequest, ModelInfo, Usage
 from serving.http.openai_api import GUIDED, SAMPLING_FIELDS, _bool, _is_int, _sampling
 from serving.http.prompt import (ChatOptions, check_context, fit_chat, render_chat,
@@ -300,6 +301,13 @@ def parse_messages(body, info: ModelInfo, request_id: str | None = None,
                                   all(isinstance(s, str) and s for s in stops)):
         raise bad_request("stop_sequences: must be a list of non-empty strings",
                           "stop_sequences")
+    if stops and (len(stops) > MAX_STOP_SEQUENCES or
+                  any(len(s) > MAX_STOP_CHARS for s in stops)):
+        raise bad_request(f"stop_sequences: at most {MAX_STOP_SEQUENCES} strings of at most "
+                          f"{MAX_STOP_CHARS} characters each", "stop_sequences")
+    if body.get("max_thinking_tokens") is not None:
+        raise bad_request("max_thinking_tokens: the Messages API sets the thinking budget "
+                          "with thinking.budget_tokens", "max_thinking_tokens")
     t = body.get("temperature")
     if isinstance(t, (int, float)) and not isinstance(t, bool) and t > ANTHROPIC_MAX_TEMPERATURE:
         raise bad_request(f"temperature: must be in [0, 1] on the Messages API, got {t}",

@@ -25,12 +25,13 @@ import falcon
 from serving.http import admission, anthropic_api, metrics, openai_api, sse, thinking_signature
 from serving.http import responses_api, tokenize_api
 from serving.http.response_store import DEFAULT_PATH as RESPONSE_STORE_PATH, ResponseStore
-from serving.http.auth import KeyChecker, presented_key
+from serving.http import json_body, limits
+from serving.http.auth import KeyChecker, needs_key, normalize_path, presented_keys
 from serving.http.errors import APIError, body_for, openai_body
 from serving.http.generation import Delta, Final, ModelInfo, accumulate
 
 log = logging.getLogger("flaxserve.http")
-MAX_BODY = 32 * 1024 * 1024
+MAX_BODY = limits.MAX_BODY_BYTES
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
           "/v1/messages/count_tokens", "/health", "/metrics", "/openapi.json",
           "/v1/responses", "/tokenize", "/detokenize", "/version")
@@ -47,6 +48,7 @@ class Settings:
     model_dir: str | None = None                  # default: the engine's (ListModels)
     keepalive_s: float = KEEPALIVE_S
     chat_template: str | None = None              # --chat-template: overrides the model's
+    metrics_public: bool = True                   # /metrics without a key (--metrics-auth)
     response_store: str = RESPONSE_STORE_PATH     # --response-store: stored /v1/responses
     # HMAC key of thinking signatures; drawn here, in the gunicorn master, so that every
     # worker shares it (serving.http.thinking_signature)
@@ -55,14 +57,15 @@ class Settings:
 
 
 def _protocol(path: str) -> str:
-    return "anthropic" if path.startswith("/v1/messages") else "openai"
+    return "anthropic" if normalize_path(path).startswith("/v1/messages") else "openai"
 
 
 class _Middleware:
     """Request id, auth for /v1/*, and per-route request counts."""
 
-    def __init__(self, keys: KeyChecker):
+    def __init__(self, keys: KeyChecker, metrics_public: bool = True):
         self.keys = keys
+        self.metrics_public = metrics_public
 
     def process_request(self, req, resp):
         rid = req.get_header("X-Request-Id")
@@ -72,11 +75,15 @@ class _Middleware:
         req.context.start = time.monotonic()
         resp.set_header("x-request-id", rid)
         resp.set_header("request-id", rid)
-        if (req.path.startswith("/v1/") or req.path in AUTH_OUTSIDE_V1) and not self.keys.allows(
-                presented_key(req.get_header("Authorization"), req.get_header("x-api-key"))):
+        # every path but the allow-list, judged on the normalised path, and on the raw
+        # target too (the server may have decoded or merged parts of req.path)
+        raw = (req.env.get("RAW_URI") or req.env.get("REQUEST_URI") or "").split("?", 1)[0]
+        if (needs_key(req.path, self.metrics_public)
+                or (raw and needs_key(raw, self.metrics_public))) and not self.keys.allows(
+                presented_keys(req.get_header("Authorization"), req.get_header("x-api-key"))):
             raise APIError(401, "Invalid API key: send it as `Authorization: Bearer KEY`, "
                                 "`Authorization: Api-Key KEY` or `x-api-key: KEY`")
-        if req.path.startswith("/v1/messages"):
+        if normalize_path(req.path).startswith("/v1/messages"):
             # Any dated version is accepted (the official SDK sends its own release date);
             # the wire format we speak is the 2023-06-01 one for all of them.
             version = req.get_header("anthropic-version")
@@ -120,13 +127,7 @@ def _read_json(req) -> dict:
     raw = req.bounded_stream.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise APIError(413, f"request body exceeds {MAX_BODY} bytes")
-    try:
-        body = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return body
+    return json_body.parse(raw)   # depth, NaN/inf, lone surrogates: a 400 naming the field
 
 
 class _Timed:
@@ -249,26 +250,22 @@ class Completions:
         body = _read_json(req)
         plan = openai_api.parse_completion(body, self.server.info())
         created = int(time.time())
+        opened = _open_all(self.server, plan.requests, req)   # one batch in the engine
+        streams = [s for _, s in opened]
         if not plan.stream:
             results = []
-            for r in plan.requests:  # prompts one after another
-                timed, stream = self.server.open(r, req)
-                try:
+            try:
+                for timed, _ in opened:
                     results.append(accumulate((e for e in timed if e is not None), plan.n))
-                finally:
-                    stream.cancel()
+            finally:
+                for s in streams:
+                    s.cancel()
             resp.media = openai_api.completion_response(plan, results, created)
             return
-        first = self.server.open(plan.requests[0], req)
-        streams = [first[1]]
 
         def frames():
             usages = []
-            for i, r in enumerate(plan.requests):
-                timed = first[0] if i == 0 else None
-                if timed is None:
-                    timed, s = self.server.open(r, req)
-                    streams.append(s)
+            for i, (timed, _) in enumerate(opened):
                 for chunk in openai_api.completion_stream(plan, i, timed, created, usages):
                     yield sse.comment() if chunk is None else sse.data(chunk)
             if plan.include_usage:
@@ -276,6 +273,28 @@ class Completions:
             yield sse.DONE
 
         _sse_response(resp, _guarded(frames(), _openai_stream_error, streams))
+
+
+def _open_all(server: _Server, requests: list, req) -> list:
+    """Open every prompt's engine call at once (submitted together, they decode as one
+    batch); if any is refused, the others are cancelled and that refusal is raised."""
+    if len(requests) == 1:
+        return [server.open(requests[0], req)]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(len(requests), 16),
+                            thread_name_prefix="open") as pool:
+        futures = [pool.submit(server.open, r, req) for r in requests]
+    opened, error = [], None
+    for f in futures:
+        try:
+            opened.append(f.result())
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the cleanup
+            error = error or e
+    if error is not None:
+        for _, s in opened:
+            s.cancel()
+        raise error
+    return opened
 
 
 class Models:
@@ -406,7 +425,8 @@ def create_app(settings: Settings, link=None) -> falcon.App:
         from serving.http.engine_link import EngineLink
         link = EngineLink(settings.engine)
     server = _Server(settings, link)
-    app = falcon.App(middleware=[_Middleware(KeyChecker(settings.api_keys))])
+    app = falcon.App(middleware=[_Middleware(KeyChecker(settings.api_keys),
+                                             settings.metrics_public)])
     app.req_options.strip_url_path_trailing_slash = True
     app.add_error_handler(Exception, _error_handler)
     app.add_error_handler(falcon.HTTPError, _error_handler)   # 404/405 in protocol shapes

@@ -33,6 +33,8 @@ def add_arguments(parser) -> None:
                         help="accepted API key (repeatable); also FLAXSERVE_API_KEYS")
     parser.add_argument("--api-key-file", default=None, metavar="F",
                         help="file with one API key per line")
+    parser.add_argument("--metrics-auth", action="store_true",
+                        help="/metrics needs an API key too (default: open, like /health)")
     parser.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
                         help="model names requests may use (default: the engine's)")
     parser.add_argument("--model", default=None, metavar="DIR",
@@ -107,7 +109,8 @@ def settings_from_args(args):
     return Settings(engine=args.engine, api_keys=keys,
                     served_model_names=list(dict.fromkeys(args.served_model_name)),
                     model_dir=args.model, chat_template=template,
-                    response_store=getattr(args, "response_store", None) or RESPONSE_STORE)
+                    response_store=getattr(args, "response_store", None) or RESPONSE_STORE,
+                    metrics_public=not getattr(args, "metrics_auth", False))
 
 
 def run_gunicorn(settings, host: str, port: int, workers: int, threads: int | None,

@@ -26,6 +26,7 @@ from sampling.params import SamplingParams
 from serving.http.chat_output import (OutputParser, OutputSpec, make_spec, parse_whole,
                                       thinking_fields)
 from serving.http.errors import bad_request, from_value_error
+from serving.http.limits import MAX_PROMPTS
 from serving.http.generation import (Choice, Delta, Final, GenRequest, ModelInfo, TokenInfo,
                                      Usage, floor_logprob)
 from serving.http.prompt import (ChatOptions, check_context, fit_chat, render_chat,
@@ -473,6 +474,9 @@ def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> Op
         raise bad_request("`echo` with `logprobs` (prompt-token logprobs, the scoring path) "
                           "is answered without streaming; set stream to false", "echo")
     tok = info.tokenizer
+    if len(prompt) > MAX_PROMPTS:
+        raise bad_request(f"`prompt` takes at most {MAX_PROMPTS} prompts per request, got "
+                          f"{len(prompt)}", "prompt")
     ids, texts = _prompts(body.get("prompt"), tok, _bool(body, "add_special_tokens", True))
     keep = _opt_int(body, "truncate_prompt_tokens", 1)
     ids = [truncate(p, keep) for p in ids]

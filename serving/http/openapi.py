@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from functools import lru_cache
 
-from sampling.params import SamplingParams
-from serving.http import anthropic_api, openai_api
+from sampling.params import BOUNDS, MAX_SEQUENCE, MAX_STOP_STRINGS, MAX_VOCAB, SamplingParams
+from serving.http import anthropic_api, limits, openai_api
 
 _JSON_TYPES = {"float": "number", "int": "integer", "bool": "boolean", "str": "string"}
 
@@ -26,21 +26,115 @@ def _schema_of(f: dataclasses.Field) -> dict:
     else:
         s = {"type": next((v for k, v in _JSON_TYPES.items() if hint.startswith(k)), "string")}
     if "None" in hint:
-        s["nullable"] = True
+        s["type"] = [s["type"], "null"]          # OpenAPI 3.1: JSON Schema's null
     if f.default is not dataclasses.MISSING:
         s["default"] = f.default
     return s
 
 
+_LIMIT_OF = {"vocab": (MAX_VOCAB, "and at most the model's vocabulary size"),
+             "context": (MAX_SEQUENCE, "and at most the model's context length")}
+
+
+def _bounded(schema: dict, name: str) -> dict:
+    """`schema` with the range of sampling.params.BOUNDS (the engine checks the same)."""
+    if name not in BOUNDS:
+        return schema
+    lo, hi, lo_open, hi_open, integer = BOUNDS[name]
+    note = ""
+    if isinstance(hi, str):
+        hi, note = _LIMIT_OF[hi]
+    kind = "integer" if integer else "number"
+    out = dict(schema, type=[kind, "null"] if isinstance(schema.get("type"), list) else kind)
+    out["exclusiveMinimum" if lo_open else "minimum"] = lo
+    out["exclusiveMaximum" if hi_open else "maximum"] = hi
+    if note:
+        out["description"] = note
+    return out
+
+
 def _sampling_properties() -> dict:
-    return {f.name: _schema_of(f) for f in dataclasses.fields(SamplingParams)}
+    return {f.name: _bounded(_schema_of(f), f.name) for f in dataclasses.fields(SamplingParams)}
 
 
-def _request(fields: set[str], extra: dict) -> dict:
+def _request(fields: set[str], extra: dict, required: tuple[str, ...] = ()) -> dict:
     props = {name: {} for name in sorted(fields)}
     props.update({k: v for k, v in _sampling_properties().items() if k in fields})
-    props.update(extra)
-    return {"type": "object", "properties": props, "additionalProperties": False}
+    props.update({k: v for k, v in extra.items() if k in fields})
+    return {"type": "object", "properties": props, "required": list(required),
+            "additionalProperties": False}
+
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}
+_OPENAI_MESSAGE = {
+    "type": "object", "required": ["role", "content"],
+    "properties": {
+        "role": {"enum": list(openai_api.ROLES)},
+        "content": _nullable({"anyOf": [{"type": "string"},
+                                        {"type": "array", "items": _TEXT_PART}]}),
+        "name": {"type": "string"}, "tool_call_id": {"type": "string"},
+        "reasoning_content": {"type": "string"},
+        "tool_calls": {"type": "array", "items": {"type": "object"}}}}
+_ANTHROPIC_MESSAGE = {
+    "type": "object", "required": ["role", "content"],
+    "properties": {"role": {"enum": ["user", "assistant"]},
+                   "content": {"anyOf": [{"type": "string"},
+                                         {"type": "array", "items": {"type": "object"}}]}}}
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": limits.MAX_STOP_CHARS}
+
+
+def _openai_fields() -> dict:
+    return {
+        "model": {"type": "string", "description": "a served name (GET /v1/models); "
+                                                   "default: the first"},
+        "messages": {"type": "array", "minItems": 1, "items": _OPENAI_MESSAGE},
+        "prompt": {"anyOf": [{"type": "string"},
+                             {"type": "array", "minItems": 1, "maxItems": limits.MAX_PROMPTS,
+                              "items": {"type": "string"}},
+                             {"type": "array", "minItems": 1,
+                              "items": {"type": "integer", "minimum": 0}}],
+                   "description": f"at most {limits.MAX_PROMPTS} prompts, decoded as one "
+                                  "batch"},
+        "stream": {"type": "boolean"},
+        "stop": _nullable({"anyOf": [_STOP_STRING, {
+            "type": "array", "items": _STOP_STRING,
+            "maxItems": getattr(openai_api, "MAX_STOP", MAX_STOP_STRINGS)}]}),
+        "max_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": MAX_SEQUENCE}),
+        "max_completion_tokens": _nullable({"type": "integer", "minimum": 1,
+                                            "maximum": MAX_SEQUENCE}),
+        "temperature": _nullable({"type": "number", "minimum": 0,
+                                  "maximum": openai_api.OPENAI_MAX_TEMPERATURE}),
+        "logprobs": {"anyOf": [{"type": "boolean"}, {"type": "integer", "minimum": 0,
+                                                     "maximum": 20}, {"type": "null"}]},
+        "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20}),
+        "seed": _nullable({"type": "integer", "minimum": -(2 ** 63),
+                           "maximum": 2 ** 64 - 1}),
+    }
+
+
+def _anthropic_fields() -> dict:
+    return {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": _ANTHROPIC_MESSAGE},
+        "system": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_SEQUENCE},
+        "stop_sequences": {"type": "array", "items": _STOP_STRING,
+                           "maxItems": limits.MAX_STOP_SEQUENCES},
+        "stream": {"type": "boolean"},
+        "temperature": {"type": "number", "minimum": 0,
+                        "maximum": anthropic_api.ANTHROPIC_MAX_TEMPERATURE},
+        "metadata": {"type": "object"},
+        "thinking": {"type": "object", "required": ["type"],
+                     "properties": {"type": {"enum": ["enabled", "disabled", "adaptive"]},
+                                    "budget_tokens": {
+                                        "type": "integer",
+                                        "minimum": anthropic_api.MIN_THINKING_BUDGET}}},
+    }
 
 
 def _post(summary: str, schema_name: str, description: str = "") -> dict:
@@ -121,11 +215,14 @@ def spec() -> dict:
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
             "schemas": {
-                "ChatRequest": _request(openai_api.CHAT_FIELDS, chat_ext),
-                "CompletionRequest": _request(openai_api.COMPLETION_FIELDS, {
-                    k: v for k, v in chat_ext.items() if k in openai_api.COMPLETION_FIELDS}),
-                "MessagesRequest": _request(anthropic_api.MESSAGE_FIELDS, {}),
-                "CountTokensRequest": _request(anthropic_api.COUNT_FIELDS, {}),
+                "ChatRequest": _request(openai_api.CHAT_FIELDS,
+                                        {**chat_ext, **_openai_fields()}, ("messages",)),
+                "CompletionRequest": _request(openai_api.COMPLETION_FIELDS,
+                                              {**chat_ext, **_openai_fields()}, ("prompt",)),
+                "MessagesRequest": _request(anthropic_api.MESSAGE_FIELDS, {
+                    **chat_ext, **_anthropic_fields()}, ("messages", "max_tokens")),
+                "CountTokensRequest": _request(anthropic_api.COUNT_FIELDS, {
+                    **chat_ext, **_anthropic_fields()}, ("messages",)),
                 "UsageExtensions": usage,
             }},
         "security": [{"bearer": []}, {"apiKeyHeader": []}],

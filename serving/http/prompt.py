@@ -5,20 +5,30 @@ streaming request get a 4xx and lets `count_tokens` equal a real request's promp
 Chat templates are Jinja run in `ImmutableSandboxedEnvironment` (a template comes from a
 checkpoint or from the request, so it is untrusted), with the globals Hugging Face
 templates expect (`raise_exception`, `strftime_now`, a non-ASCII-escaping `tojson`).
+The sandbox stops what a template may touch, not what it may cost, so a render is also
+bounded (serving/http/limits.py): every string or list that `*`, `+`, `%`, `~`, a filter
+or a method builds, the integers given to filters and methods, the output, and the wall
+time (a line tracer on the template's own frames, so loops of any shape stop).
 No JAX here: the tokenizer is `checkpoints.tokenizer.load_tokenizer(model_dir)`.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import sys
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.compiler import CodeGenerator
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from serving.http.errors import APIError, bad_request
+from serving.http.limits import (MAX_RENDER_CHARS, MAX_RENDER_SECONDS, MAX_TEMPLATE_CHARS,
+                                 MAX_TEMPLATE_INT)
 
 
 def _raise(message: str):
@@ -30,11 +40,103 @@ def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False, separators=
                       separators=separators)
 
 
+class TemplateLimit(SecurityError):
+    """A render went past one of the limits (a 400, like any sandbox refusal)."""
+
+
+def _sized(value):
+    """`value`, unless it is a string or sequence longer than the render limit."""
+    if isinstance(value, (str, bytes, list, tuple, dict)) and len(value) > MAX_RENDER_CHARS:
+        raise TemplateLimit(f"a value of {len(value)} items/characters exceeds the template "
+                            f"limit of {MAX_RENDER_CHARS}")
+    return value
+
+
+def _small_ints(args, kwargs) -> None:
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_TEMPLATE_INT:
+            raise TemplateLimit(f"an argument of {v} exceeds the template limit of "
+                                f"{MAX_TEMPLATE_INT}")
+
+
+def _limited(fn):
+    """A filter or global with bounded integer arguments and result size."""
+    @functools.wraps(fn)     # keeps jinja's pass_context / pass_environment marks
+    def wrapper(*args, **kwargs):
+        _small_ints(args[1:], kwargs)
+        return _sized(fn(*args, **kwargs))
+    return wrapper
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    """`a ~ b` goes through the environment, so its result is bounded too."""
+
+    def visit_Concat(self, node, frame) -> None:
+        self.write("environment.bounded_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    code_generator_class = _BoundedCodeGenerator
+    intercepted_binops = frozenset({"*", "+", "%", "**"})
+
+    @staticmethod
+    def bounded_concat(values) -> str:
+        return _sized("".join(map(str, values)))
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and \
+                        len(seq) * max(n, 0) > MAX_RENDER_CHARS:
+                    raise TemplateLimit(f"{len(seq)} * {n} exceeds the template limit of "
+                                        f"{MAX_RENDER_CHARS}")
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64 and \
+                isinstance(left, (int, float)) and abs(left) > 1:
+            raise TemplateLimit(f"an exponent of {right} exceeds the template limit of 64")
+        return _sized(super().call_binop(context, operator, left, right))
+
+    def call(self, context, obj, /, *args, **kwargs):
+        _small_ints(args, kwargs)
+        return _sized(super().call(context, obj, *args, **kwargs))
+
+
+def render_bounded(template: jinja2.Template, **context) -> str:
+    """`template.render(**context)` within MAX_RENDER_CHARS and MAX_RENDER_SECONDS."""
+    deadline = time.monotonic() + MAX_RENDER_SECONDS
+
+    def on_line(frame, event, arg):
+        if event == "line" and time.monotonic() > deadline:
+            raise TemplateLimit(f"rendering took longer than {MAX_RENDER_SECONDS:g} s")
+        return on_line
+
+    def on_call(frame, event, arg):   # trace only the template's own code
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        out, size = [], 0
+        for chunk in template.generate(**context):
+            size += len(chunk)
+            if size > MAX_RENDER_CHARS:
+                raise TemplateLimit(f"the rendered prompt exceeds {MAX_RENDER_CHARS} "
+                                    "characters")
+            out.append(chunk)
+    finally:
+        sys.settrace(previous)
+    return "".join(out)
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = _tojson
+    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                              extensions=["jinja2.ext.loopcontrols"])
+    env.filters = {name: _limited(f) for name, f in env.filters.items()}
+    env.filters["tojson"] = _limited(_tojson)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env.from_string(source)
@@ -74,13 +176,17 @@ def render_chat(template: str | None, messages: list[dict], options: ChatOptions
                           "continue_final_message")
     which = ("the request's chat_template" if options.chat_template else
              "the model's chat template")
+    if options.chat_template and len(options.chat_template) > MAX_TEMPLATE_CHARS:
+        raise bad_request(f"chat_template: at most {MAX_TEMPLATE_CHARS} characters, got "
+                          f"{len(options.chat_template)}", "chat_template")
     reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"}
     clash = sorted(reserved & set(options.chat_template_kwargs))
     if clash:
         raise bad_request(f"chat_template_kwargs may not set {', '.join(clash)}",
                           "chat_template_kwargs")
     try:
-        text = _compile(source).render(
+        text = render_bounded(
+            _compile(source),
             **{"tools": options.tools, "documents": options.documents,
                **options.chat_template_kwargs},
             messages=messages, add_generation_prompt=options.add_generation_prompt,
@@ -90,7 +196,7 @@ def render_chat(template: str | None, messages: list[dict], options: ChatOptions
     except jinja2.exceptions.SecurityError as e:
         raise bad_request(f"{which}: refused by the sandbox: {e}", "chat_template") from None
     except (jinja2.exceptions.TemplateError, TypeError, ValueError, AttributeError,
-            KeyError, IndexError) as e:
+            KeyError, IndexError, OverflowError, RecursionError, MemoryError) as e:
         raise bad_request(f"{which} failed on these messages: {e}", "messages") from None
     if options.continue_final_message:
         final = messages[-1].get("content") or ""
@@ -150,12 +256,20 @@ class FittedPrompt:
     dropped_messages: int = 0
 
 
-def _droppable(messages: list[dict]) -> int | None:
-    """Index of the oldest turn auto_compact may drop: not a system turn, not the last."""
-    for i, m in enumerate(messages[:-1]):
-        if m.get("role") != "system":
-            return i
-    return None
+def _drop_groups(messages: list[dict]) -> list[tuple[int, int]]:
+    """The turns auto_compact drops, oldest first, as [start, end) index ranges: each
+    non-system turn but the last, with the tool results that follow it."""
+    groups, i, last = [], 0, len(messages) - 1
+    while i < last:
+        if messages[i].get("role") == "system":
+            i += 1
+            continue
+        j = i + 1
+        while j < last and messages[j].get("role") == "tool":
+            j += 1
+        groups.append((i, j))
+        i = j
+    return groups
 
 
 def fit_chat(encode_chat, messages: list[dict], max_tokens: int | None,
@@ -165,22 +279,35 @@ def fit_chat(encode_chat, messages: list[dict], max_tokens: int | None,
     non-system turns (a tool result goes with the call before it) until it fits."""
     text, ids = encode_chat(messages)
     first = len(ids)
-    dropped = 0
 
     def fits(n: int) -> bool:
         return max_model_len is None or (n < max_model_len and (
             max_tokens is None or n + max_tokens <= max_model_len))
 
-    while auto_compact and not fits(len(ids)):
-        i = _droppable(messages)
-        if i is None:
-            break
-        j = i + 1
-        while j < len(messages) - 1 and messages[j].get("role") == "tool":
-            j += 1
-        messages = messages[:i] + messages[j:]
-        dropped += j - i
-        text, ids = encode_chat(messages)
+    if not auto_compact or fits(len(ids)):
+        return FittedPrompt(text, ids)
+    # Binary search on how many of the oldest turns to drop (fewer turns, fewer tokens):
+    # O(log n) renders, not one per dropped turn (2000 short turns took 25 s that way).
+    groups = _drop_groups(messages)
+    if not groups:
+        return FittedPrompt(text, ids)
+    tried: dict[int, tuple[str, list[int]]] = {}
+
+    def attempt(k: int) -> tuple[str, list[int]]:
+        if k not in tried:
+            gone = {i for a, b in groups[:k] for i in range(a, b)}
+            tried[k] = encode_chat([m for i, m in enumerate(messages) if i not in gone])
+        return tried[k]
+
+    k = len(groups)                    # all dropped and still too long: as it is
+    if fits(len(attempt(k)[1])):
+        lo, hi = 0, k                  # dropping lo does not fit, dropping hi does
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(len(attempt(mid)[1])) else (mid, hi)
+        k = hi
+    text, ids = attempt(k)
+    dropped = sum(j - i for i, j in groups[:k])
     return FittedPrompt(text, ids, first - len(ids) if dropped else 0, dropped)
 
 
