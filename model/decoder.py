@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import paged_attention as paged
 from model.config import ModelConfig
 
 # Logical axis names of the KV cache arrays [slots, max_len, kv_heads, head_dim].
@@ -95,7 +96,8 @@ class Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, rope, k_cache, v_cache, slot_ids, attend_len=None):
+    def __call__(self, x, positions, rope, k_cache, v_cache, slot_ids, attend_len=None,
+                 block_tables=None):
         cfg = self.config
         kvh, g, hd = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
         qkv_w = _param(self, "qkv", (cfg.hidden_size, kvh, g + 2, hd),
@@ -114,15 +116,24 @@ class Attention(nn.Module):
         q = apply_rope(q, rope)
         k = apply_rope(k, rope)
 
-        # Write this call's K/V at (slot, position); out-of-range positions are dropped.
-        rows = (jnp.arange(x.shape[0]) if slot_ids is None else slot_ids)[:, None]
-        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-        # Attend over the first attend_len positions only (static): a short sequence in a
-        # long cache then costs what its length costs, not what max_len costs.
-        span = slice(None, attend_len)
-        keys = k_cache[:, span] if slot_ids is None else k_cache[slot_ids, span]
-        values = v_cache[:, span] if slot_ids is None else v_cache[slot_ids, span]
+        if block_tables is None:
+            # Write this call's K/V at (slot, position); out-of-range positions are dropped.
+            rows = (jnp.arange(x.shape[0]) if slot_ids is None else slot_ids)[:, None]
+            k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+            # Attend over the first attend_len positions only (static): a short sequence in
+            # a long cache then costs what its length costs, not what max_len costs.
+            span = slice(None, attend_len)
+            keys = k_cache[:, span] if slot_ids is None else k_cache[slot_ids, span]
+            values = v_cache[:, span] if slot_ids is None else v_cache[slot_ids, span]
+        else:
+            # Paged: the same through each row's block table (model/paged_attention.py).
+            tables = block_tables if slot_ids is None else block_tables[slot_ids]
+            k_cache = paged.write(k_cache, tables, positions, k)
+            v_cache = paged.write(v_cache, tables, positions, v)
+            n = paged.blocks_for(attend_len, k_cache.shape[1], tables.shape[1])
+            keys = paged.gather(k_cache, tables, n)
+            values = paged.gather(v_cache, tables, n)
 
         scores = jnp.einsum("btkgh,bskh->bkgts", q, keys,
                             preferred_element_type=jnp.float32) / math.sqrt(hd)
@@ -162,11 +173,12 @@ class DecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, rope, k_cache, v_cache, slot_ids, attend_len=None):
+    def __call__(self, x, positions, rope, k_cache, v_cache, slot_ids, attend_len=None,
+                 block_tables=None):
         cfg = self.config
         h, k_cache, v_cache = Attention(cfg, self.layer, name="attn")(
             RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="attn_norm")(x), positions, rope,
-            k_cache, v_cache, slot_ids, attend_len)
+            k_cache, v_cache, slot_ids, attend_len, block_tables)
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="mlp_norm")(x))
         return x, k_cache, v_cache
@@ -178,6 +190,9 @@ class Decoder(nn.Module):
     slot_ids [B] selects which cache rows the B sequences use (None: row b is slot b).
     logits_index [B] picks one position per sequence to project to the vocabulary
     (prefill needs only the last); None projects every position.
+    block_tables [S, max_blocks] int32: the cache is a paged pool per layer
+    ([num_blocks, block_size, kv_heads, head_dim], model/paged_attention.py) and row s of
+    the table lists the blocks of slot s; None: the dense [slots, max_len] cache.
     Logits are float32.
     """
 
@@ -185,7 +200,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, cache, slot_ids=None, logits_index=None,
-                 attend_len=None):
+                 attend_len=None, block_tables=None):
         cfg = self.config
         embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                        cfg.dtype)
@@ -195,7 +210,7 @@ class Decoder(nn.Module):
         for i in range(cfg.num_layers):
             k_cache, v_cache = cache[i]
             x, k_cache, v_cache = DecoderLayer(cfg, i, name=f"layer_{i}")(
-                x, positions, rope, k_cache, v_cache, slot_ids, attend_len)
+                x, positions, rope, k_cache, v_cache, slot_ids, attend_len, block_tables)
             new_cache.append((k_cache, v_cache))
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
@@ -235,11 +250,19 @@ def init_params(config: ModelConfig, seed: int = 0):
     return nn.meta.unbox(params)
 
 
+def init_paged_cache(config: ModelConfig, num_blocks: int, block_size: int,
+                     dtype=None) -> tuple:
+    """A zeroed paged KV pool: per layer (k, v) of [num_blocks, block_size, kv_heads, head_dim]."""
+    return paged.init_pool(config.num_layers, num_blocks, block_size, config.num_kv_heads,
+                           config.head_dim, dtype or config.dtype)
+
+
 def forward(config: ModelConfig, params, cache, tokens, positions, slot_ids=None,
-            logits_index=None, attend_len: int | None = None):
+            logits_index=None, attend_len: int | None = None, block_tables=None):
     """Pure forward; jit it at the call site (with the cache donated).
 
     `attend_len` (static) limits attention to cache positions [0, attend_len): every real
-    position of this call must be below it. None attends over the whole cache."""
+    position of this call must be below it. None attends over the whole cache.
+    `block_tables` [S, max_blocks] int32: `cache` is a paged pool (see `Decoder`)."""
     return Decoder(config).apply({"params": params}, tokens, positions, cache, slot_ids,
-                                 logits_index, attend_len)
+                                 logits_index, attend_len, block_tables)

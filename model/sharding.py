@@ -28,6 +28,7 @@ LOGICAL_RULES = {
     "cache_batch": "data",
     "cache_seq": None,
     "cache_heads": "model",
+    "cache_blocks": None,      # the paged pool: any sequence may own any block
 }
 
 
@@ -87,3 +88,11 @@ def shard_params(params, shardings):
 
 def shard_cache(cache, shardings):
     return jax.device_put(cache, shardings)
+
+
+def pool_shardings(config: ModelConfig, mesh: Mesh, num_blocks: int, block_size: int):
+    """The paged KV pool: blocks replicated, KV heads split over the model axis."""
+    from model.paged_attention import POOL_AXES
+    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    one = NamedSharding(mesh, spec_for(shape, POOL_AXES, mesh))
+    return tuple((one, one) for _ in range(config.num_layers))

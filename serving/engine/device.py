@@ -17,6 +17,11 @@ this class only runs compiled programs over a decode state that never leaves the
   length never compiles anything once `warmup` has run.
 - Inactive slots still ride along in the fixed-shape batch, but write nothing: a released
   slot keeps its KV intact for the prefix cache.
+- KV layout (`kv_layout`): "dense" keeps one [max_slots, max_len] row per slot per layer;
+  "paged" keeps a pool of `num_blocks` blocks of `block_size` tokens per layer and a block
+  table [max_slots, max_blocks_per_seq] (model/paged_attention.py). In paged mode the
+  scheduler owns the blocks (serving/engine/block_manager.py) and sets each slot's table
+  row with `set_blocks`; the table goes to the device with the next call that changed.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import numpy as np
 from jax import monitoring
 
 from model.config import ModelConfig
-from model.decoder import forward, init_cache
+from model.decoder import forward, init_cache, init_paged_cache
+from model.paged_attention import copy_block
 from sampling.params import SamplingParams
 from sampling.rows import make_rows, set_row
 from sampling.sampler import sample
@@ -146,12 +152,76 @@ class Forward:
     dispatched: float      # perf_counter() at dispatch, for the step's device time
 
 
+def kv_bytes_per_token(config: ModelConfig, dtype=None) -> int:
+    """Bytes of K and V one token takes over all layers."""
+    itemsize = np.dtype(jnp.dtype(dtype or config.dtype)).itemsize
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+
+
+def parse_memory(spec: str) -> tuple[int | None, float | None]:
+    """'1GiB' / '512MiB' / '2GB' / '1000000' -> (bytes, None); '0.5' (a fraction of the
+    device's memory, in (0, 1]) -> (None, 0.5)."""
+    text = str(spec).strip()
+    units = {"kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40, "kb": 10 ** 3,
+             "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12, "b": 1}
+    low = text.lower()
+    for unit, scale in units.items():
+        if low.endswith(unit):
+            number = low[:-len(unit)].strip()
+            try:
+                value = float(number)
+            except ValueError:
+                break
+            if value <= 0:
+                break
+            return int(value * scale), None
+    else:
+        try:
+            value = float(low)
+        except ValueError:
+            value = -1.0
+        if 0 < value <= 1:
+            return None, value
+        if value > 1 and value == int(value):
+            return int(value), None
+    raise ValueError(f"--kv-cache-memory {spec!r}: expected a size such as 1GiB, 512MiB or "
+                     "2GB, or a fraction of device memory in (0, 1] such as 0.5")
+
+
+def blocks_for_memory(config: ModelConfig, spec: str, block_size: int, dtype=None,
+                      device=None) -> int:
+    """How many KV blocks (the null block included) fit a `--kv-cache-memory` budget."""
+    size, fraction = parse_memory(spec)
+    if fraction is not None:
+        device = device or jax.devices()[0]
+        limit = (device.memory_stats() or {}).get("bytes_limit") if hasattr(
+            device, "memory_stats") else None
+        if not limit:
+            import os
+            limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        size = int(limit * fraction)
+    blocks = size // (kv_bytes_per_token(config, dtype) * block_size)
+    if blocks < 2:
+        raise ValueError(f"--kv-cache-memory {spec}: holds {blocks} blocks of {block_size} "
+                         "tokens; at least 2 are needed")
+    return int(blocks)
+
+
 class DeviceEngine:
     """Owns params and the decode state; call every method from one thread."""
 
     def __init__(self, config: ModelConfig, params, *, max_slots: int, max_len: int,
                  mesh=None, prefill_buckets: tuple[int, ...] | None = None,
-                 num_top_logprobs: int = 20, eos_ids=()):
+                 num_top_logprobs: int = 20, eos_ids=(), kv_layout: str = "dense",
+                 block_size: int = 16, num_blocks: int | None = None):
+        if kv_layout not in ("dense", "paged"):
+            raise ValueError(f"kv_layout must be 'dense' or 'paged', got {kv_layout!r}")
+        if kv_layout == "paged":
+            if block_size < 1 or block_size & (block_size - 1):
+                raise ValueError(f"block_size must be a power of two, got {block_size}")
+            if num_blocks is None or num_blocks < 2:
+                raise ValueError(f"num_blocks must be >= 2 for the paged layout, got "
+                                 f"{num_blocks}")
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         if not 2 <= max_len <= config.max_position_embeddings:
@@ -165,6 +235,16 @@ class DeviceEngine:
         self.num_top_logprobs = num_top_logprobs
         self.eos_ids = tuple(eos_ids)
         self.mesh = mesh
+        self.kv_layout = kv_layout
+        self.paged = kv_layout == "paged"
+        self.block_size = block_size
+        self.num_blocks = num_blocks if self.paged else 0
+        self.max_blocks_per_seq = -(-max_len // block_size)
+        # the first position nothing is written at (padding and idle rows)
+        self._void = self.max_blocks_per_seq * block_size if self.paged else max_len
+        self._tables = np.zeros((max_slots, self.max_blocks_per_seq if self.paged else 1),
+                                np.int32)
+        self._tables_dev = None
         self._last_done = 0.0
         self.params = params
         if mesh is not None:
@@ -177,17 +257,18 @@ class DeviceEngine:
         self._host_pos = np.zeros(max_slots, np.int64)      # mirrors state["pos"]
         self._host_active = np.zeros(max_slots, bool)       # mirrors state["active"]
         self._forward_step = jax.jit(self._forward_step_fn, donate_argnums=(1,),
-                                     static_argnums=(2, 3))
+                                     static_argnums=(3, 4))
         # custom=True compiles the reorderable sampler; used only while a row needs it
         self._sample_step = jax.jit(self._sample_step_fn, donate_argnums=(0,),
                                     static_argnums=(3, 4))
         self._custom_slots: set[int] = set()
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnums=(6,))
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnums=(7,))
         self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(7,))
         # token masks (grammars, forced tokens) as packed bits; all ones when unconstrained
         self.mask_words = (self.vocab_size + 31) // 32
         self._ones = {}
         self._copy = jax.jit(self._copy_fn, donate_argnums=(0,))
+        self._copy_block = jax.jit(self._copy_block_fn, donate_argnums=(0,))
         self._release = jax.jit(lambda active, slot: active.at[slot].set(False),
                                 donate_argnums=(0,))
 
@@ -195,11 +276,16 @@ class DeviceEngine:
 
     def _init_state(self) -> dict:
         s, length = self.max_slots, self.max_len
-        cache = init_cache(self.config, s, length)
+        if self.paged:
+            cache = init_paged_cache(self.config, self.num_blocks, self.block_size)
+        else:
+            cache = init_cache(self.config, s, length)
         if self.mesh is not None:
             from model import sharding
-            cache = sharding.shard_cache(
-                cache, sharding.cache_shardings(self.config, self.mesh, s, length))
+            shardings = (sharding.pool_shardings(self.config, self.mesh, self.num_blocks,
+                                                 self.block_size) if self.paged else
+                         sharding.cache_shardings(self.config, self.mesh, s, length))
+            cache = sharding.shard_cache(cache, shardings)
         rows = make_rows([None] * s, self.vocab_size, [0] * s, [0] * s)
         return {
             "cache": cache,
@@ -212,14 +298,15 @@ class DeviceEngine:
 
     # -- jitted programs ---------------------------------------------------------------
 
-    def _forward_step_fn(self, params, state, attend_len, rows):
+    def _forward_step_fn(self, params, state, tables, attend_len, rows):
         """The model over slots [0, rows): logits [rows, V]."""
         active, pos = state["active"][:rows], state["pos"][:rows]
-        write_pos = jnp.where(active, pos, self.max_len)  # inactive rows write nothing
+        write_pos = jnp.where(active, pos, self._void)  # inactive rows write nothing
         slot_ids = None if rows == self.max_slots else jnp.arange(rows)
         logits, cache = forward(self.config, params, state["cache"],
                                 state["last"][:rows, None], write_pos[:, None],
-                                slot_ids=slot_ids, attend_len=attend_len)
+                                slot_ids=slot_ids, attend_len=attend_len,
+                                block_tables=tables if self.paged else None)
         return dict(state, cache=cache), logits[:, 0]
 
     def _sample_step_fn(self, state, logits, mask_bits, custom, rows):
@@ -236,19 +323,21 @@ class DeviceEngine:
                      pos=put(state["pos"], jnp.where(active, pos + 1, pos)))
         return state, out
 
-    def _run_chunk(self, params, state, tokens, start, true_len, slot, fresh):
+    def _run_chunk(self, params, state, tables, tokens, start, true_len, slot, fresh):
         n = tokens.shape[0]
         idx = jnp.arange(n)
-        positions = jnp.where(idx < true_len, start + idx, self.max_len)[None]
+        positions = jnp.where(idx < true_len, start + idx, self._void)[None]
         # a fresh prompt (start 0) attends only to its own chunk
         logits, cache = forward(self.config, params, state["cache"], tokens[None], positions,
                                 slot_ids=slot[None], logits_index=(true_len - 1)[None],
-                                attend_len=n if fresh else None)
+                                attend_len=n if fresh else None,
+                                block_tables=tables if self.paged else None)
         return logits, dict(state, cache=cache)
 
-    def _prefill_fn(self, params, state, tokens, start, true_len, slot, fresh):
+    def _prefill_fn(self, params, state, tables, tokens, start, true_len, slot, fresh):
         """One chunk into one slot; returns the logits of its last real token [1, V]."""
-        return self._run_chunk(params, state, tokens, start, true_len, slot, fresh)[::-1]
+        return self._run_chunk(params, state, tables, tokens, start, true_len, slot,
+                               fresh)[::-1]
 
     def _unpack(self, bits):
         """[R, words] int32 -> bool [R, V]: bit t of word t // 32 allows token t."""
@@ -262,11 +351,16 @@ class DeviceEngine:
             return self._ones[rows]
         return np.ascontiguousarray(np.asarray(mask, np.int32)[:rows])
 
-    def _first_fn(self, state, logits, slot, row, prompt, prompt_len, mask_bits, custom):
+    def _first_fn(self, state, logits, slot, row, prompt, prompt_len, mask_bits, custom,
+                  orig_len):
         """Sample a slot's first token from its prompt's last logits and activate it.
 
-        Separate from the per-bucket prefill programs so the sampler compiles once."""
+        Separate from the per-bucket prefill programs so the sampler compiles once.
+        `orig_len` < prompt_len resumes a preempted sequence: prompt[orig_len:prompt_len]
+        are tokens it had generated, so its sampler state counts them as output and its
+        step (and PRNG key) continues where it stopped."""
         sampler = reset_row(state["sampler"], slot, prompt, prompt_len, row)
+        sampler = _resumed(sampler, slot, prompt, prompt_len, orig_len)
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
         one_state = jax.tree.map(take, sampler)
         out, one_state = sample(logits, row, one_state, num_top=self.num_top_logprobs,
@@ -278,6 +372,11 @@ class DeviceEngine:
                      pos=state["pos"].at[slot].set(prompt_len),
                      active=state["active"].at[slot].set(True))
         return state, out
+
+    def _copy_block_fn(self, state, src, dst):
+        cache = tuple((copy_block(k, src, dst), copy_block(v, src, dst))
+                      for k, v in state["cache"])
+        return dict(state, cache=cache)
 
     def _copy_fn(self, state, src, dst):
         cache = tuple((k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in state["cache"])
@@ -299,31 +398,65 @@ class DeviceEngine:
             raise ValueError("a prefill chunk needs at least one token")
         if start + n > self.max_len:
             raise ValueError(f"prompt of {start + n} tokens exceeds max_len {self.max_len}")
+        if self.paged:
+            have = int(np.count_nonzero(self._tables[slot]))
+            if -(-(start + n) // self.block_size) > have:
+                raise ValueError(f"slot {slot} holds {have} blocks, too few for positions "
+                                 f"up to {start + n}")
         padded = np.zeros(self._bucket(n), np.int32)
         padded[:n] = token_ids
         return padded, np.int32(start), np.int32(n), np.int32(slot), start == 0
 
+    def set_blocks(self, slot: int, blocks) -> None:
+        """Paged layout: slot's block table row (unused entries: the null block 0)."""
+        row = self._tables[slot]
+        if len(blocks) > len(row):
+            raise ValueError(f"{len(blocks)} blocks exceed max_blocks_per_seq {len(row)}")
+        row[:len(blocks)] = blocks
+        row[len(blocks):] = 0
+        self._tables_dev = None
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Paged layout: block dst := block src, every layer."""
+        self.state = self._copy_block(self.state, np.int32(src), np.int32(dst))
+
+    def position(self, slot: int) -> int:
+        """The position the next decode step writes for `slot`."""
+        return int(self._host_pos[slot])
+
+    def _tables_arg(self):
+        if self._tables_dev is None:
+            self._tables_dev = jnp.asarray(self._tables)
+            if self.mesh is not None:
+                from jax.sharding import NamedSharding, PartitionSpec
+                self._tables_dev = jax.device_put(
+                    self._tables_dev, NamedSharding(self.mesh, PartitionSpec()))
+        return self._tables_dev
+
     def prefill_chunk(self, slot: int, token_ids, start: int) -> None:
         """Write the KV of `token_ids` at positions start.. of `slot`; no sampling."""
-        self.state, _ = self._prefill(self.params, self.state,
+        self.state, _ = self._prefill(self.params, self.state, self._tables_arg(),
                                       *self._chunk_args(slot, token_ids, start))
 
     def insert(self, slot: int, prompt_ids, start: int, sampling: SamplingParams, seed: int,
-               sample_index: int = 0, mask=None) -> Pending:
+               sample_index: int = 0, mask=None, prompt_len: int | None = None) -> Pending:
         """Run prompt_ids[start:], sample the first token, activate `slot` for decode.
 
-        `mask` ([words] int32 packed bits, optional) restricts the first token."""
+        `mask` ([words] int32 packed bits, optional) restricts the first token.
+        `prompt_len` < len(prompt_ids): resume a preempted sample whose generated tokens
+        are prompt_ids[prompt_len:] (see `_first_fn`)."""
         prompt_ids = np.asarray(prompt_ids, np.int32)
         args = self._chunk_args(slot, prompt_ids[start:], start)
         prompt = np.zeros(self.max_len, np.int32)
         prompt[:len(prompt_ids)] = prompt_ids
         row = make_rows([sampling], self.vocab_size, [seed], [sample_index], self.eos_ids)
-        self.state, logits = self._prefill(self.params, self.state, *args)
+        self.state, logits = self._prefill(self.params, self.state, self._tables_arg(), *args)
         custom = sampling.sampler_order is not None or sampling.temperature_last
         (self._custom_slots.add if custom else self._custom_slots.discard)(slot)
         bits = self._mask_bits(1, None if mask is None else np.asarray(mask)[None])
+        orig = len(prompt_ids) if prompt_len is None else prompt_len
         self.state, out = self._first(self.state, logits, np.int32(slot), row, prompt,
-                                      np.int32(len(prompt_ids)), bits, custom)
+                                      np.int32(len(prompt_ids)), bits, custom, np.int32(orig))
         self._host_pos[slot] = len(prompt_ids)
         self._host_active[slot] = True
         return Pending(self, out)
@@ -331,6 +464,8 @@ class DeviceEngine:
     def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
         """Give dst_slot the KV of src_slot's positions [0, length) (the whole row is copied;
         entries past `length` are never attended before being overwritten)."""
+        if self.paged:
+            raise ValueError("copy_prefix is the dense layout's; paged slots share blocks")
         if length > 0 and src_slot != dst_slot:
             self.state = self._copy(self.state, np.int32(src_slot), np.int32(dst_slot))
 
@@ -352,7 +487,8 @@ class DeviceEngine:
         top = int(slots[-1]) + 1 if slots.size else 1
         rows = next(b for b in self.batch_buckets if b >= top)
         dispatched = time.perf_counter()
-        self.state, logits = self._forward_step(self.params, self.state, attend, rows)
+        self.state, logits = self._forward_step(self.params, self.state, self._tables_arg(),
+                                                attend, rows)
         return Forward(logits, rows, dispatched)
 
     def sample_step(self, forward: "Forward", mask=None) -> Pending:
@@ -372,6 +508,9 @@ class DeviceEngine:
         """Compile the step, every prefill bucket and the slot copy."""
         say = progress or (lambda _msg: None)
         greedy = SamplingParams(temperature=0.0)
+        if self.paged:   # warm-up writes go to block 1 (garbage until a sequence owns it)
+            self._tables[:] = 1
+            self._tables_dev = None
         for i, b in enumerate(self.prefill_buckets):
             say(f"warm-up: prefill bucket {b} ({i + 1}/{len(self.prefill_buckets)})")
             n = min(b, self.max_len - 1)
@@ -391,7 +530,27 @@ class DeviceEngine:
                 self.step().result()
             if slot:
                 self.release(slot)
-        self.copy_prefix(0, min(1, self.max_slots - 1), 1)
+        if self.paged:
+            self.copy_block(0, 0)
+        else:
+            self.copy_prefix(0, min(1, self.max_slots - 1), 1)
         self.release(0)
+        self._host_pos[:] = 0
+        self._tables[:] = 0
+        self._tables_dev = None
         jax.block_until_ready(self.state)
         say("warm-up: done")
+
+
+def _resumed(sampler, slot, prompt, prompt_len, orig_len):
+    """Sampler state of a resumed sequence: prompt[:orig_len] is its prompt and
+    prompt[orig_len:prompt_len] its output so far (the identity when they are equal)."""
+    idx = jnp.arange(prompt.shape[0])
+    vocab = sampler.out_counts.shape[1]
+    count = lambda keep: jnp.zeros((vocab,), jnp.int32).at[prompt].add(keep.astype(jnp.int32))
+    put = lambda full, row: jax.lax.dynamic_update_slice_in_dim(full, row[None], slot, axis=0)
+    return sampler.replace(
+        prompt_len=sampler.prompt_len.at[slot].set(orig_len),
+        step=sampler.step.at[slot].set(prompt_len - orig_len),
+        out_counts=put(sampler.out_counts, count((idx >= orig_len) & (idx < prompt_len))),
+        prompt_counts=put(sampler.prompt_counts, count(idx < orig_len)))

@@ -142,6 +142,9 @@ class RequestState:
     gpu_seconds: float = 0.0
     finished_samples: int = 0       # detokenize thread
     closed: bool = False            # detokenize thread: Usage or Failure sent
+    # paged KV: the recompute of one preempted sample of `parent` (prompt = the parent's
+    # prompt + that sample's tokens so far); it runs the prefill, the parent reports
+    parent: "RequestState | None" = None
 
     @property
     def cancelled(self) -> bool:

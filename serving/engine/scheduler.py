@@ -24,6 +24,15 @@ prompt takes the slot with the longest common prefix (reused in place when free,
 from a busy one) and prefills only the rest; at least one prompt token is always left for
 `insert`, which samples the first token. `n > 1` prefills once and copies the KV to the
 other samples' slots; each sample draws from its own key (`sample_index`).
+
+Paged KV (the engine's kv_layout "paged", serving/engine/paged_kv.py): the prefix cache is
+the block manager's, shared by every request at block granularity, and slots hold no KV
+of their own. A request is admitted when its blocks are free; before each decode step
+every running sample gets the block its next position needs, oldest first, and when the
+pool runs out the newest sample (or prefilling request) is preempted: its full blocks are
+named and given back, and it is recomputed later from prompt + generated tokens (mostly
+prefix-cache hits) with its sampler step, counts and grammar state carried on, so a seeded
+sample draws the same tokens as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -99,6 +108,13 @@ class Scheduler:
         self._slot_tokens: list[np.ndarray] = [np.zeros(0, np.int32)] * s
         self._prefilling: list[RequestState] = []
         self._running: set[int] = set()                      # ids of admitted RequestStates
+        self.kv = None                                       # paged KV bookkeeping
+        if getattr(engine, "paged", False):
+            from serving.engine.paged_kv import PagedKV
+            self.kv = PagedKV(engine, prefix_cache)
+        self._preempted_now: list[Sample] = []               # this iteration's, paged
+        self._resume: collections.deque[RequestState] = collections.deque()
+        self._preempted_this_iter = False
         self.requests_finished = 0
         self.tokens_generated = 0
 
@@ -151,7 +167,8 @@ class Scheduler:
                     "slots_in_use": self.engine.max_slots - len(self._free),
                     "max_slots": self.engine.max_slots,
                     "requests_finished": self.requests_finished,
-                    "tokens_generated": self.tokens_generated}
+                    "tokens_generated": self.tokens_generated,
+                    **(self.kv.stats() if self.kv is not None else {})}
 
     # -- admission (any thread) ---------------------------------------------------------------
 
@@ -181,6 +198,12 @@ class Scheduler:
             raise RequestError(INVALID_ARGUMENT, f"prompt_ids: the prompt has {len(ids)} tokens; "
                                f"with at least 1 to generate it exceeds max_model_len "
                                f"{self.max_len} (use truncate_prompt_tokens to keep the last N)")
+        if self.kv is not None:
+            total = (None if params.max_tokens is None
+                     else min(len(ids) + params.max_tokens, self.max_len))
+            why = self.kv.never_fits(len(ids), params.n, total)
+            if why is not None:
+                raise RequestError(INVALID_ARGUMENT, why)
         if params.n > self.engine.max_slots:
             raise RequestError(INVALID_ARGUMENT, f"n must be <= {self.engine.max_slots} (the "
                                f"engine's slots), got {params.n}")
@@ -243,7 +266,9 @@ class Scheduler:
                 if self._failed is not None:
                     break
             self._reap()
-            inserted = self._admit_and_prefill()
+            if self.kv is not None:
+                self._grow()
+            inserted = [] if self._preempted_this_iter else self._admit_and_prefill()
             dispatched = None
             owners = list(self._owner)
             if any(o is not None and not o.device_done and o.constraint is not None
@@ -270,6 +295,8 @@ class Scheduler:
             for sample, pending in inserted:
                 self._process_first(sample, pending)
             inflight = dispatched
+            if self.kv is not None:
+                self._requeue_preempted()
             if inflight is None and not inserted and not self._prefilling:
                 self._wake_event.wait(IDLE_WAIT_S)
         if inflight is not None:
@@ -288,11 +315,14 @@ class Scheduler:
 
     def _fail_all(self, kind: str, message: str) -> None:
         with self._lock:
-            states = list(self._queue) + list(self._prefilling)
+            states = list(self._queue) + list(self._prefilling) + list(self._resume)
             self._queue.clear()
             self._prefilling.clear()
+            self._resume.clear()
             self._running.clear()
         states += [o.state for o in self._owner if o is not None]
+        states += [s.state for s in self._preempted_now]
+        states = [st.parent or st for st in states]
         seen = set()
         for st in states:
             if id(st) not in seen:
@@ -337,7 +367,7 @@ class Scheduler:
         for k, sample in enumerate(st.samples):
             sample.device_done = True
             slot = st.slots[k] if k < len(st.slots) else None
-            if slot is None:
+            if slot is None or slot < 0:   # < 0: preempted, holds no slot
                 continue
             if self._owner[slot] is sample:
                 self._owner[slot] = None
@@ -348,12 +378,17 @@ class Scheduler:
             elif sample.slot != -1:    # inserted and already freed by _reap
                 continue
             self._slot_tokens[slot] = np.zeros(0, np.int32)
+            if self.kv is not None:
+                self.kv.free(slot)
             with self._lock:
                 if slot not in self._free:
                     self._free.append(slot)
         with self._lock:
             self._prefilling[:] = [p for p in self._prefilling if p is not st]
             self._running.discard(id(st))
+        if st.parent is not None:          # a preempted sample's recompute: fail the request
+            self._fail_request(st.parent, message)
+            return
         self._detok_q.put(("fail", st, Failure(INTERNAL, message)))
 
     def _device_state_lost(self) -> bool:
@@ -373,6 +408,8 @@ class Scheduler:
         self.engine.release(slot)
         self._owner[slot] = None
         self._slot_tokens[slot] = tokens
+        if self.kv is not None:
+            self.kv.free(slot, tokens)
         with self._lock:
             self._free.append(slot)
 
@@ -401,11 +438,15 @@ class Scheduler:
             for k, slot in enumerate(st.slots):
                 kv = np.asarray(st.prompt[:st.prefill_pos] if k == 0 else [], np.int32)
                 self._slot_tokens[slot] = kv
+                if self.kv is not None:
+                    self.kv.free(slot)
                 with self._lock:
                     self._free.append(slot)
             for sample in st.samples:
                 sample.device_done = True
                 self._detok_q.put(("end", sample, "abort"))
+            if st.parent is not None:
+                self._maybe_done(st.parent)
 
     def _best_prefix(self, prompt: np.ndarray) -> tuple[int, int]:
         """(length, slot) of the longest cached prefix of `prompt`; free slots win ties."""
@@ -418,7 +459,10 @@ class Scheduler:
         return best_len, best_slot
 
     def _next_admissible(self) -> RequestState | None:
-        """Pop the queue head into reserved slots when enough are free (FIFO, no skipping)."""
+        """Pop the queue head into reserved slots when enough are free (FIFO, no skipping;
+        preempted samples first)."""
+        if self.kv is not None and self._resume:
+            return self._next_resume()
         while True:
             with self._lock:
                 if not self._queue:
@@ -427,7 +471,9 @@ class Scheduler:
                 if st.cancelled:
                     self._queue.popleft()
                     cancelled = True
-                elif len(self._free) < len(st.samples):
+                elif len(self._free) < len(st.samples) or (
+                        self.kv is not None and not self.kv.can_admit(
+                            st.prompt, len(st.samples), self._decoding())):
                     return None
                 else:
                     self._queue.popleft()
@@ -446,6 +492,8 @@ class Scheduler:
 
     def _reserve(self, st: RequestState) -> RequestState:
         """Slots for a popped request (prefix reuse, prompt scoring); it is prefilling."""
+        if self.kv is not None:
+            return self._reserve_paged(st)
         prompt = np.asarray(st.prompt, np.int32)
         length, src = self._best_prefix(prompt) if self.prefix_cache else (0, -1)
         length = min(length, len(prompt) - 1)
@@ -497,6 +545,144 @@ class Scheduler:
             self.engine.copy_prefix(slot, spare, len(held))
             self._slot_tokens[spare] = held
 
+    # -- the paged KV cache (device thread) -----------------------------------------------
+
+    def _reserve_paged(self, st: RequestState) -> RequestState:
+        """Slots and blocks for a popped request (the caller checked that both are free)."""
+        with self._lock:
+            slots = sorted(self._free)[:len(st.samples)]
+            for slot in slots:
+                self._free.remove(slot)
+            self._prefilling.append(st)
+            if st.parent is None:
+                self._running.add(id(st))
+            st.slots = slots
+        cached = self.kv.admit(slots, st.prompt)
+        if (st.parent is None and st.request.sampling.prompt_logprobs is not None
+                and st.prompt_logprobs is None):
+            self._score_prompt(st)
+        st.prefill_pos = cached
+        if st.parent is None:
+            st.cached_tokens = cached
+            st.admitted = st.admitted or time.monotonic()
+        return st
+
+    def _next_resume(self) -> RequestState | None:
+        """The oldest preempted sample's recompute, when a slot and its blocks are free."""
+        while self._resume:
+            st = self._resume[0]
+            sample = st.samples[0]
+            if not sample.device_done and (st.cancelled or sample.text_done):
+                sample.device_done = True
+                if st.cancelled:
+                    self._detok_q.put(("end", sample, "abort"))
+            if sample.device_done:     # ended while it waited (stop string, cancel, error)
+                self._resume.popleft()
+                self._maybe_done(st.parent)
+                continue
+            with self._lock:
+                if not self._free or not self.kv.can_admit(st.prompt, 1, self._decoding()):
+                    return None
+            self._resume.popleft()
+            return self._reserve_paged(st)
+        return None
+
+    def _decoding(self) -> int:
+        return sum(1 for o in self._owner if o is not None and not o.device_done)
+
+    def _maybe_done(self, st: RequestState) -> None:
+        """Drop a request from the running set once no sample of it holds or awaits a slot."""
+        if all(s.device_done for s in st.samples) and not any(
+                o is not None and o.state is st for o in self._owner):
+            with self._lock:
+                self._running.discard(id(st))
+
+    def _grow(self) -> None:
+        """Give every decoding slot the block its next position needs, oldest sample first;
+        when the pool runs out, preempt the newest holder of blocks instead of failing."""
+        self._preempted_this_iter = False
+        live = [s for s, o in enumerate(self._owner) if o is not None and not o.device_done]
+        for slot in sorted(live, key=lambda s: self._age(self._owner[s])):
+            sample = self._owner[slot]
+            if sample is None:             # preempted by an older sample just now
+                continue
+            need = self.kv.grow_need(slot)
+            while need > 0 and self._owner[slot] is sample and \
+                    self.kv.manager.num_free() < need:
+                victim = self._newest_holder()
+                if victim is sample and victim is self._oldest_holder():
+                    # alone and still too long for the pool: it ends here
+                    sample.device_done = True
+                    self._detok_q.put(("end", sample, "length"))
+                    self._release(slot, np.asarray(sample.state.prompt + sample.tokens[:-1],
+                                                   np.int32))
+                    self._maybe_done(sample.state)
+                    break
+                self._preempt(victim)
+            if need > 0 and self._owner[slot] is sample:
+                self.kv.grow(slot, need)
+
+    @staticmethod
+    def _age(holder) -> tuple:
+        """Admission order of a sample or a prefilling request (smaller: older)."""
+        if isinstance(holder, Sample):
+            return (holder.state.request.arrival, holder.index)
+        st = holder.parent or holder
+        return (st.request.arrival, holder.samples[0].index if holder.parent else 0)
+
+    def _holders(self) -> list:
+        return [o for o in self._owner if o is not None] + list(self._prefilling)
+
+    def _newest_holder(self):
+        return max(self._holders(), key=self._age)
+
+    def _oldest_holder(self):
+        return min(self._holders(), key=self._age)
+
+    def _preempt(self, victim) -> None:
+        """Free a holder's blocks: a decoding sample is recomputed later (from its prompt
+        and tokens, see `_requeue_preempted`); a prefilling request goes back to the
+        front of its queue."""
+        self.kv.preemptions += 1
+        self._preempted_this_iter = True
+        if isinstance(victim, Sample):
+            st = victim.state
+            slot = victim.slot
+            log.info("engine: preempting sample %d of %s (KV pool full)", victim.index,
+                     st.request.request_id)
+            self._release(slot, np.asarray(st.prompt + victim.tokens[:-1], np.int32))
+            victim.slot = -1
+            st.slots[victim.index] = -1
+            self._preempted_now.append(victim)
+            return
+        st = victim
+        with self._lock:
+            self._prefilling.remove(st)
+            if st.parent is None:
+                self._running.discard(id(st))
+        for slot in st.slots:
+            self.kv.free(slot)
+            with self._lock:
+                self._free.append(slot)
+        st.slots, st.prefill_pos = [], 0
+        if st.parent is None:
+            with self._lock:
+                self._queue.appendleft(st)
+        else:
+            self._resume.appendleft(st)
+
+    def _requeue_preempted(self) -> None:
+        """After the step in flight at their preemption was read: queue each preempted
+        sample's recompute (prompt + every token it has), oldest first."""
+        for sample in sorted(self._preempted_now, key=self._age):
+            st = sample.state
+            child = RequestState(request=st.request, handle=st.handle,
+                                 prompt=st.prompt + sample.tokens, samples=[sample], parent=st)
+            self._resume.append(child)
+        self._preempted_now = []
+        if len(self._resume) > 1:
+            self._resume = collections.deque(sorted(self._resume, key=self._age))
+
     def _score_prompt(self, st: RequestState) -> None:
         """prompt_logprobs: one forward over the prompt (compiled per power-of-two length on
         first use; the scoring path, not the serving path)."""
@@ -531,6 +717,8 @@ class Scheduler:
                     st.prefill_pos += cost
                     self._slot_tokens[target] = np.asarray(st.prompt[:st.prefill_pos],
                                                            np.int32)
+                    if self.kv is not None:
+                        self.kv.filled(target, st.prompt[:st.prefill_pos])
                     spent += cost
                     continue
                 cost = remaining + len(st.samples) - 1
@@ -554,19 +742,28 @@ class Scheduler:
             start = st.prefill_pos
             if k > 0:
                 start = len(prompt) - 1
-                self.engine.copy_prefix(st.slots[0], slot, start)
+                if self.kv is not None:
+                    self.kv.fork(st.slots[0], slot, start)
+                else:
+                    self.engine.copy_prefix(st.slots[0], slot, start)
             mask = None
-            if req.grammar is not None or req.sampling.thinking_end_ids:
+            if st.parent is None and (req.grammar is not None or req.sampling.thinking_end_ids):
                 sample.constraint = self.grammar.constraint(req.grammar, req.sampling)
-                if sample.constraint.active:
-                    from sampling.grammar import all_ones
-                    mask = all_ones(1, self.vocab_size)[0]
-                    sample.constraint.fill(mask)
-            pending = self.engine.insert(slot, prompt, start, req.sampling, req.seed,
-                                         sample_index=k, mask=mask)
+            if sample.constraint is not None and sample.constraint.active:
+                from sampling.grammar import all_ones
+                mask = all_ones(1, self.vocab_size)[0]
+                sample.constraint.fill(mask)
+            # a resumed sample (st.parent set): its generated tokens end `prompt`
+            pending = self.engine.insert(
+                slot, prompt, start, req.sampling, req.seed, sample_index=sample.index,
+                mask=mask, prompt_len=len(st.parent.prompt) if st.parent is not None else None)
             sample.slot = slot
             self._owner[slot] = sample
             self._slot_tokens[slot] = prompt
+            if self.kv is not None:
+                self.kv.filled(slot, prompt)
+                if st.parent is not None:
+                    st.parent.slots[sample.index] = slot
             out.append((sample, pending))
         return out
 
