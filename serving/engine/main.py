@@ -66,6 +66,14 @@ def _say(msg: str) -> None:
     print(f"flaxserve engine: {msg}", file=sys.stderr, flush=True)
 
 
+def _exit_soon(status: int, after_s: float = 10.0) -> None:
+    """Exit with `status` after `after_s` even if the shutdown hangs (a broken engine must
+    not keep its port and its supervisor waiting)."""
+    timer = threading.Timer(after_s, lambda: (sys.stderr.flush(), os._exit(status)))
+    timer.daemon = True
+    timer.start()
+
+
 def run(args) -> int:
     from serving.process import die_with_parent
     die_with_parent()             # started by `flaxserve serve`: never outlive it
@@ -73,6 +81,12 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    from serving.engine.server import load_token
+    token = load_token(getattr(args, "grpc_token_file", None))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+        _say(f"warning: the gRPC port listens on {args.host} without a shared token: anyone "
+             "who reaches it can generate, bypassing the HTTP API keys "
+             "(set FLAXSERVE_GRPC_TOKEN or --grpc-token-file)")
     cache_dir = args.compile_cache
     if cache_dir is None:
         cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
@@ -100,14 +114,6 @@ def run(args) -> int:
         tokenizer = None
     on_cpu = jax.default_backend() == "cpu"
     max_slots = args.max_slots or (32 if on_cpu else 64)
-def _exit_soon(status: int, after_s: float = 10.0) -> None:
-    """Exit with `status` after `after_s` even if the shutdown hangs (a broken engine must
-    not keep its port and its supervisor waiting)."""
-    timer = threading.Timer(after_s, lambda: (sys.stderr.flush(), os._exit(status)))
-    timer.daemon = True
-    timer.start()
-
-
     max_len = args.max_model_len or min(config.max_position_embeddings, 2048)
     if max_len > config.max_position_embeddings:
         raise ValueError(f"--max-model-len {max_len} exceeds the model's "
@@ -115,12 +121,6 @@ def _exit_soon(status: int, after_s: float = 10.0) -> None:
     eos_ids = set(config.eos_token_ids or ())
     if tokenizer is not None:
         eos_ids |= set(tokenizer.stop_ids)
-    from serving.engine.server import load_token
-    token = load_token(getattr(args, "grpc_token_file", None))
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
-        _say(f"warning: the gRPC port listens on {args.host} without a shared token: anyone "
-             "who reaches it can generate, bypassing the HTTP API keys "
-             "(set FLAXSERVE_GRPC_TOKEN or --grpc-token-file)")
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
                           eos_ids=tuple(sorted(eos_ids)))
     _say(f"loaded in {time.monotonic() - t0:.1f} s: {max_slots} slots, max_model_len "

@@ -434,6 +434,9 @@ def _prompts(prompt, tok, add_special: bool) -> tuple[list[list[int]], list[str]
                           "ids or a list of such lists", "prompt")
     if all(_is_int(t) for t in prompt):
         prompt = [prompt]
+    if len(prompt) > MAX_PROMPTS:
+        raise bad_request(f"`prompt` takes at most {MAX_PROMPTS} prompts per request, got "
+                          f"{len(prompt)}", "prompt")
     ids, texts = [], []
     for p in prompt:
         if isinstance(p, str):
@@ -474,9 +477,6 @@ def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> Op
         raise bad_request("`echo` with `logprobs` (prompt-token logprobs, the scoring path) "
                           "is answered without streaming; set stream to false", "echo")
     tok = info.tokenizer
-    if len(prompt) > MAX_PROMPTS:
-        raise bad_request(f"`prompt` takes at most {MAX_PROMPTS} prompts per request, got "
-                          f"{len(prompt)}", "prompt")
     ids, texts = _prompts(body.get("prompt"), tok, _bool(body, "add_special_tokens", True))
     keep = _opt_int(body, "truncate_prompt_tokens", 1)
     ids = [truncate(p, keep) for p in ids]
