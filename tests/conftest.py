@@ -15,3 +15,18 @@ import jax  # noqa: E402  (after the environment is set)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF, fetched once into the flaxserve cache
+    (~/.cache/flaxserve/models) by our own resolver; its tests skip, saying why, only
+    when it cannot be fetched (no network and no cached copy)."""
+    from checkpoints.resolve import resolve
+    try:
+        return resolve("smollm2")
+    except ValueError as e:
+        pytest.skip(f"the SmolLM2 GGUF is not available: {e}")
