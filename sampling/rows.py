@@ -129,6 +129,9 @@ def make_rows(params: list[SamplingParams | None], vocab_size: int, seeds: list[
             continue
         _check_int32(p)
         c = cols
+        if p.bad_words:   # never ignored silently: strings need the tokenizer first
+            raise ValueError("bad_words: strings must become bad_words_ids before the "
+                             "sampler (sampling.bad_words.resolve_bad_words)")
         c["seed_hi"][r], c["seed_lo"][r] = _split_seed(int(seeds[r]))
         c["sample_index"][r] = sample_indices[r]
         c["greedy"][r] = p.temperature == 0.0 and p.mirostat_mode == 0

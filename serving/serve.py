@@ -44,6 +44,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--served-model-name", action="append", default=[], metavar="NAME")
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="a Jinja chat template file that replaces the model's")
+    parser.add_argument("--strict-max-tokens", action="store_true",
+                        help="prompt + max_tokens over the context is a 400 (OpenAI's rule); "
+                             "default: max_tokens is clamped to what the context leaves")
     parser.add_argument("--max-slots", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-queue", type=int, default=None,
@@ -81,6 +84,8 @@ def http_command(args) -> list[str]:
         cmd += ["--served-model-name", name]
     if args.chat_template is not None:
         cmd += ["--chat-template", os.path.abspath(args.chat_template)]
+    if getattr(args, "strict_max_tokens", False):
+        cmd += ["--strict-max-tokens"]
     return cmd
 
 

@@ -334,7 +334,7 @@ def parse_messages(body, info: ModelInfo, request_id: str | None = None,
                          {"max_tokens": max_tokens, "stop": stops or [], **guided,
                           **thinking_fields(tok, spec, constrained, prompt.budget,
                                             max_tokens)},
-                         tok.vocab_size)
+                         tok.vocab_size, tok.encode)
     if sampling.n != 1 or sampling.best_of not in (None, 1):
         raise bad_request("n: the Messages API returns one message", "n")
     ids = prompt.ids

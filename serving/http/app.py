@@ -48,6 +48,7 @@ class Settings:
     model_dir: str | None = None                  # default: the engine's (ListModels)
     keepalive_s: float = KEEPALIVE_S
     chat_template: str | None = None              # --chat-template: overrides the model's
+    strict_max_tokens: bool = False               # --strict-max-tokens (docs/fields.md)
     metrics_public: bool = True                   # /metrics without a key (--metrics-auth)
     response_store: str = RESPONSE_STORE_PATH     # --response-store: stored /v1/responses
     # HMAC key of thinking signatures; drawn here, in the gunicorn master, so that every
@@ -181,6 +182,7 @@ class _Server:
         return ModelInfo(served_names=names, tokenizer=tokenizer,
                          max_model_len=engine_model.max_model_len,
                          vocab_size=engine_model.vocab_size,
+                         strict_max_tokens=self.settings.strict_max_tokens,
                          created=int(time.time()))
 
     def open(self, gen_request, req):
@@ -220,6 +222,7 @@ class ChatCompletions:
     def on_post(self, req, resp):
         body = _read_json(req)
         plan = openai_api.parse_chat(body, self.server.info())
+        openai_api.set_plan_headers(resp, plan)
         timed, stream = self.server.open(plan.requests[0], req)
         if not plan.stream:
             try:
@@ -249,6 +252,7 @@ class Completions:
     def on_post(self, req, resp):
         body = _read_json(req)
         plan = openai_api.parse_completion(body, self.server.info())
+        openai_api.set_plan_headers(resp, plan)
         created = int(time.time())
         opened = _open_all(self.server, plan.requests, req)   # one batch in the engine
         streams = [s for _, s in opened]

@@ -110,6 +110,9 @@ class ModelInfo:
     max_model_len: int | None = None
     created: int = 0
     vocab_size: int | None = None
+    # --strict-max-tokens: prompt + max_tokens over the context is a 400 (OpenAI) instead of
+    # max_tokens clamped to what the context leaves (Baseten, vLLM's default for None)
+    strict_max_tokens: bool = False
 
     def resolve(self, name) -> str:
         """The model a request names; another name is a 404 model_not_found."""

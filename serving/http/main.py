@@ -41,6 +41,9 @@ def add_arguments(parser) -> None:
                         help="model directory for the tokenizer (default: the engine's)")
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="a Jinja chat template file that replaces the model's")
+    parser.add_argument("--strict-max-tokens", action="store_true",
+                        help="prompt + max_tokens over the context is a 400 (OpenAI's rule); "
+                             "default: max_tokens is clamped to what the context leaves")
     parser.add_argument("--response-store", default=RESPONSE_STORE, metavar="FILE",
                         help="SQLite file of stored /v1/responses (store: true)")
 
@@ -109,6 +112,7 @@ def settings_from_args(args):
     return Settings(engine=args.engine, api_keys=keys,
                     served_model_names=list(dict.fromkeys(args.served_model_name)),
                     model_dir=args.model, chat_template=template,
+                    strict_max_tokens=getattr(args, "strict_max_tokens", False),
                     response_store=getattr(args, "response_store", None) or RESPONSE_STORE,
                     metrics_public=not getattr(args, "metrics_auth", False))
 

@@ -22,10 +22,11 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from sampling.bad_words import resolve_bad_words
 from sampling.params import SamplingParams
 from serving.http.chat_output import (OutputParser, OutputSpec, make_spec, parse_whole,
                                       thinking_fields)
-from serving.http.errors import bad_request, from_value_error
+from serving.http.errors import APIError, bad_request, from_value_error
 from serving.http.limits import MAX_PROMPTS
 from serving.http.generation import (Choice, Delta, Final, GenRequest, ModelInfo, TokenInfo,
                                      Usage, floor_logprob)
@@ -205,7 +206,10 @@ def _response_format(body: dict) -> dict:
                       f"'json_schema', got {kind!r}", "response_format.type")
 
 
-def _sampling(body: dict, overrides: dict, vocab_size: int | None) -> SamplingParams:
+def _sampling(body: dict, overrides: dict, vocab_size: int | None,
+              encode=None) -> SamplingParams:
+    """SamplingParams from the body's sampling fields; with `encode` (the tokenizer's),
+    `bad_words` strings become token sequences here (sampling/bad_words.py)."""
     d = {k: body[k] for k in SAMPLING_FIELDS & body.keys()}
     d.update(overrides)
     d = {k: v for k, v in d.items() if v is not None}
@@ -214,11 +218,44 @@ def _sampling(body: dict, overrides: dict, vocab_size: int | None) -> SamplingPa
         raise bad_request(f"`temperature` must be in [0, {OPENAI_MAX_TEMPERATURE}] on the "
                           f"OpenAI API, got {t}", "temperature")
     try:
-        return SamplingParams.from_dict(d, vocab_size)
+        params = SamplingParams.from_dict(d, vocab_size)
+        return resolve_bad_words(params, encode) if encode is not None else params
     except ValueError as e:
         raise from_value_error(e) from None
     except TypeError as e:  # a value of the wrong JSON type deep inside
         raise bad_request(f"invalid sampling parameter: {e}") from None
+
+
+def fit_max_tokens(sampling: SamplingParams, prompt_len: int, info: ModelInfo,
+                   param: str = "messages") -> tuple[SamplingParams, int | None]:
+    """`max_tokens` over what the context leaves after the prompt is clamped to it (Baseten:
+    "max_tokens is truncated"; the sample ends with finish_reason "length"), or a 400 with
+    --strict-max-tokens (OpenAI). Returns the params and the effective max_tokens (None
+    only when the context is unknown), which the response reports in a header."""
+    strict = info.strict_max_tokens
+    check_context(prompt_len, sampling.max_tokens if strict else None, info.max_model_len,
+                  param)
+    if info.max_model_len is None:
+        return sampling, sampling.max_tokens
+    room = info.max_model_len - prompt_len
+    if sampling.max_tokens is not None and sampling.max_tokens <= room:
+        return sampling, sampling.max_tokens
+    if sampling.min_tokens > room:
+        raise APIError(400, f"min_tokens ({sampling.min_tokens}) exceeds the {room} tokens the "
+                            f"context of {info.max_model_len} leaves after the prompt",
+                       param="min_tokens", code="context_length_exceeded")
+    if sampling.max_tokens is None:
+        return sampling, room
+    return dataclasses.replace(sampling, max_tokens=room), room
+
+
+MAX_TOKENS_HEADER = "x-flaxserve-max-tokens"
+
+
+def set_plan_headers(resp, plan: "OpenAIPlan") -> None:
+    """The effective max_tokens of each prompt (comma-separated), after clamping."""
+    if plan.max_tokens and all(m is not None for m in plan.max_tokens):
+        resp.set_header(MAX_TOKENS_HEADER, ",".join(str(m) for m in plan.max_tokens))
 
 
 # ---- the validated request ---------------------------------------------------------------------
@@ -239,6 +276,7 @@ class OpenAIPlan:
     output: OutputSpec = dataclasses.field(default_factory=OutputSpec)
     named_tool: bool = False        # tool_choice named one function: finish_reason "stop"
     compacted_tokens: int | None = None
+    max_tokens: list = dataclasses.field(default_factory=list)   # effective, per prompt
     vllm: vllm_ext.VllmOptions = dataclasses.field(default_factory=vllm_ext.VllmOptions)
 
     @property
@@ -409,11 +447,11 @@ def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPl
     overrides = {"max_tokens": max_tokens, "stop": _stop(body), "logprobs": logprobs,
                  "top_logprobs": top or 0, **guided,
                  **thinking_fields(tok, spec, constrained, max_thinking, max_tokens)}
-    sampling = _sampling(body, overrides, tok.vocab_size)
+    sampling = _sampling(body, overrides, tok.vocab_size, tok.encode)
     if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
         raise bad_request("`best_of` must equal `n` when streaming", "best_of")
     ids = fitted.ids
-    check_context(len(ids), sampling.max_tokens, info.max_model_len)
+    sampling, effective = fit_max_tokens(sampling, len(ids), info)
     rid = request_id or "chatcmpl-" + secrets.token_hex(12)
     echo = _bool(body, "echo", False)
     echo_text = messages[-1]["content"] if echo and messages[-1]["role"] == "assistant" else ""
@@ -422,7 +460,8 @@ def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPl
     return OpenAIPlan("chat", rid, model, [GenRequest(rid, model, ids, sampling, **detok)],
                       [fitted.text], stream, include_usage, logprobs, top or 0, echo,
                       echo_text, output=spec, named_tool=choice == "named",
-                      compacted_tokens=fitted.compacted_tokens, vllm=ext)
+                      compacted_tokens=fitted.compacted_tokens, max_tokens=[effective],
+                      vllm=ext)
 
 
 def _prompts(prompt, tok, add_special: bool) -> tuple[list[list[int]], list[str]]:
@@ -485,19 +524,18 @@ def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> Op
                                 "logprobs": k is not None, "top_logprobs": k or 0,
                                 **({"prompt_logprobs": k} if echo and k is not None else {}),
                                 **guided},
-                         tok.vocab_size)
+                         tok.vocab_size, tok.encode)
     if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
         raise bad_request("`best_of` must equal `n` when streaming", "best_of")
-    for p in ids:
-        check_context(len(p), sampling.max_tokens, info.max_model_len, "prompt")
+    fitted = [fit_max_tokens(sampling, len(p), info, "prompt") for p in ids]
     rid = request_id or "cmpl-" + secrets.token_hex(12)
     detok = _detok_options(body)
-    reqs = [GenRequest(f"{rid}-{i}" if len(ids) > 1 else rid, model, p, sampling, **detok)
+    reqs = [GenRequest(f"{rid}-{i}" if len(ids) > 1 else rid, model, p, fitted[i][0], **detok)
             for i, p in enumerate(ids)]
     if echo:   # the echoed prompt is its tokens' text, special tokens included, so that
         texts = [tok.decode(p, skip_special_tokens=False) for p in ids]  # offsets agree
     return OpenAIPlan("completion", rid, model, reqs, texts, stream, include_usage,
-                      k is not None, k or 0, echo, vllm=ext)
+                      k is not None, k or 0, echo, max_tokens=[m for _, m in fitted], vllm=ext)
 
 
 # ---- responses ------------------------------------------------------------------------------------
