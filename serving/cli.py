@@ -28,8 +28,25 @@ BENCH_COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """`--help` with one entry per flag and its default: "(default: X)" is added unless the
+    help text already speaks of its default (or there is none worth printing)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32, width=100)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or not action.option_strings or default is None or
+                default is argparse.SUPPRESS or isinstance(default, bool) or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _add(sub, name, module, help_text):
-    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser = sub.add_parser(name, help=help_text, description=help_text,
+                            formatter_class=HelpFormatter)
     parser.set_defaults(_module=module)
     try:
         importlib.import_module(module).add_arguments(parser)

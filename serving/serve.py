@@ -35,23 +35,32 @@ def add_arguments(parser) -> None:
     from serving.http.main import add_limit_arguments
     parser.add_argument("--model", default="default",
                         help="model reference: default (bundled), smollm2, a Hugging Face or orbax dir, a .gguf file, or a Hub id org/name[@revision]")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=50051)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--api-key", action="append", default=[], metavar="K")
-    parser.add_argument("--api-key-file", default=None, metavar="F")
-    parser.add_argument("--served-model-name", action="append", default=[], metavar="NAME")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP interface")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
+    parser.add_argument("--grpc-port", type=int, default=50051,
+                        help="the engine's gRPC port (loopback)")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
+    parser.add_argument("--api-key", action="append", default=[], metavar="K",
+                        help="accepted API key (repeatable); also FLAXSERVE_API_KEYS")
+    parser.add_argument("--api-key-file", default=None, metavar="F",
+                        help="file with one API key per line")
+    parser.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                        help="model names requests may use (default: the model's)")
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="a Jinja chat template file that replaces the model's")
+    parser.add_argument("--response-store", default="~/.cache/flaxserve/responses.sqlite",
+                        metavar="FILE", help="SQLite file of stored /v1/responses (store: true)")
     parser.add_argument("--strict-max-tokens", action="store_true",
                         help="prompt + max_tokens over the context is a 400 (OpenAI's rule); "
                              "default: max_tokens is clamped to what the context leaves")
-    parser.add_argument("--max-slots", type=int, default=None)
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-slots", type=int, default=None,
+                        help="concurrent sequences on the device (default: the engine's)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context length (default: the model's, capped at 2048)")
     parser.add_argument("--max-queue", type=int, default=None,
                         help="the engine's admission queue (default: the engine's, 256)")
-    parser.add_argument("--mesh", default=None, metavar="data=1,model=1")
+    parser.add_argument("--mesh", default=None, metavar="data=1,model=1",
+                        help="device mesh, e.g. data=1,model=2 (default: one device)")
     parser.add_argument("--engine-start-timeout", type=float, default=ENGINE_START_TIMEOUT_S,
                         help="seconds to wait for the engine to load and compile "
                              f"(default {ENGINE_START_TIMEOUT_S:g})")
@@ -84,6 +93,7 @@ def http_command(args) -> list[str]:
         cmd += ["--served-model-name", name]
     if args.chat_template is not None:
         cmd += ["--chat-template", os.path.abspath(args.chat_template)]
+    cmd += ["--response-store", args.response_store]
     if getattr(args, "strict_max_tokens", False):
         cmd += ["--strict-max-tokens"]
     return cmd

@@ -23,7 +23,7 @@ import time
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="default",
                         help="model reference: default (bundled), smollm2, a Hugging Face or orbax dir, a .gguf file, or a Hub id org/name[@revision]")
-    parser.add_argument("--grpc-port", type=int, default=50051)
+    parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface of the gRPC port (default loopback only; anything "
                              "else should come with a shared token)")
@@ -42,14 +42,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefill-budget", type=int, default=None,
                         help="prompt tokens prefilled per scheduler iteration "
                              "(default: the largest prefill bucket)")
-    parser.add_argument("--no-prefix-cache", action="store_true")
-    parser.add_argument("--mesh", default=None, metavar="data=1,model=1")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="turn the prefix cache off (on by default)")
+    parser.add_argument("--mesh", default=None, metavar="data=1,model=1",
+                        help="device mesh, e.g. data=1,model=2 (default: one device)")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
     parser.add_argument("--compile-cache", default=None, metavar="DIR",
                         help="persistent XLA compilation cache (default: "
                              "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/flaxserve/xla; "
                              "'' turns it off)")
-    parser.add_argument("--served-model-name", default=None, metavar="NAME")
+    parser.add_argument("--served-model-name", default=None, metavar="NAME",
+                        help="the name ListModels reports (default: the model reference)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds running requests get to finish on shutdown")
 

@@ -22,9 +22,9 @@ RESPONSE_STORE = "~/.cache/flaxserve/responses.sqlite"   # = response_store.DEFA
 def add_arguments(parser) -> None:
     parser.add_argument("--engine", required=True, metavar="HOST:PORT",
                         help="the batch server's gRPC address")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP interface")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads per worker (default: --max-inflight + --max-waiting "
                              "+ 16)")
@@ -167,7 +167,9 @@ def main(argv=None) -> int:
     """`python -m serving.http.main ...`: the same command without the `flaxserve`
     dispatcher, which imports every subcommand's module (and some import JAX)."""
     import argparse
-    parser = argparse.ArgumentParser(prog="flaxserve http", description=__doc__.splitlines()[0])
+    from serving.cli import HelpFormatter
+    parser = argparse.ArgumentParser(prog="flaxserve http", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
     try:
         return run(parser.parse_args(argv))
