@@ -91,6 +91,7 @@ class Serve:
         cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(self.port),
                "--grpc-port", str(self.grpc_port), "--max-slots", str(max_slots),
                "--max-model-len", str(max_model_len), *extra]
+        t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         if wait_until(lambda: "serving on" in self.text() or self.proc.poll() is not None,
@@ -98,6 +99,7 @@ class Serve:
             tail = self.text()[-3000:]
             self.close()
             raise RuntimeError(f"flaxserve serve did not come up:\n{tail}")
+        self.startup_s = time.monotonic() - t0
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")
