@@ -87,6 +87,21 @@ def _err(name: str, rule: str, value) -> ValueError:
 
 _NULLABLE = ("max_tokens", "best_of", "prompt_logprobs", "max_thinking_tokens")
 
+
+def check_bounds(name: str, v, vocab_size: int | None = None,
+                 max_len: int | None = None) -> None:
+    """A ValueError naming `name` unless `v` has its BOUNDS type and range (also for a
+    protocol adapter checking a value it is about to replace, so none passes unchecked)."""
+    lo, hi, lo_open, hi_open, integer = BOUNDS[name]
+    hi = {"vocab": vocab_size or MAX_VOCAB, "context": max_len or MAX_SEQUENCE}.get(hi, hi)
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        raise _err(name, "an integer" if integer else "a number", v)
+    if not integer and not math.isfinite(v):
+        raise _err(name, "a finite number", v)
+    if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+        raise _err(name, f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}", v)
+
+
 GUIDED_FIELDS = ("guided_json", "guided_json_object", "guided_regex", "guided_choice",
                  "guided_grammar")
 
@@ -350,19 +365,10 @@ class SamplingParams:
 
     def _validate_bounds(self, vocab_size: int | None, max_len: int | None) -> None:
         """Type and range of every numeric field of BOUNDS (None where it may be None)."""
-        limit = {"vocab": vocab_size or MAX_VOCAB, "context": max_len or MAX_SEQUENCE}
-        for name, (lo, hi, lo_open, hi_open, integer) in BOUNDS.items():
+        for name in BOUNDS:
             v = getattr(self, name)
-            if v is None and name in _NULLABLE:
-                continue
-            hi = limit.get(hi, hi)
-            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-                raise _err(name, "an integer" if integer else "a number", v)
-            if not integer and not math.isfinite(v):
-                raise _err(name, "a finite number", v)
-            if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
-                raise _err(name, f"in {'(' if lo_open else '['}{lo}, {hi}"
-                                 f"{')' if hi_open else ']'}", v)
+            if not (v is None and name in _NULLABLE):
+                check_bounds(name, v, vocab_size, max_len)
 
     def _validate_sizes(self) -> None:
         """Counts and lengths of the list and string fields (a request's cost is bounded)."""

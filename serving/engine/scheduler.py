@@ -178,8 +178,9 @@ class Scheduler:
         """Validate everything a request carries; RequestError(INVALID_ARGUMENT) names the field."""
         try:
             params = (sampling if isinstance(sampling, SamplingParams)
-                      else SamplingParams.from_dict(dict(sampling or {}), self.vocab_size))
-            params.validate(self.vocab_size)
+                      else SamplingParams.from_dict(dict(sampling or {}), self.vocab_size,
+                                                    self.max_len))
+            params.validate(self.vocab_size, self.max_len)   # windows bounded by the context
         except (ValueError, TypeError) as e:
             raise RequestError(INVALID_ARGUMENT, f"sampling: {e}") from None
         ids = [int(t) for t in prompt_ids]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from sampling.bad_words import resolve_bad_words
-from sampling.params import SamplingParams
+from sampling.params import BOUNDS, SamplingParams, check_bounds
 from serving.http.chat_output import (OutputParser, OutputSpec, make_spec, parse_whole,
                                       thinking_fields)
 from serving.http.errors import APIError, bad_request, from_value_error
@@ -211,6 +211,12 @@ def _sampling(body: dict, overrides: dict, vocab_size: int | None,
     """SamplingParams from the body's sampling fields; with `encode` (the tokenizer's),
     `bad_words` strings become token sequences here (sampling/bad_words.py)."""
     d = {k: body[k] for k in SAMPLING_FIELDS & body.keys()}
+    for k in BOUNDS.keys() & overrides.keys() & d.keys():   # replaced: still checked
+        if d[k] is not None and d[k] != overrides[k]:
+            try:
+                check_bounds(k, d[k], vocab_size)
+            except ValueError as e:
+                raise from_value_error(e) from None
     d.update(overrides)
     d = {k: v for k, v in d.items() if v is not None}
     t = d.get("temperature")

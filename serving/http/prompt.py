@@ -337,7 +337,8 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int | 
 def template_kwargs(body: dict) -> tuple[dict, bool]:
     """A request's `chat_template_kwargs` (a copy) and its `auto_compact` flag, which is
     ours, not the template's (both protocols)."""
-    kwargs = body.get("chat_template_kwargs") or {}
+    kwargs = body.get("chat_template_kwargs")
+    kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, dict):
         raise bad_request("`chat_template_kwargs` must be an object", "chat_template_kwargs")
     kwargs = dict(kwargs)
