@@ -1,6 +1,7 @@
 """Process lifecycle of `flaxserve serve`: fail fast, heal, leave nothing behind.
 
 - A busy HTTP or gRPC port: one clear error line, at once, before any model loads.
+- SIGKILL of the front end: `serve` restarts it as well.
 - SIGKILL of the engine: the front end answers 503 with Retry-After at once (a running
   stream ends with an error event), `serve` restarts the engine by itself, and the front
   end serves again within about a second of the engine being healthy.
@@ -118,6 +119,21 @@ def test_engine_sigkill_503_then_back_by_itself(server):
     assert engine_back is not None and served is not None and lag < 5
     assert server.engine_pid() != engine
     assert "restarting it" in server.text()
+
+
+def test_front_end_sigkill_is_restarted(server):
+    """A dead gunicorn master (its workers follow it) is restarted by serve too."""
+    master = next(p for p in children_of(server.proc.pid)
+                  if b"serving.http.main" in open(f"/proc/{p}/cmdline", "rb").read())
+    os.kill(master, signal.SIGKILL)
+    t0 = time.monotonic()
+    assert wait_until(lambda: _post(server.port, CHAT, timeout_s=5)[0] != 200, 10,
+                      0.02) is not None
+    back = wait_until(lambda: _post(server.port, CHAT, timeout_s=5)[0] == 200, 90, 0.1)
+    assert back is not None
+    print(f"\nfront end SIGKILL: serving again after {time.monotonic() - t0:.1f} s "
+          "(restarted by serve)")
+    assert "the http front end exited" in server.text()
 
 
 def _all_gone(pids: list[int], ports: list[int]) -> bool:
