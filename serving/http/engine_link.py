@@ -46,6 +46,9 @@ def map_rpc_error(e: grpc.RpcError) -> APIError:
         return APIError(404, details, param="model", code="model_not_found")
     if code == grpc.StatusCode.UNAVAILABLE:
         return APIError(503, f"the engine is unavailable: {details}", retry_after=1.0)
+    if code == grpc.StatusCode.UNAUTHENTICATED:   # a server problem, not the client's
+        return APIError(503, "the engine refused this front end's gRPC token (set the same "
+                             "FLAXSERVE_GRPC_TOKEN for both)")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return APIError(504, f"the engine did not answer in time: {details}")
     if code == grpc.StatusCode.CANCELLED:
