@@ -65,8 +65,17 @@ def test_curl_snippet(server):
 
 
 def test_openai_snippet(server):
-    (block,) = snippets("python")
-    out = subprocess.run([sys.executable, "-c", block.replace(":8000", f":{server}")],
+    openai_block, anthropic_block = snippets("python")
+    out = subprocess.run([sys.executable, "-c", openai_block.replace(":8000", f":{server}")],
                          capture_output=True, text=True, timeout=120, env=_env())
     assert out.returncode == 0, out.stderr
     assert "completion_tokens=" in out.stdout and "gpu_seconds" in out.stdout
+
+
+def test_anthropic_snippet_sends_sampling_in_extra_body(server):
+    block = snippets("python")[1]
+    assert "extra_body" in block and '"temperature"' in block
+    out = subprocess.run([sys.executable, "-c", block.replace(":8000", f":{server}")],
+                         capture_output=True, text=True, timeout=120, env=_env())
+    assert out.returncode == 0, out.stderr
+    assert "output_tokens=" in out.stdout

@@ -197,8 +197,25 @@ def spec() -> dict:
         "paths": {
             "/v1/chat/completions": _post("OpenAI chat completions", "ChatRequest"),
             "/v1/completions": _post("OpenAI legacy completions", "CompletionRequest",
-                                     "`echo` with `logprobs` (prompt logprobs) is a 400 "
-                                     "until the engine returns prompt logprobs"),
+                                     "`echo` with `logprobs` scores the prompt's tokens "
+                                     "first (the first one's logprob is null)"),
+            "/v1/responses": {"post": {"summary": "OpenAI Responses API (docs/api.md)",
+                                       "responses": {"200": {"description": "a response"}}}},
+            "/v1/responses/{response_id}": {
+                "get": {"summary": "a stored response (store: true)",
+                        "responses": {"200": {"description": "a response"}}},
+                "delete": {"summary": "delete a stored response",
+                           "responses": {"200": {"description": "deleted"}}}},
+            "/v1/models/{model_id}": {"get": {"summary": "one served model",
+                                              "responses": {"200": {"description": "Model"}}}},
+            "/tokenize": {"post": {"summary": "vLLM's: prompt or messages -> token ids",
+                                   "responses": {"200": {"description": "tokens"}}}},
+            "/detokenize": {"post": {"summary": "vLLM's: token ids -> text",
+                                     "responses": {"200": {"description": "prompt"}}}},
+            "/tokenizer_info": {"get": {"summary": "vLLM's: special tokens, chat template",
+                                        "responses": {"200": {"description": "info"}}}},
+            "/version": {"get": {"summary": "the server's version",
+                                 "responses": {"200": {"description": "version"}}}},
             "/v1/models": {"get": {"summary": "served model names",
                                    "responses": {"200": {"description": "ListModelsResponse"}}}},
             "/v1/messages": _post("Anthropic messages", "MessagesRequest"),
