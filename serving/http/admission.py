@@ -249,10 +249,11 @@ class Admission:
             if refused == "draining":
                 err = shutting_down(self.limits.retry_after_s)
             else:
-                err = overloaded(protocol, "the server is overloaded ("
-                                 f"{self.limits.max_inflight} requests running, "
-                                 f"{'no place in the queue' if refused == 'busy' else 'none finished within the queue timeout'}"
-                                 "); retry after the Retry-After delay",
+                why = ("no place in the queue" if refused == "busy"
+                       else "none finished within the queue timeout")
+                err = overloaded(protocol, f"the server is overloaded "
+                                 f"({self.limits.max_inflight} requests running, {why}); "
+                                 "retry after the Retry-After delay",
                                  self.limits.retry_after_s)
             return error_response(start_response, protocol, err)
         sock = environ.get("gunicorn.socket")
