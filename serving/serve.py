@@ -34,7 +34,8 @@ STABLE_S = 60.0          # a child up this long starts its backoff from the begi
 def add_arguments(parser) -> None:
     from serving.http.main import add_limit_arguments
     parser.add_argument("--model", default="default",
-                        help="model reference: default (bundled), smollm2, a Hugging Face or orbax dir, a .gguf file, or a Hub id org/name[@revision]")
+                        help="model reference: default (bundled), smollm2, a Hugging Face "
+                             "or orbax dir, a .gguf file, or a Hub id org/name[@revision]")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP interface")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port")
     parser.add_argument("--grpc-port", type=int, default=50051,
