@@ -216,3 +216,29 @@ def test_bad_requests(servers, patch, param):
                       json={"model": "default", "input": "x", **patch})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_input_items_become_chat_messages():
+    from serving.http.responses_api import input_messages
+    msgs = input_messages([
+        {"role": "user", "content": "q"},
+        {"type": "reasoning", "id": "rs_1", "summary": [],
+         "content": [{"type": "reasoning_text", "text": "think"}]},
+        {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+         "content": [{"type": "output_text", "text": "a", "annotations": []}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}",
+         "id": "fc_1", "status": "completed"},
+        {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "one"},
+        {"type": "function_call_output", "call_id": "c2", "output": "two"}])
+    assert msgs == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a", "reasoning_content": "think", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "one"},
+        {"role": "tool", "tool_call_id": "c2", "content": "two"}]
+    from serving.http.errors import APIError
+    with pytest.raises(APIError) as e:
+        input_messages([{"type": "item_reference", "id": "x"}])
+    assert e.value.param == "input[0].type"

@@ -157,3 +157,23 @@ def test_tokenize_detokenize_version(served):
     info = requests.get(servers.base_url + "/tokenizer_info", timeout=10,
                         headers={"Authorization": f"Bearer {API_KEY}"}).json()
     assert info["eos_token"] == tok.eos_token and info["bos_token"] == tok.bos_token
+
+
+def test_translate_maps_aliases_and_names_bad_keys():
+    from serving.http.errors import APIError
+    from serving.http.vllm_ext import translate
+    body, opts = translate({"structured_outputs": {"regex": "a+"}, "return_token_ids": True,
+                            "prompt_logprobs": 2,
+                            "stream_options": {"continuous_usage_stats": True}})
+    assert body["guided_regex"] == "a+" and "structured_outputs" not in body
+    assert "return_token_ids" not in body and body["prompt_logprobs"] == 2
+    assert opts.return_token_ids and opts.prompt_logprobs == 2 and opts.continuous_usage
+    for bad, param in (({"structured_outputs": {"json": {}}, "guided_json": {}},
+                        "structured_outputs"),
+                       ({"return_token_ids": "yes"}, "return_token_ids"),
+                       ({"prompt_logprobs": -1}, "prompt_logprobs"),
+                       ({"stream_options": {"continuous_usage_stats": 1}},
+                        "stream_options.continuous_usage_stats")):
+        with pytest.raises(APIError) as e:
+            translate(bad)
+        assert e.value.param == param
