@@ -61,9 +61,11 @@ def _small_ints(args, kwargs) -> None:
 
 def _limited(fn):
     """A filter or global with bounded integer arguments and result size."""
+    skip = 2 if getattr(fn, "jinja_pass_arg", None) is not None else 1   # (context,) value
+
     @functools.wraps(fn)     # keeps jinja's pass_context / pass_environment marks
     def wrapper(*args, **kwargs):
-        _small_ints(args[1:], kwargs)
+        _small_ints(args[skip:], kwargs)
         return _sized(fn(*args, **kwargs))
     return wrapper
 
