@@ -157,6 +157,9 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = settings_from_args(args)
     limits = limits_from_args(args)
+    if args.threads is not None and args.threads <= limits.max_inflight + limits.max_waiting:
+        raise ValueError("--threads must exceed --max-inflight + --max-waiting (spare threads "
+                         "answer /health, /metrics and refusals under load)")
     if not settings.api_keys:
         log.warning("no API key configured (--api-key, --api-key-file, FLAXSERVE_API_KEYS): "
                     "the API is open to anyone who can reach %s:%d", args.host, args.port)
