@@ -320,3 +320,51 @@ def test_the_engine_still_serves_and_the_table(keyed_servers):
     print("%-32s %6d %6d %6d %6d %6d" % ("total", total["sent"], total["ok"], total["4xx"],
                                           total["5xx"], total["hangs"]))
     assert total["5xx"] == 0 and total["hangs"] == 0
+
+
+def test_auto_compact_renders_a_logarithmic_number_of_times():
+    """The compaction drops what the one-turn-at-a-time loop dropped, with O(log n)
+    renders (that loop rendered once per dropped turn: 2000 turns took 25 s)."""
+    import random
+
+    from serving.http.prompt import fit_chat
+
+    def reference(encode, messages, max_tokens, max_model_len):
+        text, ids = encode(messages)
+        first, dropped = len(ids), 0
+
+        def fits(n):
+            return n < max_model_len and (max_tokens is None or n + max_tokens <= max_model_len)
+
+        while not fits(len(ids)):
+            i = next((k for k, m in enumerate(messages[:-1]) if m["role"] != "system"), None)
+            if i is None:
+                break
+            j = i + 1
+            while j < len(messages) - 1 and messages[j]["role"] == "tool":
+                j += 1
+            messages, dropped = messages[:i] + messages[j:], dropped + j - i
+            text, ids = encode(messages)
+        return text, ids, first - len(ids) if dropped else 0, dropped
+
+    calls = Counter()
+
+    def encode(messages):
+        calls["renders"] += 1
+        text = "|".join(m["content"] for m in messages)
+        return text, [0] * len(text)
+
+    rng = random.Random(0)
+    for _ in range(500):
+        msgs = [{"role": rng.choice(["system", "user", "assistant", "tool"]),
+                 "content": "x" * rng.randint(0, 9)} for _ in range(rng.randint(1, 12))]
+        limit, max_tokens = rng.randint(1, 60), rng.choice([None, 1, 5])
+        got = fit_chat(encode, msgs, max_tokens, limit, True)
+        assert (got.text, got.ids, got.compacted_tokens, got.dropped_messages) == \
+            reference(encode, msgs, max_tokens, limit)
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"}
+             for i in range(2001)]
+    calls.clear()
+    fitted = fit_chat(encode, turns, 16, 2048, True)
+    assert fitted.dropped_messages > 1000 and len(fitted.ids) + 16 <= 2048
+    assert calls["renders"] <= 2 + 12          # first render, all dropped, ~log2(2000)
