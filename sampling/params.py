@@ -51,6 +51,8 @@ BOUNDS = {
     "temperature": (0.0, 100.0, False, False, False),
     "top_k": (-1, "vocab", False, False, True),
     "top_p": (0.0, 1.0, True, False, False),
+    "top_p_decay": (0.0, 1.0, True, False, False),
+    "top_p_min": (0.0, 1.0, True, False, False),
     "min_p": (0.0, 1.0, False, False, False),
     "typical_p": (0.0, 1.0, True, False, False),
     "epsilon_cutoff": (0.0, 1.0, False, True, False),
