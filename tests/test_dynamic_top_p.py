@@ -115,15 +115,15 @@ def test_schedule_and_kept_sets_match_the_reference(recorded):
     keeps, tokens, ps = run(logits, prompt, params, [1, 2, 3, 4])
     reference_check(logits, params, keeps, tokens)
     # the state's p is the reference schedule, bit for bit (float32 multiply and max)
-    for r, p in enumerate(params[:2] + params[3:]):
-        r = [0, 1, 3][r]
+    for r in (0, 1, 3):             # the decaying rows
+        p = params[r]
         cur, expected = np.float32(p.top_p), []
         for t in range(STEPS):
             expected.append(cur)
             cur = ref_next(cur, int(tokens[t, r]), p.top_p, p.top_p_decay, p.top_p_min, [])
         got = np.where(ps[:, r] < 0, np.float32(p.top_p), ps[:, r])
         np.testing.assert_array_equal(got, np.array(expected, np.float32))
-    # the decay reaches its floor; the static row's set never changes size rule
+    # the decay reaches its floor
     assert ps[-1, 0] == np.float32(0.3) and ps[-1, 1] == np.float32(0.2)
     assert keeps[-1, 3].sum() == 1       # p ~ 1e-6: only the most likely token
     assert keeps[0, 3].sum() > 1
