@@ -214,7 +214,7 @@ NAMED_CONFIGS = {
     "qwen3-100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                        num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
                        family="qwen3", qk_norm=True, tie_word_embeddings=True,
-                       max_position_embeddings=4096, rope_theta=1000000.0),
+                       max_position_embeddings=32768, rope_theta=1000000.0),
     # A tiny model for fast tests.
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=16, family="llama",

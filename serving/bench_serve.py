@@ -10,7 +10,10 @@ arrivals). Several concurrencies run against the same server in one run, so thei
 measured under the same machine load.
 
 With neither `--grpc` nor `--http`, an engine is started in this process on `--model` or
-`--config` (random weights) and driven over a loopback gRPC port.
+`--config` (random weights) and driven over a loopback gRPC port; `--kv-layout dense,paged`
+starts one engine per layout in turn and runs the same loads on each (docs/kv-cache.md).
+`--shared-prefix N` runs every load twice, with unique prompts of N + prompt-len tokens and
+with prompts that share their first N tokens (a system prompt), to show the prefix cache.
 """
 
 from __future__ import annotations
@@ -53,6 +56,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-slots", type=int, default=None,
                         help="in-process engine: slots (default: the largest concurrency)")
     parser.add_argument("--dtype", default=None, help="in-process engine: float32 | bfloat16")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="in-process engine: context length (default: prompt + output + 1)")
+    parser.add_argument("--kv-layout", default="dense",
+                        help="in-process engine: dense, paged, or both in turn: dense,paged")
+    parser.add_argument("--block-size", type=int, default=16, help="paged: tokens per block")
+    parser.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                        help="paged: pool size, e.g. 1GiB (default: what dense would take)")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                        help="also run with prompts sharing their first N tokens (and the "
+                             "same load with unique prompts of the same length)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -65,6 +78,7 @@ class Trace:
     token_times: list[float] = field(default_factory=list)
     tokens: int = 0
     error: str | None = None
+    cached_tokens: int | None = None      # gRPC: prompt tokens from the prefix cache
 
     def add(self, count: int) -> None:
         now = time.perf_counter() - self.start
@@ -84,6 +98,8 @@ class GrpcTarget:
         for r in self.client.stream(prompt, sampling, timeout=3600):
             if r.HasField("delta") and r.delta.token_ids:
                 trace.add(len(r.delta.token_ids))
+            if r.HasField("usage"):
+                trace.cached_tokens = r.usage.cached_tokens
 
     def close(self) -> None:
         self.client.close()
@@ -188,7 +204,10 @@ def run_load(target, prompts: list[list[int]], sampling: dict, *, concurrency: i
     tpot = [(t.token_times[-1] - t.token_times[0]) / (t.tokens - 1) for t in done if t.tokens > 1]
     itl = [b - a for t in done for a, b in zip(t.token_times, t.token_times[1:]) if b > a]
     tokens = sum(t.tokens for t in done)
-    return {"concurrency": concurrency, "rate": rate, "requests": len(prompts),
+    cached = [t.cached_tokens for t in done if t.cached_tokens is not None]
+    return {"cached_tokens_min_after_first": min(sorted(cached)[1:], default=None),
+            "cached_tokens_mean": float(np.mean(cached)) if cached else None,
+            "concurrency": concurrency, "rate": rate, "requests": len(prompts),
             "completed": len(done), "errors": len(errors), "first_error": errors[0] if errors
             else None, "wall_s": wall, "requests_per_s": len(done) / wall,
             "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
@@ -198,7 +217,7 @@ def run_load(target, prompts: list[list[int]], sampling: dict, *, concurrency: i
 
 # -- the command --------------------------------------------------------------------------------
 
-def _start_engine(args, max_slots: int, max_len: int):
+def _start_engine(args, max_slots: int, max_len: int, layout: str = "dense"):
     from checkpoints.loader import load_model
     from model.config import named_config
     from model.decoder import init_params
@@ -210,10 +229,15 @@ def _start_engine(args, max_slots: int, max_len: int):
     else:
         config, params, _ = load_model(args.model, dtype=args.dtype)
         name = args.model
-    print(f"bench serve: starting an engine on {name} ({max_slots} slots), compiling ...",
-          flush=True)
+    from serving.engine.main import kv_engine_args
+    args.kv_layout = layout
+    kv = kv_engine_args(args, config, max_slots, max_len)
+    print(f"bench serve: starting an engine on {name} ({max_slots} slots, {layout} KV"
+          + (f", {kv['num_blocks']} blocks of {kv['block_size']}" if kv else "")
+          + "), compiling ...", flush=True)
     server = start_in_process(config, params, max_slots=max_slots, max_len=max_len,
-                              model_name=name, max_queue=4096, prefix_cache=False)
+                              model_name=name, max_queue=4096,
+                              prefix_cache=bool(args.shared_prefix), kv=kv)
     return server, name
 
 
@@ -233,6 +257,39 @@ def run(args) -> int:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
 
+    if args.shared_prefix < 0:
+        raise ValueError("--shared-prefix must be >= 0")
+    layouts = [x.strip() for x in args.kv_layout.split(",") if x.strip()]
+    if not layouts or any(x not in ("dense", "paged") for x in layouts):
+        raise ValueError(f"--kv-layout: expected dense, paged or dense,paged, got "
+                         f"{args.kv_layout!r}")
+    if (args.grpc or args.http) and len(layouts) > 1:
+        raise ValueError("--kv-layout with two layouts needs an in-process engine")
+    results, labels = [], []
+    for layout in layouts:
+        results += _run_target(args, concurrencies, counts, layout, labels)
+    label = labels[0] if len(labels) == 1 else "; ".join(labels)
+
+    report = {"target": label, "prompt_len": args.prompt_len, "output_len": args.output_len,
+              "shared_prefix": args.shared_prefix, "runs": results}
+    if len(layouts) > 1:
+        per = {x: sum(r["output_tokens_per_s"] for r in results if r["kv_layout"] == x)
+               for x in layouts}
+        if per["dense"] > 0:
+            report["tokens_per_s_paged_vs_dense"] = per["paged"] / per["dense"]
+    if len(results) > 1 and results[0]["output_tokens_per_s"] > 0 and len(layouts) == 1 \
+            and not args.shared_prefix:
+        report["throughput_ratio_last_vs_first"] = (results[-1]["output_tokens_per_s"]
+                                                    / results[0]["output_tokens_per_s"])
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 1 if any(r["errors"] for r in results) else 0
+
+
+def _run_target(args, concurrencies, counts, layout: str, labels: list) -> list[dict]:
+    """Every load against one target (for an in-process engine: one per layout)."""
     server = None
     if args.grpc:
         target, label = GrpcTarget(args.grpc), f"gRPC {args.grpc}"
@@ -243,36 +300,41 @@ def run(args) -> int:
         if not (args.model or args.config):
             args.model = "default"
         slots = args.max_slots or max(c or 32 for c in concurrencies)
-        server, name = _start_engine(args, slots, args.prompt_len + args.output_len + 1)
-        target, label = GrpcTarget(f"127.0.0.1:{server.port}"), f"gRPC in-process, {name}"
+        max_len = args.max_model_len or (args.shared_prefix + args.prompt_len
+                                         + args.output_len + 1)
+        server, name = _start_engine(args, slots, max_len, layout)
+        target, label = (GrpcTarget(f"127.0.0.1:{server.port}"),
+                         f"gRPC in-process, {name}, {layout} KV")
+    labels.append(label)
+    results = []
     try:
         vocab = target.vocab_size or 1000
         rng = np.random.default_rng(args.seed)
         sampling = {"max_tokens": args.output_len, "ignore_eos": True,
                     "temperature": args.temperature}
+        n = args.shared_prefix
         # one request first: connections and any lazy path warm, not counted
-        run_load(target, [rng.integers(1, vocab, args.prompt_len).tolist()], sampling,
+        run_load(target, [rng.integers(1, vocab, n + args.prompt_len).tolist()], sampling,
                  concurrency=1, rate=None, seed=args.seed)
-        results = []
         for conc, count in zip(concurrencies, counts):
-            prompts = [rng.integers(1, vocab, args.prompt_len).tolist() for _ in range(count)]
-            results.append(run_load(target, prompts, sampling, concurrency=conc,
-                                    rate=args.rate, seed=args.seed))
+            for shared in ([False, True] if n else [False]):
+                prefix = rng.integers(1, vocab, n).tolist()
+                prompts = [(prefix if shared else rng.integers(1, vocab, n).tolist())
+                           + rng.integers(1, vocab, args.prompt_len).tolist()
+                           for _ in range(count)]
+                r = run_load(target, prompts, sampling, concurrency=conc, rate=args.rate,
+                             seed=args.seed)
+                r.update(kv_layout=layout, shared_prefix=n if shared else 0)
+                results.append(r)
+        if server is not None:
+            stats = server.scheduler.stats()
+            for r in results:
+                r["engine_stats"] = stats
     finally:
         target.close()
         if server is not None:
             server.stop(grace_s=5)
-
-    report = {"target": label, "prompt_len": args.prompt_len, "output_len": args.output_len,
-              "runs": results}
-    if len(results) > 1 and results[0]["output_tokens_per_s"] > 0:
-        report["throughput_ratio_last_vs_first"] = (results[-1]["output_tokens_per_s"]
-                                                    / results[0]["output_tokens_per_s"])
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(format_report(report))
-    return 1 if any(r["errors"] for r in results) else 0
+    return results
 
 
 def format_report(report: dict) -> str:
@@ -280,17 +342,31 @@ def format_report(report: dict) -> str:
         return ("     -" if d["mean"] is None else
                 f"{d['mean']:8.1f} {d['p50']:8.1f} {d['p99']:8.1f}")
 
-    lines = [f"bench serve: {report['target']}, prompt {report['prompt_len']} tokens, "
-             f"output {report['output_len']} tokens",
-             f"{'load':>12} {'reqs':>5} {'req/s':>7} {'tok/s':>8} | {'TTFT ms mean/p50/p99':>26}"
+    shared = report.get("shared_prefix") or 0
+    lines = [f"bench serve: {report['target']}, prompt {report['prompt_len']} tokens"
+             + (f" after a {shared}-token prefix (shared or unique)" if shared else "")
+             + f", output {report['output_len']} tokens",
+             f"{'kv':>6} {'prefix':>7} {'load':>12} {'reqs':>5} {'req/s':>7} {'tok/s':>8} | {'TTFT ms mean/p50/p99':>26}"
              f" | {'TPOT ms mean/p50/p99':>26} | {'ITL ms mean/p50/p99':>26}"]
     for r in report["runs"]:
         load = f"conc {r['concurrency']}" if r["rate"] is None else f"rate {r['rate']:g}/s"
-        lines.append(f"{load:>12} {r['completed']:>5} {r['requests_per_s']:7.2f} "
+        prefix = "shared" if r.get("shared_prefix") else "unique" if shared else "-"
+        lines.append(f"{r.get('kv_layout', '-'):>6} {prefix:>7} {load:>12} {r['completed']:>5} {r['requests_per_s']:7.2f} "
                      f"{r['output_tokens_per_s']:8.1f} | {ms(r['ttft_ms'])} | "
                      f"{ms(r['tpot_ms'])} | {ms(r['itl_ms'])}")
         if r["errors"]:
             lines.append(f"{'':>12} {r['errors']} errors, first: {r['first_error']}")
+    if "tokens_per_s_paged_vs_dense" in report:
+        lines.append(f"token throughput, paged vs dense: "
+                     f"{report['tokens_per_s_paged_vs_dense']:.2f}x")
+    for r in report["runs"]:
+        st = r.get("engine_stats") or {}
+        if "kv_blocks_total" in st:
+            lines.append(f"paged KV after the run: {st['kv_blocks_total']} blocks of "
+                         f"{st['kv_block_size']}, prefix hit rate "
+                         f"{st['prefix_cache_hit_rate']:.2f}, {st['kv_preemptions']} "
+                         f"preemptions, {st['kv_block_evictions']} evictions")
+            break
     if "throughput_ratio_last_vs_first" in report:
         lines.append(f"token throughput, last load vs first: "
                      f"{report['throughput_ratio_last_vs_first']:.2f}x")

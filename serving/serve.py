@@ -62,6 +62,8 @@ def add_arguments(parser) -> None:
                         help="the engine's admission queue (default: the engine's, 256)")
     parser.add_argument("--mesh", default=None, metavar="data=1,model=1",
                         help="device mesh, e.g. data=1,model=2 (default: one device)")
+    from serving.engine.main import add_kv_arguments
+    add_kv_arguments(parser)
     parser.add_argument("--engine-start-timeout", type=float, default=ENGINE_START_TIMEOUT_S,
                         help="seconds to wait for the engine to load and compile "
                              f"(default {ENGINE_START_TIMEOUT_S:g})")
@@ -78,7 +80,10 @@ def engine_command(args) -> list[str]:
     cmd = [sys.executable, "-m", "serving.cli", "engine", "--model", args.model,
            "--grpc-port", str(args.grpc_port), "--drain-timeout", str(args.drain_timeout)]
     for flag, value in (("--max-slots", args.max_slots), ("--max-model-len", args.max_model_len),
-                        ("--max-queue", args.max_queue), ("--mesh", args.mesh)):
+                        ("--max-queue", args.max_queue), ("--mesh", args.mesh),
+                        ("--kv-layout", getattr(args, "kv_layout", None)),
+                        ("--block-size", getattr(args, "block_size", None)),
+                        ("--kv-cache-memory", getattr(args, "kv_cache_memory", None))):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd

@@ -178,3 +178,22 @@ def test_paged_on_an_8_device_mesh_matches_one_device():
     out = subprocess.run([sys.executable, "-c", MESH_SCRIPT.format(root=ROOT)], env=env,
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert "MESH-OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def test_bench_serve_compares_layouts_and_shared_prefix():
+    import json
+    proc = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "bench", "serve", "--config", "tiny",
+         "--kv-layout", "dense,paged", "--block-size", "8", "--shared-prefix", "32",
+         "--concurrency", "4", "--num-requests", "4", "--prompt-len", "5",
+         "--output-len", "3", "--json"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = {(r["kv_layout"], r["shared_prefix"]): r for r in out["runs"]}
+    assert set(runs) == {("dense", 0), ("dense", 32), ("paged", 0), ("paged", 32)}
+    assert all(r["completed"] == 4 and r["errors"] == 0 for r in runs.values())
+    assert runs[("paged", 32)]["cached_tokens_min_after_first"] >= 32
+    assert runs[("paged", 0)]["cached_tokens_min_after_first"] == 0
+    assert out["tokens_per_s_paged_vs_dense"] > 0

@@ -44,6 +44,7 @@ def add_arguments(parser) -> None:
                              "(default: the largest prefill bucket)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="turn the prefix cache off (on by default)")
+    add_kv_arguments(parser)
     parser.add_argument("--mesh", default=None, metavar="data=1,model=1",
                         help="device mesh, e.g. data=1,model=2 (default: one device)")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
@@ -55,6 +56,40 @@ def add_arguments(parser) -> None:
                         help="the name ListModels reports (default: the model reference)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds running requests get to finish on shutdown")
+
+
+def add_kv_arguments(parser) -> None:
+    """The KV cache flags (shared with `flaxserve serve`); see docs/kv-cache.md."""
+    parser.add_argument("--kv-layout", choices=("dense", "paged"), default="dense",
+                        help="dense: [max-slots, max-model-len] per layer, allocated whole; "
+                             "paged: a pool of blocks shared by every request, prefix "
+                             "cache across requests, preemption when full (default dense)")
+    parser.add_argument("--block-size", type=int, default=16,
+                        help="paged: tokens per KV block, a power of two (default 16)")
+    parser.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                        help="paged: the KV pool's size, e.g. 1GiB, 512MiB, or a fraction of "
+                             "device memory such as 0.5 (default: room for every slot at "
+                             "max-model-len, capped at 1GiB)")
+
+
+def kv_engine_args(args, config, max_slots: int, max_len: int) -> dict:
+    """DeviceEngine keyword arguments for the KV flags."""
+    layout = getattr(args, "kv_layout", "dense") or "dense"
+    if layout == "dense":
+        if getattr(args, "kv_cache_memory", None):
+            raise ValueError("--kv-cache-memory sizes the paged pool: add --kv-layout paged")
+        return {}
+    from serving.engine.device import blocks_for_memory, kv_bytes_per_token
+    bs = args.block_size
+    if bs < 1 or bs & (bs - 1):
+        raise ValueError(f"--block-size must be a power of two, got {bs}")
+    spec = args.kv_cache_memory
+    if spec is None:   # every slot at full length (+1 block of admission reserve), <= 1 GiB
+        blocks = max_slots * (-(-max_len // bs) + 1) + 1
+        return {"kv_layout": "paged", "block_size": bs,
+                "num_blocks": min(blocks, blocks_for_memory(config, "1GiB", bs))}
+    return {"kv_layout": "paged", "block_size": bs,
+            "num_blocks": blocks_for_memory(config, spec, bs)}
 
 
 def parse_mesh(spec: str | None):
@@ -124,10 +159,17 @@ def run(args) -> int:
     eos_ids = set(config.eos_token_ids or ())
     if tokenizer is not None:
         eos_ids |= set(tokenizer.stop_ids)
+    kv = kv_engine_args(args, config, max_slots, max_len)
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
-                          eos_ids=tuple(sorted(eos_ids)))
+                          eos_ids=tuple(sorted(eos_ids)), **kv)
     _say(f"loaded in {time.monotonic() - t0:.1f} s: {max_slots} slots, max_model_len "
          f"{max_len}, prefill buckets {list(engine.prefill_buckets)}")
+    if engine.paged:
+        from serving.engine.device import kv_bytes_per_token
+        pool = engine.num_blocks * engine.block_size * kv_bytes_per_token(config)
+        _say(f"KV cache: paged, {engine.num_blocks} blocks of {engine.block_size} tokens "
+             f"({pool / 2 ** 30:.2f} GiB; dense would take "
+             f"{max_slots * max_len * kv_bytes_per_token(config) / 2 ** 30:.2f} GiB)")
     t1 = time.monotonic()
     engine.warmup(_say)
     _say(f"warm-up took {time.monotonic() - t1:.1f} s"
