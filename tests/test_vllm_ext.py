@@ -1,13 +1,15 @@
 """vLLM's request extensions as aliases of ours, with the openai SDK (extra_body) against a
 tiny Hugging Face checkpoint served by `flaxserve engine` + gunicorn, transformers on the
 same weights as the reference: `structured_outputs`, `return_token_ids`, `prompt_logprobs`
-(vLLM's shape, equal to transformers' log-softmax), `stream_options.
+(vLLM's shape, equal to transformers' log-softmax and to model.scoring), `stream_options.
 continuous_usage_stats`, `/tokenize`, `/detokenize`, `/version`, `/tokenizer_info`."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import jsonschema
 import openai
@@ -16,9 +18,17 @@ import requests
 import torch
 
 from tests.hf_models import save_hf_model
-from tests.http_fixtures import API_KEY, Servers, build_tokenizer
+from tests.http_fixtures import API_KEY, ROOT, Servers, _env, build_tokenizer
 
 PROMPT = "hello world, the quick brown fox"
+_SCORE = r"""
+import json, sys
+from checkpoints.hf import load_hf
+from model.scoring import prompt_logprobs
+config, params = load_hf(sys.argv[1], dtype="float32")
+lp, rank, _, _ = prompt_logprobs(config, params, json.loads(sys.argv[2]), 3)
+print(json.dumps({"lp": [float(x) for x in lp], "rank": [int(x) for x in rank]}))
+"""
 
 
 def write_hf_model_dir(path):
@@ -120,6 +130,14 @@ def test_prompt_logprobs_equal_transformers(client, served):
             top = torch.topk(ref, 3)
             for t, v in zip(top.indices.tolist(), top.values.tolist()):
                 assert entry[str(t)]["logprob"] == pytest.approx(v, abs=1e-4)
+    # and to model.scoring (the engine's own scoring function, run in a child process)
+    scored = json.loads(subprocess.run(
+        [sys.executable, "-c", _SCORE, str(served[0].model_dir), json.dumps(ids)],
+        capture_output=True, text=True, check=True, timeout=300, cwd=ROOT, env=_env()).stdout)
+    for i in range(1, len(ids)):
+        own = plp[i][str(ids[i])]
+        assert own["logprob"] == pytest.approx(scored["lp"][i - 1], abs=1e-5)
+        assert own["rank"] == scored["rank"][i - 1]
     chat = client.chat.completions.create(model="tiny", max_tokens=1,
                                           messages=[{"role": "user", "content": PROMPT}],
                                           extra_body={"prompt_logprobs": 0})

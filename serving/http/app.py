@@ -35,7 +35,8 @@ MAX_BODY = limits.MAX_BODY_BYTES
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
           "/v1/messages/count_tokens", "/health", "/metrics", "/openapi.json",
           "/v1/responses", "/tokenize", "/detokenize", "/version")
-AUTH_OUTSIDE_V1 = ("/tokenize", "/detokenize", "/tokenizer_info")    # vLLM's paths, the model's tokenizer
+# vLLM's paths outside /v1/ (the model's tokenizer): they need a key too
+AUTH_OUTSIDE_V1 = ("/tokenize", "/detokenize", "/tokenizer_info")
 KEEPALIVE_S = 10.0
 ANTHROPIC_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
 
