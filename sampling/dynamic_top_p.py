@@ -36,3 +36,20 @@ def advance(rows: SamplingRows, p: jax.Array, tokens: jax.Array) -> jax.Array:
     reset = jnp.any(rows.top_p_reset_ids == tokens[:, None], axis=-1)
     decayed = jnp.maximum(p * rows.top_p_decay, rows.top_p_min)
     return jnp.where(dynamic(rows), jnp.where(reset, rows.top_p, decayed), -1.0)
+
+
+def replay(rows_one: SamplingRows, tokens: jax.Array, start, end) -> jax.Array:
+    """The state's p after tokens[start:end] were drawn (-1 when none was), by the same
+    rule, one token at a time: a sample resumed after preemption continues its schedule."""
+    def body(i, p):
+        reset = jnp.any(rows_one.top_p_reset_ids[0] == tokens[i])
+        return jnp.where(reset, rows_one.top_p[0],
+                         jnp.maximum(p * rows_one.top_p_decay[0], rows_one.top_p_min[0]))
+    p = jax.lax.fori_loop(start, end, body, rows_one.top_p[0])
+    return jnp.where(dynamic(rows_one)[0] & (end > start), p, -1.0)
+
+
+def resume(state: SamplerState, rows_one: SamplingRows, slot, tokens: jax.Array, start,
+           end) -> SamplerState:
+    """`state` with slot's p replayed over its output so far, tokens[start:end]."""
+    return state.replace(top_p=state.top_p.at[slot].set(replay(rows_one, tokens, start, end)))

@@ -167,3 +167,36 @@ def test_dynamic_rows_are_batch_invariant(recorded):
 def test_bad_dynamic_top_p_values_name_the_field(fields, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams.from_dict(fields, vocab_size=100)
+
+
+def test_a_resumed_sample_continues_its_schedule():
+    """A sample preempted and resumed (DeviceEngine.insert with its output so far after
+    `prompt_len`) draws what it would have drawn uninterrupted: its decayed p is replayed
+    from those tokens, not restarted at top_p."""
+    from model.config import named_config
+    from model.decoder import init_params
+    from serving.engine.device import DeviceEngine
+    config = named_config("tiny", dtype="float32")
+    engine = DeviceEngine(config, init_params(config, seed=3), max_slots=2, max_len=64,
+                          prefill_buckets=(16, 32))
+    prompt = np.array([5, 17, 99, 3, 250, 8, 41], np.int32)
+    p = SamplingParams(top_p=1.0, top_p_decay=0.05, top_p_min=1e-6, seed=5)
+    out = engine.insert(0, prompt, 0, p, 5).result()
+    whole = [int(out.tokens[0])] + [int(engine.step().result().tokens[0]) for _ in range(9)]
+    engine.release(0)
+    k = 4
+    resumed = np.concatenate([prompt, np.array(whole[:k], np.int32)])
+    out = engine.insert(1, resumed, 0, p, 5, prompt_len=len(prompt)).result()
+    rest = [int(out.tokens[0])] + [int(engine.step().result().tokens[1])
+                                   for _ in range(len(whole) - k - 1)]
+    engine.release(1)
+    assert rest == whole[k:]
+    # the same state by replaying the tokens as by stepping through them
+    rows = jax.tree.map(jnp.asarray, make_rows([p], config.vocab_size, [5], [0]))
+    tokens = jnp.asarray(resumed)
+    expected = np.float32(1.0)
+    for t in whole[:k]:
+        expected = ref_next(expected, t, 1.0, 0.05, 1e-6, [])
+    from sampling.dynamic_top_p import replay
+    assert np.float32(replay(rows, tokens, len(prompt), len(resumed))) == expected
+    assert float(replay(rows, tokens, 3, 3)) == -1.0

@@ -39,6 +39,7 @@ from jax import monitoring
 from model.config import ModelConfig
 from model.decoder import forward, init_cache, init_paged_cache
 from model.paged_attention import copy_block
+from sampling import dynamic_top_p
 from sampling.params import SamplingParams
 from sampling.rows import make_rows, set_row
 from sampling.sampler import sample
@@ -361,6 +362,7 @@ class DeviceEngine:
         step (and PRNG key) continues where it stopped."""
         sampler = reset_row(state["sampler"], slot, prompt, prompt_len, row)
         sampler = _resumed(sampler, slot, prompt, prompt_len, orig_len)
+        sampler = dynamic_top_p.resume(sampler, row, slot, prompt, orig_len, prompt_len)
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
         one_state = jax.tree.map(take, sampler)
         out, one_state = sample(logits, row, one_state, num_top=self.num_top_logprobs,
