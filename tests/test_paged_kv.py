@@ -130,6 +130,26 @@ def test_n_samples_share_the_prompt_blocks(paged, want):
     assert_same(run(paged, FORKS), want["forks"])
 
 
+def test_kv_stats_reach_metrics_through_grpc(paged):
+    from serving.engine.server import EngineServer
+    from serving.http import metrics
+    from serving.http.engine_link import EngineLink
+
+    server = EngineServer(paged, "tiny")
+    port = server.start("127.0.0.1", 0)
+    link = EngineLink(f"127.0.0.1:{port}")
+    try:
+        stats = link.stats()
+        assert stats["kv_blocks_total"] == 199 and stats["kv_block_size"] == BLOCK
+        assert stats["prefix_cache_queried_tokens"] > 0
+        text = metrics.render(stats)[0].decode()
+        assert "flaxserve_engine_kv_blocks_total 199.0" in text
+        assert "flaxserve_engine_prefix_cache_hit_rate" in text
+    finally:
+        link.close()
+        server.server.stop(grace=0).wait()
+
+
 def test_tiny_pool_preempts_and_recomputes_with_identical_output(want):
     # 13 jobs of up to 52 tokens on 4 slots with 20 usable blocks (80 tokens)
     s = make("paged", num_blocks=21)

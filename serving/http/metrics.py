@@ -33,6 +33,21 @@ QUEUE_DEPTH = Gauge("flaxserve_engine_queue_depth", "requests waiting in the bat
                     multiprocess_mode="mostrecent")
 SLOTS_IN_USE = Gauge("flaxserve_engine_slots_in_use", "batch server slots generating",
                      multiprocess_mode="mostrecent")
+# the paged KV cache (docs/kv-cache.md): engine stat -> gauge flaxserve_engine_<stat>
+KV_STATS = {
+    "kv_blocks_total": "KV blocks in the paged pool",
+    "kv_blocks_in_use": "KV blocks held by running sequences",
+    "kv_blocks_cached": "KV blocks named in the prefix cache",
+    "kv_block_size": "tokens per KV block",
+    "kv_block_usage": "fraction of KV blocks held by running sequences",
+    "prefix_cache_queried_tokens": "prompt tokens looked up in the prefix cache",
+    "prefix_cache_hit_tokens": "prompt tokens found in the prefix cache",
+    "prefix_cache_hit_rate": "prefix cache hits / prompt tokens looked up",
+    "kv_block_evictions": "cached KV blocks evicted to make room",
+    "kv_preemptions": "sequences preempted because the KV pool was full",
+}
+KV_GAUGES = {k: Gauge(f"flaxserve_engine_{k}", doc, multiprocess_mode="mostrecent")
+             for k, doc in KV_STATS.items()}
 
 
 def observe_generation(start: float, first_token: float | None, end: float,
@@ -54,6 +69,9 @@ def render(engine_stats: dict | None = None) -> tuple[bytes, str]:
             QUEUE_DEPTH.set(engine_stats["queue_depth"])
         if "slots_in_use" in engine_stats:
             SLOTS_IN_USE.set(engine_stats["slots_in_use"])
+        for key, gauge in KV_GAUGES.items():
+            if key in engine_stats:
+                gauge.set(engine_stats[key])
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
         registry = CollectorRegistry()
