@@ -500,6 +500,14 @@ def _prompts(prompt, tok, add_special: bool) -> tuple[list[list[int]], list[str]
     return ids, texts
 
 
+def _echo_text(tok, ids: list[int], given: str) -> str:
+    """The echoed prompt: as given, unless its tokens hold special tokens (a BOS the
+    tokenizer added, `<|im_start|>` in token ids), whose text is then shown too, so that
+    `text`, `tokens` and `text_offset` agree."""
+    full = tok.decode(ids, skip_special_tokens=False)
+    return given if full == tok.decode(ids, skip_special_tokens=True) else full
+
+
 def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPlan:
     body, ext = vllm_ext.translate(body)
     _check_known(body, COMPLETION_FIELDS)
@@ -539,7 +547,7 @@ def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> Op
     reqs = [GenRequest(f"{rid}-{i}" if len(ids) > 1 else rid, model, p, fitted[i][0], **detok)
             for i, p in enumerate(ids)]
     if echo:   # the echoed prompt is its tokens' text, special tokens included, so that
-        texts = [tok.decode(p, skip_special_tokens=False) for p in ids]  # offsets agree
+        texts = [_echo_text(tok, p, t) for p, t in zip(ids, texts)]  # text_offset agrees
     return OpenAIPlan("completion", rid, model, reqs, texts, stream, include_usage,
                       k is not None, k or 0, echo, max_tokens=[m for _, m in fitted], vllm=ext)
 
