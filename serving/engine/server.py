@@ -145,8 +145,9 @@ class FlaxServeServicer(pb_grpc.FlaxServeServicer):
                            request.add_special_tokens, context)
         try:
             sampling = json.loads(request.sampling_json) if request.sampling_json else {}
-        except json.JSONDecodeError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling_json is not JSON: {e}")
+        except (json.JSONDecodeError, RecursionError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling_json is not JSON (or "
+                          f"nests too deeply): {e}")
         if not isinstance(sampling, dict):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "sampling_json must be a JSON object of sampling parameters")

@@ -92,6 +92,19 @@ def test_validation_names_the_field_over_grpc(client):
             assert name in e.value.details()
 
 
+def test_raw_sampling_json_is_checked(client):
+    """gRPC clients other than ours: NaN, deep nesting, wrong types are INVALID_ARGUMENT."""
+    from serving.proto import flaxserve_pb2 as pb
+    for raw, field in (('{"temperature": NaN}', "temperature"), ('{"top_p": Infinity}', "top_p"),
+                       ('{"max_tokens": "1"}', "max_tokens"), ("[" * 100_000, "sampling_json"),
+                       ('{"x": ' * 5000 + "1" + "}" * 5000, "sampling_json")):
+        request = pb.GenerateRequest(prompt_ids=[1, 2], sampling_json=raw)
+        with pytest.raises(grpc.RpcError) as e:
+            list(client.stub.Generate(request, timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raw[:40]
+        assert field in e.value.details()
+
+
 def test_a_row_that_overflows_fails_alone(server, client):
     """top_k = 2^31 past validation: that request fails naming top_k, the loop lives."""
     t, out = _in_background(lambda: client.generate([5, 6, 7, 8], LONG, timeout=120))
