@@ -242,3 +242,27 @@ def test_input_items_become_chat_messages():
     with pytest.raises(APIError) as e:
         input_messages([{"type": "item_reference", "id": "x"}])
     assert e.value.param == "input[0].type"
+
+
+def test_bodies_and_events_validate_against_the_sdk_types(servers):
+    """Strict pydantic validation with the SDK's own types (the SDK itself parses leniently)."""
+    import pydantic
+    from openai.types.responses import Response, ResponseStreamEvent
+    from tests.http_fixtures import sse_events
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for extra in ({}, {"tools": WEATHER, "tool_choice": "required"},
+                  {"reasoning": {"effort": "high"}},
+                  {"include": ["message.output_text.logprobs"], "top_logprobs": 1}):
+        body = {"model": "default", "input": "Weather in Paris?", "max_output_tokens": 30,
+                **extra}
+        r = requests.post(servers.base_url + "/v1/responses", json=body, headers=headers,
+                          timeout=120)
+        assert r.status_code == 200, r.text
+        Response.model_validate(r.json())
+        s = requests.post(servers.base_url + "/v1/responses", json={**body, "stream": True},
+                          headers=headers, timeout=120)
+        events = sse_events(s.content)
+        adapter = pydantic.TypeAdapter(ResponseStreamEvent)
+        for name, data in events:
+            ev = adapter.validate_json(data)
+            assert ev.type == name

@@ -307,7 +307,8 @@ def _usage(u: dict | None) -> dict | None:
         return None
     return {"input_tokens": u["prompt_tokens"],
             "input_tokens_details": {"cached_tokens":
-                                     u["prompt_tokens_details"]["cached_tokens"]},
+                                     u["prompt_tokens_details"]["cached_tokens"],
+                                     "cache_write_tokens": 0},
             "output_tokens": u["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens":
                                       u["completion_tokens_details"]["reasoning_tokens"]},
