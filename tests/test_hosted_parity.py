@@ -187,6 +187,33 @@ def test_bad_words_resolve_to_both_tokenizations():
         resolve_bad_words(SamplingParams(bad_words=["a b c d e f g h i j"]), tok.encode)
 
 
+def test_bad_words_over_grpc_are_tokenized_by_the_engine(servers):
+    """A gRPC client (no front end) sends the strings; the engine's tokenizer resolves them."""
+    from sampling.params import SamplingParams
+    from serving.http.errors import APIError
+    from serving.http.generation import GenRequest, accumulate
+    tok = _tokenizer()
+    ids = _ids(tok, "Tell me something about science. ")
+    servers.link.token_bytes = tok.token_bytes      # what a front end sets from the model
+
+    def greedy(**kw) -> str:
+        sampling = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **kw)
+        stream = servers.link.generate(GenRequest("grpc-bw", "default", ids, sampling))
+        try:
+            return accumulate((e for e in stream if e is not None), 1)[0][0].text
+        finally:
+            stream.cancel()
+
+    free = greedy()
+    word = max(set(re.findall(r"[a-z]{2,}", free)), key=lambda w: (free.count(w), w))
+    assert _has(word, free)
+    banned = greedy(bad_words=[word])
+    assert not _has(word, banned) and banned != free
+    with pytest.raises(APIError) as e:
+        greedy(bad_words=["a b c d e f g h i j"])      # 10 tokens: over the 8 of a sequence
+    assert e.value.status == 400 and "bad_words" in e.value.message
+
+
 def _tokenizer():
     from serving.http.prompt import load_prompt_tokenizer
     return load_prompt_tokenizer("checkpoints/default")

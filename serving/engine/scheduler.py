@@ -47,6 +47,7 @@ import traceback
 
 import numpy as np
 
+from sampling.bad_words import resolve_bad_words
 from sampling.params import SamplingParams
 from serving.engine.requests import (INTERNAL, INVALID_ARGUMENT,
                                      RESOURCE_EXHAUSTED, UNAVAILABLE, Delta, EngineRequest,
@@ -181,6 +182,11 @@ class Scheduler:
                       else SamplingParams.from_dict(dict(sampling or {}), self.vocab_size,
                                                     self.max_len))
             params.validate(self.vocab_size, self.max_len)   # windows bounded by the context
+            if params.bad_words:        # strings -> token sequences (gRPC, in process)
+                if self.tokenizer is None:
+                    raise ValueError("bad_words: this engine has no tokenizer; send "
+                                     "bad_words_ids")
+                params = resolve_bad_words(params, self.tokenizer.encode)
         except (ValueError, TypeError) as e:
             raise RequestError(INVALID_ARGUMENT, f"sampling: {e}") from None
         ids = [int(t) for t in prompt_ids]
