@@ -189,6 +189,8 @@ def test_store_previous_response_id_across_restart(client, servers):
     _restart_front_end(servers)
     got = client.responses.retrieve(first.id)
     assert got.id == first.id and got.output_text == first.output_text
+    (item,) = client.responses.input_items.list(first.id).data
+    assert item.type == "message" and item.content[0].text == "My name is Ada."
     second = client.responses.create(model="default", input="What is my name?",
                                      previous_response_id=first.id, max_output_tokens=6,
                                      temperature=0, store=True)

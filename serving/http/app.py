@@ -442,6 +442,7 @@ def create_app(settings: Settings, link=None) -> falcon.App:
     store = ResponseStore(settings.response_store)
     app.add_route("/v1/responses", responses_api.Responses(server, store))
     app.add_route("/v1/responses/{response_id}", responses_api.StoredResponse(store))
+    app.add_route("/v1/responses/{response_id}/input_items", responses_api.InputItems(store))
     app.add_route("/tokenize", Tokenize(server))
     app.add_route("/detokenize", Tokenize(server, detokenize=True))
     app.add_route("/version", Version())

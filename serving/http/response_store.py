@@ -1,7 +1,8 @@
 """Stored Responses (`store: true`): one SQLite file, shared by every worker of a host.
 
-A stored response keeps its public body (what GET returns) and the conversation that led
-to it as chat messages, so `previous_response_id` can continue it after a restart. SQLite
+A stored response keeps its public body (what GET returns), the conversation that led to
+it as chat messages, so `previous_response_id` can continue it after a restart, and its
+request's input items (GET .../input_items). SQLite
 in WAL mode lets several gunicorn workers read and write the same file; each call opens
 its own connection (no connection crosses a thread or a fork). One host only: several
 hosts behind a balancer would need a shared database, which this is not.
@@ -16,7 +17,8 @@ import time
 
 DEFAULT_PATH = os.path.join("~", ".cache", "flaxserve", "responses.sqlite")
 _SCHEMA = """CREATE TABLE IF NOT EXISTS responses (
-    id TEXT PRIMARY KEY, created REAL NOT NULL, body TEXT NOT NULL, messages TEXT NOT NULL)"""
+    id TEXT PRIMARY KEY, created REAL NOT NULL, body TEXT NOT NULL, messages TEXT NOT NULL,
+    items TEXT NOT NULL DEFAULT '[]')"""
 
 
 class ResponseStore:
@@ -35,11 +37,22 @@ class ResponseStore:
             self._ready = True
         return conn
 
-    def put(self, body: dict, messages: list[dict]) -> None:
+    def put(self, body: dict, messages: list[dict], items: list[dict] = ()) -> None:
+        """`items`: the request's input items (GET .../input_items lists them)."""
         with self._connect() as conn:
-            conn.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
-                         (body["id"], time.time(), json.dumps(body), json.dumps(messages)))
+            conn.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+                         (body["id"], time.time(), json.dumps(body), json.dumps(messages),
+                          json.dumps(list(items))))
         conn.close()
+
+    def items(self, response_id: str) -> list[dict] | None:
+        conn = self._connect()
+        try:
+            row = conn.execute("SELECT items FROM responses WHERE id = ?",
+                               (response_id,)).fetchone()
+        finally:
+            conn.close()
+        return None if row is None else json.loads(row[0])
 
     def get(self, response_id: str) -> tuple[dict, list[dict]] | None:
         conn = self._connect()

@@ -203,6 +203,7 @@ class ResponsesPlan:
     stream: bool
     store: bool
     logprobs: bool
+    items: list[dict] = field(default_factory=list)   # the input, as items with ids
     response_id: str = field(default_factory=lambda: _new_id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -297,7 +298,7 @@ def parse_responses(body, info, store=None) -> ResponsesPlan:
             "truncation": body.get("truncation") or "disabled",
             "metadata": body.get("metadata") or {}, "user": body.get("user")}
     return ResponsesPlan(plan, echo, history + turn, bool(body.get("stream", False)), stored,
-                         logprobs)
+                         logprobs, input_items(body["input"]))
 
 
 # ---- chat chunks -> Responses events -------------------------------------------------------------
@@ -496,9 +497,29 @@ def events(plan: ResponsesPlan, engine_events: Iterable) -> tuple[ResponseBuilde
     return builder, run()
 
 
+def input_items(given) -> list[dict]:
+    """The request's input as items, each with an id (what GET .../input_items lists)."""
+    if isinstance(given, str):
+        given = [{"role": "user", "content": given}]
+    out = []
+    for item in given:
+        item = dict(item)
+        item.setdefault("type", "message")
+        if item["type"] == "message":
+            content = item.get("content")
+            if isinstance(content, str):
+                item["content"] = [{"type": "input_text", "text": content}]
+            item.setdefault("status", "completed")
+        item.setdefault("id", _new_id({"message": "msg", "function_call": "fc",
+                                       "function_call_output": "fco",
+                                       "reasoning": "rs"}.get(item["type"], "item")))
+        out.append(item)
+    return out
+
+
 def keep(store, plan: ResponsesPlan, builder: ResponseBuilder) -> None:
     if plan.store and store is not None:
-        store.put(builder.response(), plan.history + builder.messages())
+        store.put(builder.response(), plan.history + builder.messages(), plan.items)
 
 
 # ---- the routes ----------------------------------------------------------------------------
@@ -538,6 +559,32 @@ class Responses:
                                       "param": err.param})
 
         app._sse_response(resp, app._guarded(frames(), on_error, [stream]))
+
+
+class InputItems:
+    """GET /v1/responses/{response_id}/input_items (newest first unless order=asc)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def on_get(self, req, resp, response_id):
+        items = self.store.items(response_id) if self.store is not None else None
+        if items is None:
+            raise APIError(404, f"no stored response {response_id!r}", code="not_found")
+        order = req.get_param("order") or "desc"
+        if order not in ("asc", "desc"):
+            raise bad_request("`order` must be 'asc' or 'desc'", "order")
+        items = items if order == "asc" else items[::-1]
+        after = req.get_param("after")
+        if after is not None:
+            ids = [i["id"] for i in items]
+            items = items[ids.index(after) + 1:] if after in ids else []
+        limit = req.get_param_as_int("limit", min_value=1, max_value=100) or 20
+        page = items[:limit]
+        resp.media = {"object": "list", "data": page,
+                      "first_id": page[0]["id"] if page else None,
+                      "last_id": page[-1]["id"] if page else None,
+                      "has_more": len(items) > limit}
 
 
 class StoredResponse:
