@@ -315,6 +315,12 @@ def test_strict_max_tokens_restores_the_400():
         ["--engine", "127.0.0.1:1", "--strict-max-tokens"])).strict_max_tokens is True
     assert settings_from_args(parser.parse_args(
         ["--engine", "127.0.0.1:1"])).strict_max_tokens is False
+    from serving import serve             # `flaxserve serve` hands the flag to its front end
+    serve_parser = argparse.ArgumentParser()
+    serve.add_arguments(serve_parser)
+    assert "--strict-max-tokens" in serve.http_command(
+        serve_parser.parse_args(["--strict-max-tokens"]))
+    assert "--strict-max-tokens" not in serve.http_command(serve_parser.parse_args([]))
     body = {"model": "default", "messages": ASK, "max_tokens": 10_000}
     for strict in (False, True):
         info = ModelInfo(["default"], _tokenizer(), max_model_len=CONTEXT,
