@@ -211,6 +211,10 @@ def blocks_for_memory(config: ModelConfig, spec: str, block_size: int, dtype=Non
 class DeviceEngine:
     """Owns params and the decode state; call every method from one thread."""
 
+    # warm-up runs decode steps over at most this many (rows x attended) positions and
+    # only compiles the larger ones
+    warm_run_tokens = 1 << 16
+
     def __init__(self, config: ModelConfig, params, *, max_slots: int, max_len: int,
                  mesh=None, prefill_buckets: tuple[int, ...] | None = None,
                  num_top_logprobs: int = 20, eos_ids=(), kv_layout: str = "dense",
@@ -528,6 +532,12 @@ class DeviceEngine:
             say(f"warm-up: decode steps over {rows} slots, attending "
                 f"{'/'.join(map(str, self.attend_buckets))}")
             for b in self.attend_buckets:
+                if rows * b > self.warm_run_tokens and b != self.attend_buckets[0]:
+                    # compile only: running it would move rows x b tokens of KV per layer
+                    # (a 64 x 32k paged step); jit then reuses the compiled program
+                    self._forward_step.lower(self.params, self.state, self._tables_arg(), b,
+                                             rows).compile()
+                    continue
                 self._host_pos[self._host_active] = b - 1
                 self.step().result()
             if slot:
