@@ -44,10 +44,12 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _add(sub, name, module, help_text):
+def _add(sub, name, module, help_text, load: bool = True):
     parser = sub.add_parser(name, help=help_text, description=help_text,
                             formatter_class=HelpFormatter)
     parser.set_defaults(_module=module)
+    if not load:        # another command runs: its flags (and imports) are not needed
+        return
     try:
         importlib.import_module(module).add_arguments(parser)
     except ModuleNotFoundError as e:
@@ -56,20 +58,24 @@ def _add(sub, name, module, help_text):
         parser.set_defaults(_missing=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """All commands with their flags; with `only`, the flags of that command alone (so
+    `flaxserve serve` with a busy port fails in a second, not after importing JAX)."""
     parser = argparse.ArgumentParser(prog="flaxserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        _add(sub, name, module, help_text)
+        _add(sub, name, module, help_text, load=only in (None, name))
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     for name, (module, help_text) in BENCH_COMMANDS.items():
-        _add(bench_sub, name, module, help_text)
+        _add(bench_sub, name, module, help_text, load=only in (None, "bench"))
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     if getattr(args, "_missing", False):
         print(f"flaxserve: this command is not available in this build ({args._module})",
               file=sys.stderr)
