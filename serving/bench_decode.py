@@ -197,7 +197,17 @@ def _load(args):
     config, params, model_dir = load_model(args.model, dtype=args.dtype)
     if not args.no_hf:
         import os
-        if os.path.exists(os.path.join(model_dir, "config.json")):
+
+        from checkpoints.gguf_read import is_gguf
+        from checkpoints.resolve import resolve
+        source = resolve(args.model)
+        if os.path.isfile(source) and is_gguf(source):     # transformers' own GGUF loader
+            import torch
+            import transformers
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                os.path.dirname(source), gguf_file=os.path.basename(source),
+                dtype=torch.float32).eval()
+        elif os.path.exists(os.path.join(model_dir, "config.json")):
             import torch
             import transformers
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(

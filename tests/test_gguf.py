@@ -167,7 +167,7 @@ IDS = [[5, 17, 42, 99, 3, 250, 7, 11], [1, 2, 3, 4, 5, 6, 7, 8]]
 
 def _logits(config, params, ids):
     f = jax.jit(lambda p, c, t, q: forward(config, p, c, t, q))
-    logits, _ = f(params, init_cache(config, len(ids), 32), jnp.asarray(ids),
+    logits, _ = f(params, init_cache(config, len(ids), max(32, len(ids[0]))), jnp.asarray(ids),
                   jnp.broadcast_to(jnp.arange(len(ids[0])), (len(ids), len(ids[0]))))
     return np.asarray(logits)
 
@@ -185,6 +185,42 @@ def test_model_gguf_logits_match_transformers(family, tmp_path):
     with torch.no_grad():
         ref = model(torch.tensor(IDS)).logits.numpy()
     np.testing.assert_allclose(_logits(config, params, IDS), ref, atol=1e-4, rtol=0)
+
+
+def test_llama3_rope_freqs_are_recognised(tmp_path):
+    """Llama 3.1+ files carry RoPE scaling as per-frequency divisors (rope_freqs.weight, as
+    llama.cpp's converter computes them); we map them back to the llama3 rule."""
+    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_position_embeddings=8192)
+    model = make_hf_model("llama3", rope_parameters=rope, head_dim=64, num_attention_heads=2,
+                          num_key_value_heads=1, hidden_size=128, max_position_embeddings=131072)
+    path = write_model_gguf(tmp_path / "plain.gguf", "llama", model)
+    f = GGUFFile(path)
+    tensors = {name: f.tensor(name) for name in f.tensors}
+    freqs = 1.0 / 500000.0 ** (np.arange(0, 64, 2) / 64)
+    factors = []
+    for freq in freqs:                       # llama.cpp convert_hf_to_gguf.py's rule
+        wavelen = 2 * np.pi / freq
+        if wavelen < 8192 / 4.0:
+            factors.append(1.0)
+        elif wavelen > 8192 / 1.0:
+            factors.append(32.0)
+        else:
+            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+            factors.append(1 / ((1 - smooth) / 32.0 + smooth))
+    tensors["rope_freqs.weight"] = np.asarray(factors, np.float32)
+    meta = {k: f.get(k) for k in f._reader.fields if k.startswith("llama.")}
+    path = _write(tmp_path / "llama3.gguf", "llama", tensors, meta)
+    config, params, _ = load_model(path)
+    assert config.rope_scaling == ("llama3", 32.0, 1.0, 4.0, 8192)
+    ids = [[(7 * i) % 300 for i in range(40)]]
+    with torch.no_grad():
+        ref = model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(_logits(config, params, ids), ref, atol=1e-4, rtol=0)
+    tensors["rope_freqs.weight"] = np.linspace(1, 3, 32).astype(np.float32)
+    bad = _write(tmp_path / "odd.gguf", "llama", tensors, meta)
+    with pytest.raises(ValueError, match=f"{bad}: tensor rope_freqs.weight .*llama3 rule"):
+        load_model(bad)
 
 
 def test_bf16_and_f16_files_load_as_float32_on_cpu(tmp_path):

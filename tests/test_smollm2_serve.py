@@ -114,3 +114,16 @@ def test_strict_json_schema_reply_finishes(client):
     jsonschema.validate(data, COUNTRY)
     assert data["capital"] == "Paris"
     assert reply.usage.completion_tokens < 200
+
+
+def test_readme_first_request(server):
+    """The curl line at the top of the README, as printed (only the port changes)."""
+    readme = (ROOT / "README.md").read_text()
+    head = readme.split("## ", 1)[0]
+    assert "pip install -e . && flaxserve serve --model smollm2" in head
+    (line,) = [ln.strip() for ln in head.splitlines() if ln.strip().startswith("curl ")]
+    port = server.rsplit(":", 1)[1].split("/")[0]
+    out = subprocess.run(["bash", "-c", line.replace(":8000", f":{port}")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in json.loads(out.stdout)["choices"][0]["message"]["content"]
