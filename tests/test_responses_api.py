@@ -105,7 +105,8 @@ def test_parse_structured_output(client):
 
 def test_tools_and_tool_outputs(client):
     r = client.responses.create(model="default", input="Weather in Paris?", tools=WEATHER,
-                                tool_choice="required", max_output_tokens=40)
+                                tool_choice="required", max_output_tokens=40,
+                                parallel_tool_calls=False)
     (call,) = [o for o in r.output if o.type == "function_call"]
     assert call.name == "get_weather" and call.call_id and call.status == "completed"
     assert call.arguments in ('{"city": "Paris"}', '{"city": "Oslo"}')
@@ -119,7 +120,8 @@ def test_tools_and_tool_outputs(client):
     assert follow.usage.input_tokens > r.usage.input_tokens
     # streamed: the call's arguments arrive as deltas that add up
     with client.responses.stream(model="default", input="Weather in Paris?", tools=WEATHER,
-                                 tool_choice="required", max_output_tokens=40) as s:
+                                 tool_choice="required", max_output_tokens=40,
+                                 parallel_tool_calls=False) as s:
         events = list(s)
     args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
@@ -268,3 +270,23 @@ def test_bodies_and_events_validate_against_the_sdk_types(servers):
         for name, data in events:
             ev = adapter.validate_json(data)
             assert ev.type == name
+
+
+def test_builder_marks_only_unfinished_items_incomplete():
+    from serving.http.responses_api import ResponseBuilder, ResponsesPlan
+    plan = ResponsesPlan(chat=None, request={}, history=[], stream=False, store=False,
+                         logprobs=False)
+    for args, status in (('{"city": "Paris"}', "completed"), ('{"city": "Pa', "incomplete")):
+        b = ResponseBuilder(plan)
+        b.start()
+        b.feed({"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": ""}}]}}]})
+        b.feed({"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": args}}]}}]})
+        b.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+        kinds = [k for k, _ in b.end()]
+        body = b.response()
+        assert kinds[-1] == "response.incomplete" and body["status"] == "incomplete"
+        assert body["output"][0]["status"] == status
+        assert body["output"][0]["arguments"] == args

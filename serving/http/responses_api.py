@@ -316,6 +316,14 @@ def _usage(u: dict | None) -> dict | None:
             "total_tokens": u["total_tokens"], "gpu_seconds": u.get("gpu_seconds")}
 
 
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
 class ResponseBuilder:
     """Chat chunks in, (event type, event) pairs out; `response()` is the whole body."""
 
@@ -377,7 +385,8 @@ class ResponseBuilder:
         if item is None:
             return []
         index = len(self.output) - 1
-        item["status"] = "incomplete" if self.finish == "length" else "completed"
+        item["status"] = "incomplete" if self.finish == "length" and not (
+            item["type"] == "function_call" and _parses(item["arguments"])) else "completed"
         out = []
         if item["type"] == "message":
             part = item["content"][0]
