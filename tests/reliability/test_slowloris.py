@@ -120,3 +120,26 @@ def test_request_line_only_client_is_cut_and_whole_requests_still_pass(server):
           f"(--header-timeout {HEADER_TIMEOUT_S:g})")
     assert waited < HEADER_TIMEOUT_S + 3
     assert _normal(server.port, "/v1/chat/completions")[0] == 200
+
+
+@pytest.mark.parametrize("raw,complete", [
+    (b"GET /health HTTP/1.1\r\nHost: t\r\n", False),
+    (b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n", True),
+    (b"\r\nGET /health HTTP/1.1\r\nHost: t\r\n\r\n", True),
+    (b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc", False),
+    (b"POST /x HTTP/1.1\r\ncontent-length: 5\r\n\r\nabcde", True),
+    (b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n", True),
+    (b"POST /x HTTP/1.1\r\nContent-Length: nope\r\n\r\n", True),          # parser refuses
+    (b"POST /x HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n", True),   # app refuses (413)
+    (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", False),
+    (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n", False),
+    (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", True),
+    (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n",
+     True),
+    (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", True),   # parser refuses
+    (b"GET /" + b"a" * 70000, True),                                         # parser refuses
+])
+def test_request_complete(raw, complete):
+    """When the worker's event loop hands a request to a thread: complete, or refusable."""
+    from serving.http.worker import request_complete
+    assert request_complete(raw) is complete
