@@ -244,3 +244,35 @@ def test_pallas_paged_kernels_in_interpret_mode_match_the_gather_path():
     with pltpu.force_tpu_interpret_mode():
         got = tpu_decode_attention(q, k, v, tables, lengths, pages_per_compute_block=2)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-2)
+
+
+def test_grammars_on_a_preempting_pool_match_dense():
+    """Constrained samples (a JSON schema, a regex) with the default model and tokenizer:
+    the paged engine, preempting on a tiny pool, gives the dense engine's tokens."""
+    from checkpoints.loader import load_model
+    from checkpoints.tokenizer import load_tokenizer
+
+    config, params, model_dir = load_model("default")
+    tok = load_tokenizer(model_dir)
+    schema = {"type": "object", "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 6},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 99}}}
+    prompt = tok.encode("A person as JSON:", add_special_tokens=False)
+    jobs = [(prompt, {"temperature": 1.0, "seed": 40 + i, "max_tokens": 40,
+                      **({"guided_json": schema} if i % 2 else {"guided_regex": "[a-z]{3,30}"})})
+            for i in range(4)]
+
+    def serve(**kv):
+        eng = DeviceEngine(config, params, max_slots=4, max_len=64, prefill_buckets=(16,),
+                           num_top_logprobs=0, eos_ids=tuple(tok.stop_ids), **kv)
+        eng.warmup()
+        s = Scheduler(eng, tok).start()
+        try:
+            return run(s, jobs), s.stats()
+        finally:
+            s.stop(1)
+
+    want, _ = serve()
+    got, stats = serve(kv_layout="paged", block_size=4, num_blocks=16)
+    assert stats["kv_preemptions"] > 0
+    assert_same(got, want)
