@@ -58,8 +58,8 @@ def from_value_error(e: ValueError, prefix: str = "") -> APIError:
     param = None
     if message.startswith("unknown sampling parameter"):
         param = message.split(":", 1)[-1].strip().split(",")[0] or None
-    else:
-        m = _FIELD.match(message)
+    else:   # the engine prefixes its sampling errors with "sampling: "
+        m = _FIELD.match(message.removeprefix("sampling: "))
         param = m.group(1) if m else None
     return APIError(400, message, param=(prefix + param) if param else None)
 

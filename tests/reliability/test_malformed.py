@@ -112,6 +112,7 @@ def test_the_reproduced_killers(keyed_servers):
                       {"model": "tiny", "messages": USER, "max_tokens": 4, name: v},
                       "the killers")
             _assert_400(r, "openai", name)
+            assert r.json()["error"]["param"] == name     # also when the engine says it
     r = requests.get(keyed_servers.base_url + "/health", timeout=30)
     assert r.status_code == 200
 
