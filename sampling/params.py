@@ -21,6 +21,10 @@ TEMPERATURE_LAST_ORDER = tuple(s for s in STAGES if s != "temperature" and s != 
     "xtc", "temperature")
 
 MAX_TOP_LOGPROBS = 20
+# raw: the model's distribution; processed: the one sampled from (constraint included);
+# unconstrained: the sampler's stages without the constraint mask (grammar / schema /
+# tool choice); all: processed, plus raw, unconstrained and the mass the constraint removed
+LOGPROBS_MODES = ("raw", "processed", "unconstrained", "all")
 MAX_STOP_TOKEN_IDS = 16
 MAX_BAD_WORDS = 16                # bad_words strings
 MAX_BAD_WORD_LEN = 8              # tokens per banned sequence
@@ -168,7 +172,7 @@ class SamplingParams:
     # -- what comes back --------------------------------------------------------------------------
     logprobs: bool = False
     top_logprobs: int = 0
-    logprobs_mode: str = "raw"                            # or "processed"
+    logprobs_mode: str = "raw"              # or "processed", "unconstrained", "all"
     prompt_logprobs: int | None = None
     return_entropy: bool = False
     # -- research controls -----------------------------------------------------------------------
@@ -347,8 +351,9 @@ class SamplingParams:
             number("best_of", self.n, 128, integer=True)
         flag("logprobs")
         number("top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
-        if self.logprobs_mode not in ("raw", "processed"):
-            raise _err("logprobs_mode", "'raw' or 'processed'", self.logprobs_mode)
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise _err("logprobs_mode", "'raw', 'processed', 'unconstrained' or 'all'",
+                       self.logprobs_mode)
         if self.prompt_logprobs is not None:
             number("prompt_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
         flag("return_entropy")

@@ -65,6 +65,8 @@ class SamplingRows:
     min_tokens: jax.Array         # int32
     min_stop_ids: jax.Array       # int32 [S, MAX_STOP_TOKEN_IDS + 8], -1 pad
     logprobs_processed: jax.Array  # bool
+    logprobs_unconstrained: jax.Array  # bool: logprobs_mode "unconstrained"
+    counterfactual: jax.Array     # bool: logprobs_mode "unconstrained" or "all"
     return_entropy: jax.Array     # bool
     order: jax.Array              # int32 [S, NUM_STAGES]: position of each stage
     custom_order: jax.Array       # bool [S]
@@ -118,7 +120,8 @@ def make_rows(params: list[SamplingParams | None], vocab_size: int, seeds: list[
         bias=np.zeros((s, vocab_size), np.float32),
         bad_words=np.full((s, MAX_BAD_WORD_SEQUENCES, MAX_BAD_WORD_LEN), -1, np.int32),
         min_tokens=i32(0), min_stop_ids=np.full((s, MAX_STOP_TOKEN_IDS + 8), -1, np.int32),
-        logprobs_processed=np.zeros(s, bool), return_entropy=np.zeros(s, bool),
+        logprobs_processed=np.zeros(s, bool), logprobs_unconstrained=np.zeros(s, bool),
+        counterfactual=np.zeros(s, bool), return_entropy=np.zeros(s, bool),
         order=np.tile(np.arange(NUM_STAGES, dtype=np.int32), (s, 1)),
         custom_order=np.zeros(s, bool), proc_enabled=np.zeros((s, n_proc), bool),
         proc_args=np.zeros((s, n_proc, n_args), np.float32),
@@ -182,7 +185,9 @@ def make_rows(params: list[SamplingParams | None], vocab_size: int, seeds: list[
         c["min_tokens"][r] = p.min_tokens
         stops = list(dict.fromkeys(list(p.stop_token_ids) + list(eos_ids)))
         c["min_stop_ids"][r, :len(stops)] = stops[:c["min_stop_ids"].shape[1]]
-        c["logprobs_processed"][r] = p.logprobs_mode == "processed"
+        c["logprobs_processed"][r] = p.logprobs_mode in ("processed", "all")
+        c["logprobs_unconstrained"][r] = p.logprobs_mode == "unconstrained"
+        c["counterfactual"][r] = p.logprobs_mode in ("unconstrained", "all")
         c["return_entropy"][r] = p.return_entropy
         if p.sampler_order is not None or p.temperature_last:
             order = p.order()

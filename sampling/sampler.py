@@ -43,7 +43,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from sampling import dynamic_top_p, filters, penalties, registry
+from sampling import counterfactual, dynamic_top_p, filters, penalties, registry
 from sampling.params import STAGES
 from sampling.rows import NUM_STAGES, SamplingRows, processor_args
 from sampling.state import SamplerState, append
@@ -64,6 +64,9 @@ class SampleOutput:
     top_logprobs: jax.Array       # float32 [S, K]
     entropy: jax.Array            # float32 [S]: nats, of the row's logprobs_mode distribution
     error: jax.Array              # bool [S]: every token was masked (token 0, never NaN)
+    # counterfactual rows (logprobs_mode "unconstrained" / "all"; sampling/counterfactual.py):
+    unconstrained_logprob: jax.Array | None = None  # float32 [S]: stages 1-9 without `mask`
+    removed_mass: jax.Array | None = None           # float32 [S]: mass `mask` took from it
 
 
 def _floor(x: jax.Array) -> jax.Array:
@@ -263,8 +266,13 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
     rank = 1 + jnp.sum(logits > raw_tok[:, None], axis=-1).astype(jnp.int32)
 
     processed = rows.logprobs_processed
-    mode_x = jnp.where(processed[:, None], x, logits)
-    mode_lse = jnp.where(processed, proc_lse, raw_lse)[:, None]
+    unc_x, unc_lp, removed = counterfactual.unconstrained(
+        lambda: process_logits(logits, rows, state, mask=None, custom_order=custom_order),
+        rows.counterfactual, mask, x, tokens)
+    unc_lse = jax.nn.logsumexp(unc_x, axis=-1)
+    unc_mode = rows.logprobs_unconstrained
+    mode_x = jnp.where(processed[:, None], x, jnp.where(unc_mode[:, None], unc_x, logits))
+    mode_lse = jnp.where(processed, proc_lse, jnp.where(unc_mode, unc_lse, raw_lse))[:, None]
     top_ids, top_x = _top(mode_x, num_top)      # the order of x is the order of x - lse
     top_lp = top_x - mode_lse
 
@@ -280,7 +288,7 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
     err = lambda a: jnp.where(error, LOGPROB_FLOOR, _floor(a))
     out = SampleOutput(
         tokens=tokens,
-        logprob=err(jnp.where(processed, proc_lp, raw_lp)),
+        logprob=err(jnp.where(processed, proc_lp, jnp.where(unc_mode, unc_lp, raw_lp))),
         raw_logprob=err(raw_lp),
         processed_logprob=err(proc_lp),
         rank=jnp.where(error, 0, rank),
@@ -288,6 +296,8 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
         top_logprobs=jnp.where(error[:, None], LOGPROB_FLOOR, _floor(top_lp)),
         entropy=jnp.where(error | jnp.isnan(ent), 0.0, ent),
         error=error,
+        unconstrained_logprob=err(unc_lp),
+        removed_mass=jnp.where(error, 0.0, removed),
     )
     top_p_next = dynamic_top_p.advance(rows, dynamic_top_p.current(rows, state), tokens)
     return out, append(state, tokens, mu, top_p_next)

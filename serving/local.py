@@ -30,6 +30,11 @@ class Completion:
     finish_reason: str | None = None   # "stop" | "length"
     seed: int = 0
     text: str = ""
+    # logprobs_mode "unconstrained" / "all" (docs/research.md), one per token
+    raw_logprobs: list[float] = field(default_factory=list)
+    constrained_logprobs: list[float] = field(default_factory=list)
+    unconstrained_logprobs: list[float] = field(default_factory=list)
+    removed_mass: list[float] = field(default_factory=list)
 
 
 class LocalModel:
@@ -48,6 +53,7 @@ class LocalModel:
         self.stop_ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None:
             self.stop_ids |= set(self.tokenizer.stop_ids)
+        self._grammar = None
         self.engine = DeviceEngine(self.config, self.params, max_slots=max_slots,
                                    max_len=max_len, eos_ids=tuple(sorted(self.stop_ids)))
 
@@ -82,6 +88,19 @@ class LocalModel:
 
     # -- generation -----------------------------------------------------------------------
 
+    def _constraint(self, params: SamplingParams):
+        """The guided_* constraint of one request (sampling/grammar.py), or None."""
+        from sampling.grammar import GUIDED_FIELDS, GrammarCompiler
+
+        if not any(getattr(params, f, None) for f in GUIDED_FIELDS):
+            return None
+        if self.tokenizer is None:
+            raise ValueError("guided decoding needs a tokenizer")
+        if self._grammar is None:
+            self._grammar = GrammarCompiler(self.tokenizer, self.config.vocab_size,
+                                            sorted(self.stop_ids))
+        return self._grammar.constraint(self._grammar.check(params), params)
+
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams],
                  seeds: list[int] | None = None) -> list[Completion]:
         """Generate for every prompt (text or token ids); params may differ per prompt."""
@@ -96,6 +115,8 @@ class LocalModel:
         # entropy is free to ask for here, and the analysis helpers use it
         params = [SamplingParams(**{**p.to_dict(), "return_entropy": True}) for p in params]
         results = [Completion(self.encode(pr), seed=s) for pr, s in zip(prompts, seeds)]
+        constraints = [self._constraint(p) for p in params]
+        from sampling.grammar import all_ones
         for r in results:
             if len(r.prompt_ids) + 1 > self.engine.max_len:
                 raise ValueError(f"prompt of {len(r.prompt_ids)} tokens exceeds max_len "
@@ -105,11 +126,22 @@ class LocalModel:
         running: dict[int, int] = {}  # slot -> request index
         free = list(range(engine.max_slots))[::-1]
 
-        def record(i, tok, lp, ent):
+        def record(i, out, row):
             r, p = results[i], params[i]
+            tok = int(out.tokens[row])
             r.token_ids.append(tok)
-            r.logprobs.append(lp)
-            r.entropies.append(ent)
+            r.logprobs.append(float(out.logprobs[row]))
+            r.entropies.append(float(out.entropies[row]))
+            if p.logprobs_mode in ("unconstrained", "all"):
+                r.raw_logprobs.append(float(out.raw_logprobs[row]))
+                r.constrained_logprobs.append(float(out.processed_logprobs[row]))
+                r.unconstrained_logprobs.append(float(out.unconstrained_logprobs[row]))
+                r.removed_mass.append(float(out.removed_mass[row]))
+            if constraints[i] is not None:
+                constraints[i].consume(tok)
+                if constraints[i].finished:
+                    r.finish_reason = "stop"
+                    return True
             limit = min(p.max_tokens or engine.max_len, engine.max_len - len(r.prompt_ids))
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.stop_ids)
             if tok in stops and len(r.token_ids) > p.min_tokens:
@@ -129,22 +161,31 @@ class LocalModel:
                 while len(ids) - start > chunk:
                     engine.prefill_chunk(slot, ids[start:start + chunk], start)
                     start += chunk
-                out = engine.insert(slot, ids, start, params[i], seeds[i]).result()
+                mask = None
+                if constraints[i] is not None and constraints[i].active:
+                    mask = all_ones(1, self.config.vocab_size)[0]
+                    constraints[i].fill(mask)
+                out = engine.insert(slot, ids, start, params[i], seeds[i], mask=mask).result()
                 if out.errors[0]:
                     raise ValueError(f"prompt {i}: every token was masked by its sampling params")
-                if record(i, int(out.tokens[0]), float(out.logprobs[0]), float(out.entropies[0])):
+                if record(i, out, 0):
                     engine.release(slot)
                     free.append(slot)
                 else:
                     running[slot] = i
             if not running:
                 continue
-            out = engine.step().result()
+            mask = None
+            if any(constraints[i] is not None for i in running.values()):
+                mask = all_ones(engine.max_slots, self.config.vocab_size)
+                for slot, i in running.items():
+                    if constraints[i] is not None and constraints[i].active:
+                        constraints[i].fill(mask[slot])
+            out = engine.step(mask).result()
             for slot, i in list(running.items()):
                 if out.errors[slot]:
                     raise ValueError(f"prompt {i}: every token was masked by its sampling params")
-                if record(i, int(out.tokens[slot]), float(out.logprobs[slot]),
-                          float(out.entropies[slot])):
+                if record(i, out, slot):
                     engine.release(slot)
                     del running[slot]
                     free.append(slot)

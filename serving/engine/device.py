@@ -76,6 +76,11 @@ class StepOutput:
     errors: np.ndarray          # [S] bool: every token was masked
     device_seconds: float
     entropies: np.ndarray | None = None  # [S] float32, if a row asked for it
+    # logprobs_mode "all" / "unconstrained" (sampling/counterfactual.py)
+    raw_logprobs: np.ndarray | None = None            # [S] float32
+    processed_logprobs: np.ndarray | None = None      # [S] float32
+    unconstrained_logprobs: np.ndarray | None = None  # [S] float32
+    removed_mass: np.ndarray | None = None            # [S] float32
 
 
 def _pad_rows(out: StepOutput, slots: int) -> StepOutput:
@@ -87,7 +92,10 @@ def _pad_rows(out: StepOutput, slots: int) -> StepOutput:
     return StepOutput(tokens=pad(out.tokens), logprobs=pad(out.logprobs), ranks=pad(out.ranks),
                       top_ids=pad(out.top_ids), top_logprobs=pad(out.top_logprobs),
                       errors=pad(out.errors), device_seconds=out.device_seconds,
-                      entropies=pad(out.entropies))
+                      entropies=pad(out.entropies), raw_logprobs=pad(out.raw_logprobs),
+                      processed_logprobs=pad(out.processed_logprobs),
+                      unconstrained_logprobs=pad(out.unconstrained_logprobs),
+                      removed_mass=pad(out.removed_mass))
 
 
 class Pending:
@@ -111,7 +119,11 @@ class Pending:
                 tokens=np.asarray(out.tokens), logprobs=np.asarray(out.logprob),
                 ranks=np.asarray(out.rank), top_ids=np.asarray(out.top_ids),
                 top_logprobs=np.asarray(out.top_logprobs), errors=np.asarray(out.error),
-                device_seconds=max(seconds, 0.0), entropies=np.asarray(out.entropy))
+                device_seconds=max(seconds, 0.0), entropies=np.asarray(out.entropy),
+                raw_logprobs=np.asarray(out.raw_logprob),
+                processed_logprobs=np.asarray(out.processed_logprob),
+                unconstrained_logprobs=np.asarray(out.unconstrained_logprob),
+                removed_mass=np.asarray(out.removed_mass))
             self._out = None
             if self._slots is not None:
                 self._result = _pad_rows(self._result, self._slots)

@@ -39,6 +39,11 @@ class TokenLogprob:
     rank: int
     top_ids: list[int] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
+    # logprobs_mode "unconstrained" / "all" (sampling/counterfactual.py), else None
+    raw_logprob: float | None = None
+    constrained_logprob: float | None = None     # the distribution sampled from
+    unconstrained_logprob: float | None = None   # the sampler's, without the constraint
+    removed_mass: float | None = None            # what the constraint took from it
 
 
 @dataclass

@@ -830,6 +830,11 @@ class Scheduler:
             lp = TokenLogprob(token, float(out.logprobs[row]), int(out.ranks[row]),
                               [int(t) for t in out.top_ids[row][:k]],
                               [float(v) for v in out.top_logprobs[row][:k]])
+            if params.logprobs_mode in ("unconstrained", "all"):
+                lp.raw_logprob = float(out.raw_logprobs[row])
+                lp.constrained_logprob = float(out.processed_logprobs[row])
+                lp.unconstrained_logprob = float(out.unconstrained_logprobs[row])
+                lp.removed_mass = float(out.removed_mass[row])
         if finish is not None:
             sample.device_done = True
         self.tokens_generated += 1

@@ -100,11 +100,18 @@ class TokenInterceptor(grpc.ServerInterceptor):
                     response_serializer=handler.response_serializer)
 
 
+def _counterfactual(lp: rq.TokenLogprob) -> dict:
+    """The optional logprobs_mode "unconstrained" / "all" fields that are set."""
+    names = ("raw_logprob", "constrained_logprob", "unconstrained_logprob", "removed_mass")
+    return {n: getattr(lp, n) for n in names if getattr(lp, n) is not None}
+
+
 def delta_message(d: rq.Delta) -> pb.Delta:
     return pb.Delta(
         index=d.index, token_ids=d.token_ids, text=d.text,
         logprobs=[pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
-                                  top_ids=lp.top_ids, top_logprobs=lp.top_logprobs)
+                                  top_ids=lp.top_ids, top_logprobs=lp.top_logprobs,
+                                  **_counterfactual(lp))
                   for lp in d.logprobs],
         finish_reason=d.finish_reason or "", stop_sequence=d.stop_sequence or "",
         stop_token_id=-1 if d.stop_token_id is None else d.stop_token_id)

@@ -212,7 +212,8 @@ class EngineLink:
                         list(token_bytes(token_id)),
                         [] if lp is None else [entry(t, v) for t, v in
                                                zip(lp.top_ids, lp.top_logprobs)],
-                        lp.rank if lp is not None else None))
+                        lp.rank if lp is not None else None,
+                        _counterfactual(lp)))
                 events.append(Delta(d.index, d.text, tokens, d.finish_reason or None,
                                     d.stop_sequence or None))
             if r.HasField("usage"):
@@ -236,3 +237,15 @@ class EngineLink:
 
     # token id -> its exact bytes; the app sets it from the model's tokenizer
     token_bytes = None
+
+
+_COUNTERFACTUAL = ("raw_logprob", "constrained_logprob", "unconstrained_logprob", "removed_mass")
+
+
+def _counterfactual(lp) -> dict | None:
+    """A pb.TokenLogprob's logprobs_mode "unconstrained" / "all" fields, if it has them."""
+    if lp is None or not lp.HasField("removed_mass"):
+        return None
+    from serving.http.generation import floor_logprob
+    return {n: (round(getattr(lp, n), 7) if n == "removed_mass" else
+                floor_logprob(getattr(lp, n))) for n in _COUNTERFACTUAL}

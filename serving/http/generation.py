@@ -40,6 +40,9 @@ class TokenInfo:
     bytes: list[int] | None = None
     top: list[TopEntry] = field(default_factory=list)
     rank: int | None = None       # 1 = the most likely token
+    # logprobs_mode "unconstrained" / "all": raw_logprob, constrained_logprob,
+    # unconstrained_logprob, removed_mass (docs/research.md)
+    counterfactual: dict | None = None
 
 
 @dataclass

@@ -568,7 +568,8 @@ def usage_body(usages: Iterable[Usage], reasoning_tokens: int = 0) -> dict:
 def token_logprob(t: TokenInfo, top: int) -> dict:
     return {"token": t.text, "logprob": floor_logprob(t.logprob), "bytes": t.bytes,
             "top_logprobs": [{"token": e.token, "logprob": floor_logprob(e.logprob),
-                              "bytes": e.bytes} for e in t.top[:top]]}
+                              "bytes": e.bytes} for e in t.top[:top]],
+            **(t.counterfactual or {})}
 
 
 def finish_reason(c: Choice | Delta, tool_calls: int = 0, named_tool: bool = False) -> str:
@@ -705,6 +706,8 @@ def legacy_logprobs(tokens: list[TokenInfo], top: int, offset: int) -> dict:
         entries = {e.token: floor_logprob(e.logprob) for e in t.top[:top]}
         entries.setdefault(t.text, floor_logprob(t.logprob))
         out["top_logprobs"].append(entries)
+        if t.counterfactual is not None:     # logprobs_mode "unconstrained" / "all"
+            out.setdefault("counterfactual", []).append(t.counterfactual)
         out["text_offset"].append(offset)
         offset += len(t.text)
     return out
