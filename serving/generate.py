@@ -168,7 +168,8 @@ def run(args) -> int:
                          f"exceeds the model's context of {config.max_position_embeddings}")
     max_len = min(config.max_position_embeddings, max(32, 1 << (need - 1).bit_length()))
     engine = DeviceEngine(config, params, max_slots=1, max_len=max_len,
-                          num_top_logprobs=max(args.logprobs or 0, 1))
+                          num_top_logprobs=max(args.logprobs or 0, 1),
+                          token_limit=tokenizer.vocab_size if tokenizer else None)
     stop_ids = set(config.eos_token_ids)
     if tokenizer is not None:
         stop_ids |= set(tokenizer.stop_ids)

@@ -230,7 +230,8 @@ class DeviceEngine:
     def __init__(self, config: ModelConfig, params, *, max_slots: int, max_len: int,
                  mesh=None, prefill_buckets: tuple[int, ...] | None = None,
                  num_top_logprobs: int = 20, eos_ids=(), kv_layout: str = "dense",
-                 block_size: int = 16, num_blocks: int | None = None):
+                 block_size: int = 16, num_blocks: int | None = None,
+                 token_limit: int | None = None):
         if kv_layout not in ("dense", "paged"):
             raise ValueError(f"kv_layout must be 'dense' or 'paged', got {kv_layout!r}")
         if kv_layout == "paged":
@@ -248,6 +249,9 @@ class DeviceEngine:
         self.max_slots = max_slots
         self.max_len = max_len
         self.vocab_size = config.vocab_size
+        # ids the tokenizer knows: checkpoints pad their vocabulary (Qwen: 151936 rows for
+        # ~151665 tokens), and an id past the tokenizer must never be sampled
+        self.token_limit = min(token_limit or config.vocab_size, config.vocab_size)
         self.prefill_buckets = tuple(sorted(prefill_buckets or default_buckets(max_len)))
         self.num_top_logprobs = num_top_logprobs
         self.eos_ids = tuple(eos_ids)
@@ -364,7 +368,11 @@ class DeviceEngine:
     def _mask_bits(self, rows: int, mask) -> jax.Array:
         if mask is None:
             if rows not in self._ones:
-                self._ones[rows] = jnp.full((rows, self.mask_words), -1, jnp.int32)
+                allowed = np.zeros(self.mask_words * 32, bool)
+                allowed[:self.token_limit] = True
+                words = np.packbits(allowed.reshape(-1, 32), axis=1, bitorder="little")
+                words = words.view("<u4").astype(np.uint32).view(np.int32).reshape(1, -1)
+                self._ones[rows] = jnp.asarray(np.repeat(words, rows, axis=0))
             return self._ones[rows]
         return np.ascontiguousarray(np.asarray(mask, np.int32)[:rows])
 

@@ -161,7 +161,8 @@ def run(args) -> int:
         eos_ids |= set(tokenizer.stop_ids)
     kv = kv_engine_args(args, config, max_slots, max_len)
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
-                          eos_ids=tuple(sorted(eos_ids)), **kv)
+                          eos_ids=tuple(sorted(eos_ids)),
+                          token_limit=tokenizer.vocab_size if tokenizer else None, **kv)
     _say(f"loaded in {time.monotonic() - t0:.1f} s: {max_slots} slots, max_model_len "
          f"{max_len}, prefill buckets {list(engine.prefill_buckets)}")
     if engine.paged:

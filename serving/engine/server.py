@@ -282,6 +282,7 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
             eos_ids |= set(tokenizer.stop_ids)
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
                           prefill_buckets=prefill_buckets, eos_ids=tuple(sorted(eos_ids)),
+                          token_limit=tokenizer.vocab_size if tokenizer else None,
                           **(kv or {}))
     engine.warmup(progress)
     scheduler = Scheduler(engine, tokenizer, max_queue=max_queue, prefix_cache=prefix_cache)
