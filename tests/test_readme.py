@@ -26,8 +26,8 @@ def test_readme_opens_with_the_two_commands():
     head = README.split("## ", 1)[0]
     assert "pip install -e . && flaxserve serve" in head
     run = (ROOT / ".ci" / "run").read_text()
-    assert "pip install -q -e '.[test]'" in run and "python -m pytest -q" in run
-    assert "pip install -e '.[test]' && python -m pytest -q" in head
+    assert "pip install -q -e '.[test,eval]'" in run and "python -m pytest -q" in run
+    assert "pip install -e '.[test,eval]' && python -m pytest -q" in head
 
 
 @pytest.fixture(scope="module")
