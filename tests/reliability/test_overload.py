@@ -6,8 +6,8 @@ engine has 2 slots and a queue of 1, the front end admits 6 at once and lets 2 w
 must get an answer: a 200 with a whole completion, or a fast 429 (OpenAI) / 529
 (Anthropic) with Retry-After, whether the front end (admission) or the engine (its full
 queue, RESOURCE_EXHAUSTED) refused it; never a 5xx, a hang or a lost request. `/health`
-is timed meanwhile. Then a client that leaves a non-streaming request must free its
-engine slot within about a second.
+and `/metrics` are timed meanwhile. Then a client that leaves a request, non-streaming or
+streaming, must free its engine slot within about a second.
 """
 
 from __future__ import annotations
@@ -93,13 +93,14 @@ def test_ten_times_capacity_every_request_answered(server):
 
     def probe():
         while not stop.is_set():
-            t0 = time.monotonic()
-            c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-            c.request("GET", "/health")
-            r = c.getresponse()
-            r.read()
-            c.close()
-            health.append((r.status, time.monotonic() - t0))
+            for route in ("/health", "/metrics"):
+                t0 = time.monotonic()
+                c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+                c.request("GET", route)
+                r = c.getresponse()
+                r.read()
+                c.close()
+                health.append((r.status, time.monotonic() - t0, route))
             time.sleep(0.05)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
@@ -127,7 +128,9 @@ def test_ten_times_capacity_every_request_answered(server):
           f"{sum(1 for r in refused if r[3] == 'engine')}")
     print(f"  refusal latency {quantiles([r[2] for r in refused])}")
     print(f"  accepted latency {quantiles([r[2] for r in ok])}")
-    print(f"  /health latency under overload {quantiles([h[1] for h in health])}")
+    for route in ("/health", "/metrics"):
+        print(f"  {route} latency under overload "
+              f"{quantiles([h[1] for h in health if h[2] == route])}")
     assert not bad, bad[:5]
     assert hung == 0
     assert ok and refused, "the load must both succeed and be shed"
