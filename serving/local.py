@@ -30,8 +30,10 @@ class Completion:
     finish_reason: str | None = None   # "stop" | "length"
     seed: int = 0
     text: str = ""
+    raw_logprobs: list[float] = field(default_factory=list)   # the model's, always
+    variant: int | None = None          # generate_variants: which variant
+    metrics: dict | None = None         # generate_variants: sampling/variants.py metrics
     # logprobs_mode "unconstrained" / "all" (docs/research.md), one per token
-    raw_logprobs: list[float] = field(default_factory=list)
     constrained_logprobs: list[float] = field(default_factory=list)
     unconstrained_logprobs: list[float] = field(default_factory=list)
     removed_mass: list[float] = field(default_factory=list)
@@ -55,9 +57,7 @@ class LocalModel:
             self.stop_ids |= set(self.tokenizer.stop_ids)
         self._grammar = None
         self.engine = DeviceEngine(self.config, self.params, max_slots=max_slots,
-                                   max_len=max_len, eos_ids=tuple(sorted(self.stop_ids)),
-                                   token_limit=self.tokenizer.vocab_size
-                                   if self.tokenizer else None)
+                                   max_len=max_len, eos_ids=tuple(sorted(self.stop_ids)))
 
     # -- text helpers ---------------------------------------------------------------------
 
@@ -104,8 +104,12 @@ class LocalModel:
         return self._grammar.constraint(self._grammar.check(params), params)
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams],
-                 seeds: list[int] | None = None) -> list[Completion]:
-        """Generate for every prompt (text or token ids); params may differ per prompt."""
+                 seeds: list[int] | None = None,
+                 sample_indices: list[int] | None = None) -> list[Completion]:
+        """Generate for every prompt (text or token ids); params may differ per prompt.
+
+        `sample_indices` (default all 0) feed each row's PRNG key with its seed: the same
+        (seed, index) pair draws the same uniforms in any slot and beside any other rows."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -118,6 +122,9 @@ class LocalModel:
         params = [SamplingParams(**{**p.to_dict(), "return_entropy": True}) for p in params]
         results = [Completion(self.encode(pr), seed=s) for pr, s in zip(prompts, seeds)]
         constraints = [self._constraint(p) for p in params]
+        indices = list(sample_indices) if sample_indices is not None else [0] * len(prompts)
+        if len(indices) != len(prompts):
+            raise ValueError("sample_indices: one per prompt")
         from sampling.grammar import all_ones
         for r in results:
             if len(r.prompt_ids) + 1 > self.engine.max_len:
@@ -134,8 +141,8 @@ class LocalModel:
             r.token_ids.append(tok)
             r.logprobs.append(float(out.logprobs[row]))
             r.entropies.append(float(out.entropies[row]))
+            r.raw_logprobs.append(float(out.raw_logprobs[row]))
             if p.logprobs_mode in ("unconstrained", "all"):
-                r.raw_logprobs.append(float(out.raw_logprobs[row]))
                 r.constrained_logprobs.append(float(out.processed_logprobs[row]))
                 r.unconstrained_logprobs.append(float(out.unconstrained_logprobs[row]))
                 r.removed_mass.append(float(out.removed_mass[row]))
@@ -167,7 +174,8 @@ class LocalModel:
                 if constraints[i] is not None and constraints[i].active:
                     mask = all_ones(1, self.config.vocab_size)[0]
                     constraints[i].fill(mask)
-                out = engine.insert(slot, ids, start, params[i], seeds[i], mask=mask).result()
+                out = engine.insert(slot, ids, start, params[i], seeds[i], mask=mask,
+                                    sample_index=indices[i]).result()
                 if out.errors[0]:
                     raise ValueError(f"prompt {i}: every token was masked by its sampling params")
                 if record(i, out, 0):
@@ -199,3 +207,30 @@ class LocalModel:
                     if cut >= 0:
                         r.text = r.text[:cut + len(s)] if p.include_stop_str_in_output else r.text[:cut]
         return results
+
+    def generate_variants(self, prompt, params: SamplingParams, variants: list[dict],
+                          seed: int | None = None) -> list[list[Completion]]:
+        """Paired sampling variants (sampling/variants.py): `params` with each variant's
+        overrides, `params.n` samples each, decoded side by side in one batch with common
+        random numbers (sample j of every variant uses `seed` and sample index j).
+
+        Returns one list per variant of `n` Completions, each with `.variant` and
+        `.metrics` (length, mean_entropy, distinct_1/2, perplexity under the raw model)."""
+        from sampling import variants as pv
+
+        seed = params.seed if seed is None else seed
+        seed = secrets.randbits(63) if seed is None else seed
+        base = {k: v for k, v in params.to_dict().items() if k not in ("n", "seed")}
+        configs = pv.expand(base, variants, self.config.vocab_size)
+        n = params.n
+        flat = [c for c in configs for _ in range(n)]
+        outs = self.generate([prompt] * len(flat), flat, seeds=[seed] * len(flat),
+                             sample_indices=[j for _ in configs for j in range(n)])
+        result = []
+        for i in range(len(configs)):
+            group = outs[i * n:(i + 1) * n]
+            for c in group:
+                c.variant = i
+                c.metrics = pv.metrics(c.token_ids, c.raw_logprobs, c.entropies)
+            result.append(group)
+        return result
