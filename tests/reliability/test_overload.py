@@ -158,3 +158,55 @@ def test_client_that_leaves_frees_its_slot(server, stream):
     print(f"\n{'streaming' if stream else 'non-streaming'} request abandoned: engine slot "
           f"freed {freed if freed is None else f'{freed:.2f} s'} after the client left")
     assert freed is not None and freed < 3.0
+
+
+def test_admission_places_queue_and_drain_in_process():
+    """The WSGI wrapper alone, around an app that holds its place until released: the
+    queue wait, the immediate refusal when the queue is full, each protocol's shape, the
+    place freed when the response is closed, and 503 once draining."""
+    from serving.http.admission import Admission, Limits
+
+    gate = threading.Event()
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        if environ["REQUEST_METHOD"] == "POST":
+            gate.wait(10)
+        return [b"ok"]
+
+    adm = Admission(app, Limits(max_inflight=1, max_waiting=1, queue_timeout_s=0.3))
+
+    def call(path="/v1/chat/completions", method="POST"):
+        seen = {}
+
+        def start_response(status, headers):
+            seen["status"], seen["headers"] = status, dict(headers)
+        body = adm({"REQUEST_METHOD": method, "PATH_INFO": path}, start_response)
+        data = b"".join(body)
+        getattr(body, "close", lambda: None)()
+        return seen["status"], seen["headers"], data
+
+    held = threading.Thread(target=call)
+    held.start()
+    assert wait_until(lambda: adm.stats()["inflight"] == 1, 5) is not None
+    waiter = {}
+    t = threading.Thread(target=lambda: waiter.update(r=call("/v1/messages")))
+    t.start()
+    assert wait_until(lambda: adm.stats()["waiting"] == 1, 5) is not None
+    t0 = time.monotonic()
+    status, headers, data = call()                   # the queue is full: refused at once
+    fast = time.monotonic() - t0
+    assert status.startswith("429") and headers["Retry-After"] == "1"
+    assert json.loads(data)["error"]["code"] == "server_overloaded"
+    t.join(5)                                        # the waiter timed out in the queue
+    status, headers, data = waiter["r"]
+    assert status.startswith("529") and json.loads(data)["error"]["type"] == "overloaded_error"
+    assert call("/health", "GET")[0] == "200 OK"     # GETs never wait for a place
+    gate.set()                                       # the held request ends
+    held.join(5)
+    assert adm.stats() == {"inflight": 0, "waiting": 0, "draining": False}
+    assert call()[0] == "200 OK"                     # the place was given back
+    adm.begin_drain()
+    status, headers, data = call()
+    assert status.startswith("503") and "Retry-After" in headers
+    print(f"\nin-process refusal with a full queue took {fast * 1000:.2f} ms")
