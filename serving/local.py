@@ -57,7 +57,9 @@ class LocalModel:
             self.stop_ids |= set(self.tokenizer.stop_ids)
         self._grammar = None
         self.engine = DeviceEngine(self.config, self.params, max_slots=max_slots,
-                                   max_len=max_len, eos_ids=tuple(sorted(self.stop_ids)))
+                                   max_len=max_len, eos_ids=tuple(sorted(self.stop_ids)),
+                                   token_limit=self.tokenizer.vocab_size
+                                   if self.tokenizer else None)
 
     # -- text helpers ---------------------------------------------------------------------
 
