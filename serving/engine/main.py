@@ -22,7 +22,8 @@ import time
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="default",
-                        help="model reference: default (bundled), smollm2, a Hugging Face or orbax dir, a .gguf file, or a Hub id org/name[@revision]")
+                        help="model reference: default (bundled), smollm2, a Hugging Face or orbax "
+                             "dir, a .gguf file, or a Hub id org/name[@revision]")
     parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface of the gRPC port (default loopback only; anything "
