@@ -5,7 +5,8 @@ at the device boundary: a request whose sampling row does not fit the device arr
 reproduced killer, `top_k` = 2^31, submitted past validation as a buggy adapter would), and
 an engine whose decode step raises on demand. Each time the requests involved fail with a
 clear error, a concurrent normal request completes, and the loop keeps serving; only
-repeated step failures mark the engine broken, and then every waiting call ends at once.
+repeated step failures mark the engine broken, and then every waiting call ends at once
+and a real `flaxserve engine` process exits with status 1 by itself (for its supervisor).
 """
 
 import threading
@@ -162,3 +163,61 @@ def test_repeated_step_failures_break_the_engine_promptly(server, client):
         client.generate([3, 4, 5], {"max_tokens": 2}, timeout=30)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert time.monotonic() - start < 60
+
+
+_BROKEN_ENGINE = r"""
+import sys
+from serving.engine import device
+armed = []
+step, warmup = device.DeviceEngine.step, device.DeviceEngine.warmup
+
+def broken_step(self, mask=None):          # every decode step after warm-up fails
+    if armed:
+        raise RuntimeError("injected: the device is gone")
+    return step(self, mask)
+
+def armed_warmup(self, progress=None):
+    warmup(self, progress)
+    armed.append(True)
+
+device.DeviceEngine.step, device.DeviceEngine.warmup = broken_step, armed_warmup
+from serving.cli import main
+sys.exit(main(["engine", "--model", sys.argv[1], "--grpc-port", sys.argv[2],
+               "--max-slots", "2", "--max-model-len", "64"]))
+"""
+
+
+def test_flaxserve_engine_exits_non_zero_when_its_loop_breaks(tmp_path):
+    """A real `flaxserve engine` process whose decode steps all fail: the requests fail
+    at once, then the process exits with status 1 by itself (for its supervisor), freeing
+    its port; it does not hang."""
+    import subprocess
+    import sys
+
+    from tests.http_fixtures import ROOT, _env, free_port, write_model_dir
+    model = write_model_dir(tmp_path)
+    port = free_port()
+    log = open(tmp_path / "engine.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", _BROKEN_ENGINE, str(model), str(port)],
+                            cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        c = EngineClient(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 240
+        while not c.healthy(timeout=1.0):
+            assert proc.poll() is None and time.monotonic() < deadline, "did not start"
+            time.sleep(0.3)
+        codes = []
+        for _ in range(MAX_CONSECUTIVE_STEP_FAILURES):
+            with pytest.raises(grpc.RpcError) as e:
+                c.generate([1, 2, 3], {"max_tokens": 4, "temperature": 0.0}, timeout=60)
+            codes.append(e.value.code())
+        c.close()
+        assert set(codes) <= {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE}
+        assert proc.wait(timeout=60) == 1     # by itself: nobody signals it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    text = (tmp_path / "engine.log").read_text()
+    assert "exiting with status 1" in text
