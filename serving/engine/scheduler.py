@@ -785,7 +785,7 @@ class Scheduler:
         if st.first_token is None:
             st.first_token = time.monotonic()
         if not sample.device_done:
-            self._take(sample, out, 0)
+            self._take_contained(sample, out, 0)
 
     def _process_step(self, pending, owners) -> None:
         try:
@@ -801,7 +801,15 @@ class Scheduler:
                 continue
             sample.state.gpu_seconds += share
             if not sample.device_done:
-                self._take(sample, out, slot)
+                self._take_contained(sample, out, slot)
+
+    def _take_contained(self, sample: Sample, out, row: int) -> None:
+        """`_take`, with a host-side failure (a grammar's consume, say) failing that
+        request alone."""
+        try:
+            self._take(sample, out, row)
+        except Exception as e:
+            self._contain("taking its token", [sample.state], e)
 
     def _take(self, sample: Sample, out, row: int) -> None:
         """One new token for a sample: token-level stops, then off to the detokenizer."""
