@@ -194,13 +194,15 @@ class Decoder(nn.Module):
     ([num_blocks, block_size, kv_heads, head_dim], model/paged_attention.py) and row s of
     the table lists the blocks of slot s; None: the dense [slots, max_len] cache.
     Logits are float32.
+    steering [B, num_layers, hidden] (optional; model/steering.py): added to sequence b's
+    residual stream after layer i at every position (zeros: no change, bitwise).
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, tokens, positions, cache, slot_ids=None, logits_index=None,
-                 attend_len=None, block_tables=None):
+                 attend_len=None, block_tables=None, steering=None):
         cfg = self.config
         embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                        cfg.dtype)
@@ -211,6 +213,8 @@ class Decoder(nn.Module):
             k_cache, v_cache = cache[i]
             x, k_cache, v_cache = DecoderLayer(cfg, i, name=f"layer_{i}")(
                 x, positions, rope, k_cache, v_cache, slot_ids, attend_len, block_tables)
+            if steering is not None:
+                x = x + steering[:, i, None, :].astype(x.dtype)
             new_cache.append((k_cache, v_cache))
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
@@ -258,11 +262,13 @@ def init_paged_cache(config: ModelConfig, num_blocks: int, block_size: int,
 
 
 def forward(config: ModelConfig, params, cache, tokens, positions, slot_ids=None,
-            logits_index=None, attend_len: int | None = None, block_tables=None):
+            logits_index=None, attend_len: int | None = None, block_tables=None,
+            steering=None):
     """Pure forward; jit it at the call site (with the cache donated).
 
     `attend_len` (static) limits attention to cache positions [0, attend_len): every real
     position of this call must be below it. None attends over the whole cache.
-    `block_tables` [S, max_blocks] int32: `cache` is a paged pool (see `Decoder`)."""
+    `block_tables` [S, max_blocks] int32: `cache` is a paged pool (see `Decoder`).
+    `steering` [B, num_layers, hidden]: per-sequence residual additions (see `Decoder`)."""
     return Decoder(config).apply({"params": params}, tokens, positions, cache, slot_ids,
-                                 logits_index, attend_len, block_tables)
+                                 logits_index, attend_len, block_tables, steering)

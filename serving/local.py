@@ -41,7 +41,8 @@ class Completion:
 
 class LocalModel:
     def __init__(self, model: str = "default", *, max_slots: int = 8, max_len: int | None = None,
-                 dtype: str | None = None):
+                 dtype: str | None = None, steering: bool = False,
+                 steering_vectors: str | dict | None = None):
         from checkpoints.loader import load_model
         from serving.engine.device import DeviceEngine
 
@@ -56,10 +57,16 @@ class LocalModel:
         if self.tokenizer is not None:
             self.stop_ids |= set(self.tokenizer.stop_ids)
         self._grammar = None
+        # activation steering (model/steering.py): named vectors from an .npz or a dict
+        if isinstance(steering_vectors, str):
+            from model.steering import load_vectors
+            steering_vectors = load_vectors(steering_vectors)
+        self.steering_vectors = dict(steering_vectors or {})
+        steering = steering or bool(self.steering_vectors)
         self.engine = DeviceEngine(self.config, self.params, max_slots=max_slots,
                                    max_len=max_len, eos_ids=tuple(sorted(self.stop_ids)),
                                    token_limit=self.tokenizer.vocab_size
-                                   if self.tokenizer else None)
+                                   if self.tokenizer else None, steering=steering)
 
     # -- text helpers ---------------------------------------------------------------------
 
@@ -92,6 +99,23 @@ class LocalModel:
 
     # -- generation -----------------------------------------------------------------------
 
+    def _steering(self, steering, count: int) -> list:
+        """Per-prompt [layers, hidden] arrays (None: no steering) from request entries."""
+        from model.steering import steering_array
+
+        if steering is None:
+            return [None] * count
+        if not self.engine.steering:
+            raise ValueError("steering: build LocalModel(steering=True) to steer")
+        if not isinstance(steering, list):
+            raise ValueError("steering: expected a list")
+        if not steering or not all(s is None or isinstance(s, list) for s in steering):
+            steering = [steering] * count           # one spec for every prompt
+        if len(steering) != count:
+            raise ValueError("steering: one list of entries per prompt (or one for all)")
+        return [steering_array(s, self.config.num_layers, self.config.hidden_size,
+                               self.steering_vectors) for s in steering]
+
     def _constraint(self, params: SamplingParams):
         """The guided_* constraint of one request (sampling/grammar.py), or None."""
         from sampling.grammar import GUIDED_FIELDS, GrammarCompiler
@@ -107,11 +131,14 @@ class LocalModel:
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams],
                  seeds: list[int] | None = None,
-                 sample_indices: list[int] | None = None) -> list[Completion]:
+                 sample_indices: list[int] | None = None,
+                 steering: list | None = None) -> list[Completion]:
         """Generate for every prompt (text or token ids); params may differ per prompt.
 
         `sample_indices` (default all 0) feed each row's PRNG key with its seed: the same
-        (seed, index) pair draws the same uniforms in any slot and beside any other rows."""
+        (seed, index) pair draws the same uniforms in any slot and beside any other rows.
+        `steering`: one list of {layer, vector | name, scale} (or None) per prompt, or one
+        list for all; needs LocalModel(steering=True) (model/steering.py)."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -125,6 +152,7 @@ class LocalModel:
         results = [Completion(self.encode(pr), seed=s) for pr, s in zip(prompts, seeds)]
         constraints = [self._constraint(p) for p in params]
         indices = list(sample_indices) if sample_indices is not None else [0] * len(prompts)
+        steer = self._steering(steering, len(prompts))
         if len(indices) != len(prompts):
             raise ValueError("sample_indices: one per prompt")
         from sampling.grammar import all_ones
@@ -168,6 +196,8 @@ class LocalModel:
             while pending and free:
                 i, slot = pending.pop(), free.pop()
                 ids = np.asarray(results[i].prompt_ids, np.int32)
+                if engine.steering:
+                    engine.set_steering(slot, steer[i])
                 start, chunk = 0, engine.prefill_buckets[-1]
                 while len(ids) - start > chunk:
                     engine.prefill_chunk(slot, ids[start:start + chunk], start)

@@ -231,7 +231,7 @@ class DeviceEngine:
                  mesh=None, prefill_buckets: tuple[int, ...] | None = None,
                  num_top_logprobs: int = 20, eos_ids=(), kv_layout: str = "dense",
                  block_size: int = 16, num_blocks: int | None = None,
-                 token_limit: int | None = None):
+                 token_limit: int | None = None, steering: bool = False):
         if kv_layout not in ("dense", "paged"):
             raise ValueError(f"kv_layout must be 'dense' or 'paged', got {kv_layout!r}")
         if kv_layout == "paged":
@@ -258,6 +258,9 @@ class DeviceEngine:
         self.mesh = mesh
         self.kv_layout = kv_layout
         self.paged = kv_layout == "paged"
+        # per-slot activation steering (model/steering.py): a [slots, layers, hidden] array
+        # in the decode state, handed to every forward; off: the programs are unchanged
+        self.steering = steering
         self.block_size = block_size
         self.num_blocks = num_blocks if self.paged else 0
         self.max_blocks_per_seq = -(-max_len // block_size)
@@ -315,6 +318,8 @@ class DeviceEngine:
             "last": jnp.zeros((s,), jnp.int32),
             "pos": jnp.zeros((s,), jnp.int32),
             "active": jnp.zeros((s,), bool),
+            **({"steer": jnp.zeros((s, self.config.num_layers, self.config.hidden_size),
+                                   jnp.float32)} if self.steering else {}),
         }
 
     # -- jitted programs ---------------------------------------------------------------
@@ -327,7 +332,8 @@ class DeviceEngine:
         logits, cache = forward(self.config, params, state["cache"],
                                 state["last"][:rows, None], write_pos[:, None],
                                 slot_ids=slot_ids, attend_len=attend_len,
-                                block_tables=tables if self.paged else None)
+                                block_tables=tables if self.paged else None,
+                                steering=state["steer"][:rows] if self.steering else None)
         return dict(state, cache=cache), logits[:, 0]
 
     def _sample_step_fn(self, state, logits, mask_bits, custom, rows):
@@ -352,7 +358,8 @@ class DeviceEngine:
         logits, cache = forward(self.config, params, state["cache"], tokens[None], positions,
                                 slot_ids=slot[None], logits_index=(true_len - 1)[None],
                                 attend_len=n if fresh else None,
-                                block_tables=tables if self.paged else None)
+                                block_tables=tables if self.paged else None,
+                                steering=state["steer"][slot][None] if self.steering else None)
         return logits, dict(state, cache=cache)
 
     def _prefill_fn(self, params, state, tables, tokens, start, true_len, slot, fresh):
@@ -458,6 +465,20 @@ class DeviceEngine:
                 self._tables_dev = jax.device_put(
                     self._tables_dev, NamedSharding(self.mesh, PartitionSpec()))
         return self._tables_dev
+
+    def set_steering(self, slot: int, vectors) -> None:
+        """Steering of `slot` ([layers, hidden] float32, None = zeros) for its next prefill
+        and decode steps (model/steering.py); needs `steering=True`."""
+        if not self.steering:
+            raise ValueError("steering: this engine was built without steering")
+        shape = (self.config.num_layers, self.config.hidden_size)
+        vec = np.zeros(shape, np.float32) if vectors is None else np.asarray(vectors, np.float32)
+        if vec.shape != shape:
+            raise ValueError(f"steering: expected [{shape[0]}, {shape[1]}], got {vec.shape}")
+        if not hasattr(self, "_set_steer"):
+            self._set_steer = jax.jit(lambda st, i, v: dict(st, steer=st["steer"].at[i].set(v)),
+                                      donate_argnums=(0,))
+        self.state = self._set_steer(self.state, np.int32(slot), vec)
 
     def prefill_chunk(self, slot: int, token_ids, start: int) -> None:
         """Write the KV of `token_ids` at positions start.. of `slot`; no sampling."""
