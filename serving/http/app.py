@@ -44,6 +44,7 @@ ANTHROPIC_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
 @dataclass
 class Settings:
     engine: str                                   # HOST:PORT of the batch server
+    engines: list[str] = field(default_factory=list)   # several: routed (http/router.py)
     api_keys: list[str] = field(default_factory=list, repr=False)   # never printed
     served_model_names: list[str] = field(default_factory=list)   # default: the engine's
     model_dir: str | None = None                  # default: the engine's (ListModels)
@@ -426,6 +427,9 @@ class OpenAPI:
 
 def create_app(settings: Settings, link=None) -> falcon.App:
     """The WSGI app. `link` defaults to a gRPC `EngineLink` to `settings.engine`."""
+    if link is None and len(settings.engines) > 1:
+        from serving.http.router import EngineSet
+        link = EngineSet(settings.engines)
     if link is None:
         from serving.http.engine_link import EngineLink
         link = EngineLink(settings.engine)

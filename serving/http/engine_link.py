@@ -175,6 +175,7 @@ class EngineLink:
         reply = self.client.stub.Stats(pb.StatsRequest(), timeout=1.0)
         from serving.http.metrics import KV_STATS
         return {"queue_depth": reply.queue_depth, "slots_in_use": reply.slots_in_use,
+                "max_slots": reply.max_slots,
                 **({k: getattr(reply, k) for k in KV_STATS} if reply.kv_blocks_total else {})}
 
     def generate(self, request: GenRequest, keepalive_s: float | None = None) -> GenStream:

@@ -20,8 +20,9 @@ RESPONSE_STORE = "~/.cache/flaxserve/responses.sqlite"   # = response_store.DEFA
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--engine", required=True, metavar="HOST:PORT",
-                        help="the batch server's gRPC address")
+    parser.add_argument("--engine", required=True, action="append", metavar="HOST:PORT",
+                        help="the batch server's gRPC address; repeat it to route over "
+                             "several engines (docs/scale-out.md)")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP interface")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
@@ -89,8 +90,12 @@ def settings_from_args(args):
     from serving.http.app import Settings
     from serving.http.auth import load_keys
 
-    if ":" not in args.engine:
-        raise ValueError(f"--engine must be HOST:PORT, got {args.engine!r}")
+    engines = [args.engine] if isinstance(args.engine, str) else list(args.engine)
+    for engine in engines:
+        if ":" not in engine:
+            raise ValueError(f"--engine must be HOST:PORT, got {engine!r}")
+    if len(set(engines)) != len(engines):
+        raise ValueError(f"--engine: an address is given twice: {engines}")
     for name in ("port", "workers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1")
@@ -109,7 +114,7 @@ def settings_from_args(args):
                              f"{e.strerror}") from None
         from serving.http.prompt import check_template
         check_template(template, "--chat-template")
-    return Settings(engine=args.engine, api_keys=keys,
+    return Settings(engine=engines[0], engines=engines, api_keys=keys,
                     served_model_names=list(dict.fromkeys(args.served_model_name)),
                     model_dir=args.model, chat_template=template,
                     strict_max_tokens=getattr(args, "strict_max_tokens", False),

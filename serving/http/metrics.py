@@ -48,6 +48,14 @@ KV_STATS = {
 }
 KV_GAUGES = {k: Gauge(f"flaxserve_engine_{k}", doc, multiprocess_mode="mostrecent")
              for k, doc in KV_STATS.items()}
+# several engines (--engine repeated, serving/http/router.py): each one's state
+ENGINE_UP = Gauge("flaxserve_engine_up", "1 while the engine passes its health checks",
+                  ["engine"], multiprocess_mode="mostrecent")
+ENGINE_INFLIGHT = Gauge("flaxserve_engine_inflight", "requests open on the engine",
+                        ["engine"], multiprocess_mode="livesum")
+ENGINE_ROUTED = Counter("flaxserve_engine_routed_total",
+                        "requests routed to the engine, by reason (prefix | load)",
+                        ["engine", "reason"])
 
 
 def observe_generation(start: float, first_token: float | None, end: float,
@@ -72,6 +80,9 @@ def render(engine_stats: dict | None = None) -> tuple[bytes, str]:
         for key, gauge in KV_GAUGES.items():
             if key in engine_stats:
                 gauge.set(engine_stats[key])
+        for e in engine_stats.get("engines", ()):
+            ENGINE_UP.labels(e["engine"]).set(e["up"])
+            ENGINE_INFLIGHT.labels(e["engine"]).set(e["inflight"])
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
         registry = CollectorRegistry()
