@@ -90,7 +90,7 @@ def resolve(ref: str | None, fetch: bool = True, say=None) -> str:
                          say)
     looks_local = ref.startswith((".", "/", "~")) or ref.endswith(".gguf") or os.sep in ref
     if looks_local:
-        raise ValueError(f"model {ref!r}: no such file or directory")
+        raise ValueError(f"model {ref!r}: no such directory or file")
     raise ValueError(f"model {ref!r}: unknown reference (not a local path, not one of "
                      f"{', '.join(['default', *KNOWN])}, not a Hugging Face id org/name)")
 

@@ -50,8 +50,8 @@ def test_default_and_local_paths(tmp_path):
 
 @pytest.mark.parametrize("ref, message", [
     ("nonsense", "model 'nonsense': unknown reference .*default, smollm2.*org/name"),
-    ("./missing-dir", "model './missing-dir': no such file or directory"),
-    ("missing.gguf", "model 'missing.gguf': no such file or directory"),
+    ("./missing-dir", "model './missing-dir': no such directory or file"),
+    ("missing.gguf", "model 'missing.gguf': no such directory or file"),
 ])
 def test_unknown_references(ref, message):
     with pytest.raises(ValueError, match=message):

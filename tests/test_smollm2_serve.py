@@ -27,7 +27,7 @@ def server(smollm2_gguf, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "serve", "--model", "smollm2", "--port", str(port),
          "--grpc-port", str(grpc_port), "--workers", "1", "--max-slots", "2",
-         "--max-model-len", "1024"],
+         "--max-model-len", "512"],
         cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
 
     def up() -> bool:
