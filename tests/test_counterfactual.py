@@ -130,3 +130,41 @@ def test_grpc_unconstrained_equals_plain_prefix(lm, grpc_setup):
     np.testing.assert_allclose(got, [lp.unconstrained_logprob for lp in lps], atol=0)
     assert max(lp.removed_mass for lp in lps) > 0.5
     assert all(math.isfinite(lp.constrained_logprob) for lp in lps)
+
+
+@pytest.fixture(scope="module")
+def http_servers(tmp_path_factory):
+    from tests.http_fixtures import start_servers
+    yield from start_servers(tmp_path_factory)
+
+
+def test_http_chat_and_completions_carry_the_counterfactual_fields(http_servers):
+    import openai
+    from tests.http_fixtures import API_KEY
+    client = openai.OpenAI(base_url=http_servers.base_url + "/v1", api_key=API_KEY,
+                           max_retries=0)
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "pick"}], logprobs=True,
+        max_tokens=10, seed=3, extra_body={"guided_choice": ["yes", "no"],
+                                           "logprobs_mode": "all"})
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content in ("yes", "no") and content
+    for t in content:
+        x = t.model_extra
+        assert t.logprob == x["constrained_logprob"]           # "all": the sampled-from one
+        assert 0.0 <= x["removed_mass"] <= 1.0
+        assert x["unconstrained_logprob"] == x["raw_logprob"]   # temperature 1, nothing else
+    assert max(t.model_extra["removed_mass"] for t in content) > 0.5
+    plain = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "pick"}], logprobs=True,
+        max_tokens=3, seed=3)
+    assert all("removed_mass" not in (t.model_extra or {}) for t in plain.choices[0].logprobs.content)
+    c = client.completions.create(model="tiny", prompt="pick", logprobs=0, max_tokens=10,
+                                  extra_body={"guided_regex": "(ab|cd)+", "logprobs_mode":
+                                              "unconstrained"})
+    cf = c.choices[0].logprobs.model_extra["counterfactual"]
+    assert len(cf) == len(c.choices[0].logprobs.tokens)
+    assert [x["unconstrained_logprob"] for x in cf] == c.choices[0].logprobs.token_logprobs
+    with pytest.raises(openai.BadRequestError, match="logprobs_mode"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"logprobs_mode": "sideways"})
