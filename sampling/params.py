@@ -175,6 +175,7 @@ class SamplingParams:
     logprobs_mode: str = "raw"              # or "processed", "unconstrained", "all"
     prompt_logprobs: int | None = None
     return_entropy: bool = False
+    deterministic: bool = False   # bitwise batch invariance (docs/research.md)
     # -- research controls -----------------------------------------------------------------------
     sampler_order: list[str] | None = None
     temperature_last: bool = False
@@ -357,6 +358,7 @@ class SamplingParams:
         if self.prompt_logprobs is not None:
             number("prompt_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
         flag("return_entropy")
+        flag("deterministic")
         flag("temperature_last")
         if self.sampler_order is not None:
             order = self.sampler_order

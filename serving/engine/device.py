@@ -286,6 +286,9 @@ class DeviceEngine:
         self._sample_step = jax.jit(self._sample_step_fn, donate_argnums=(0,),
                                     static_argnums=(3, 4))
         self._custom_slots: set[int] = set()
+        # slots of `deterministic: true` requests: while one is live, decode steps run over
+        # every slot and the whole cache (one shape, so XLA's reductions never change)
+        self._deterministic_slots: set[int] = set()
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnums=(7,))
         self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(7,))
         # token masks (grammars, forced tokens) as packed bits; all ones when unconstrained
@@ -500,6 +503,8 @@ class DeviceEngine:
         self.state, logits = self._prefill(self.params, self.state, self._tables_arg(), *args)
         custom = sampling.sampler_order is not None or sampling.temperature_last
         (self._custom_slots.add if custom else self._custom_slots.discard)(slot)
+        (self._deterministic_slots.add if getattr(sampling, "deterministic", False)
+         else self._deterministic_slots.discard)(slot)
         bits = self._mask_bits(1, None if mask is None else np.asarray(mask)[None])
         orig = len(prompt_ids) if prompt_len is None else prompt_len
         self.state, out = self._first(self.state, logits, np.int32(slot), row, prompt,
@@ -533,6 +538,8 @@ class DeviceEngine:
         slots = np.flatnonzero(self._host_active)
         top = int(slots[-1]) + 1 if slots.size else 1
         rows = next(b for b in self.batch_buckets if b >= top)
+        if self._deterministic_slots:      # batch invariance: one shape for every step
+            rows, attend = self.batch_buckets[-1], self.attend_buckets[-1]
         dispatched = time.perf_counter()
         self.state, logits = self._forward_step(self.params, self.state, self._tables_arg(),
                                                 attend, rows)
@@ -548,6 +555,7 @@ class DeviceEngine:
 
     def release(self, slot: int) -> None:
         self._custom_slots.discard(slot)
+        self._deterministic_slots.discard(slot)
         self._host_active[slot] = False
         self.state["active"] = self._release(self.state["active"], np.int32(slot))
 
