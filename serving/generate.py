@@ -65,6 +65,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--logprobs", type=int, default=None, metavar="K",
                         help="report each token's logprob and the top K alternatives")
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="persistent XLA compilation cache (default: "
+                             "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/flaxserve/xla; "
+                             "'' turns it off)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     _add_sampling_flags(parser)
 
@@ -139,6 +143,8 @@ def run(args) -> int:
 
     if args.max_tokens < 1:
         raise ValueError("--max-tokens must be >= 1")
+    from serving.warmup import configure_compile_cache
+    configure_compile_cache(getattr(args, "compile_cache", None))
     config, params, model_dir = load_model(args.model, dtype=args.dtype)
     tokenizer = None
     try:

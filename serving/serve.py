@@ -62,8 +62,22 @@ def add_arguments(parser) -> None:
                         help="the engine's admission queue (default: the engine's, 256)")
     parser.add_argument("--mesh", default=None, metavar="data=1,model=1",
                         help="device mesh, e.g. data=1,model=2 (default: one device)")
-    from serving.engine.main import add_kv_arguments
+    from serving.engine.main import add_kv_arguments, add_warmup_arguments
     add_kv_arguments(parser)
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
+    parser.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="persistent XLA compilation cache (default: "
+                             "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/flaxserve/xla; "
+                             "'' turns it off)")
+    parser.add_argument("--prefill-budget", type=int, default=None,
+                        help="prompt tokens prefilled per scheduler iteration "
+                             "(default: the largest prefill bucket)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="turn the prefix cache off (on by default)")
+    add_warmup_arguments(parser)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per front-end worker (default: --max-inflight + "
+                             "--max-waiting + spare)")
     parser.add_argument("--engine-start-timeout", type=float, default=ENGINE_START_TIMEOUT_S,
                         help="seconds to wait for the engine to load and compile "
                              f"(default {ENGINE_START_TIMEOUT_S:g})")
@@ -83,9 +97,16 @@ def engine_command(args) -> list[str]:
                         ("--max-queue", args.max_queue), ("--mesh", args.mesh),
                         ("--kv-layout", getattr(args, "kv_layout", None)),
                         ("--block-size", getattr(args, "block_size", None)),
-                        ("--kv-cache-memory", getattr(args, "kv_cache_memory", None))):
+                        ("--kv-cache-memory", getattr(args, "kv_cache_memory", None)),
+                        ("--dtype", getattr(args, "dtype", None)),
+                        ("--compile-cache", getattr(args, "compile_cache", None)),
+                        ("--prefill-budget", getattr(args, "prefill_budget", None))):
         if value is not None:
             cmd += [flag, str(value)]
+    for flag, name in (("--no-prefix-cache", "no_prefix_cache"),
+                       ("--full-warmup", "full_warmup"), ("--warmup-only", "warmup_only")):
+        if getattr(args, name, False):
+            cmd.append(flag)
     return cmd
 
 
@@ -102,6 +123,8 @@ def http_command(args) -> list[str]:
     cmd += ["--response-store", args.response_store]
     if getattr(args, "strict_max_tokens", False):
         cmd += ["--strict-max-tokens"]
+    if getattr(args, "threads", None) is not None:
+        cmd += ["--threads", str(args.threads)]
     return cmd
 
 
@@ -199,6 +222,8 @@ def run(args) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     limits_from_args(args)                            # flag errors before anything starts
+    if getattr(args, "warmup_only", False):    # fill the compilation cache, serve nothing
+        return subprocess.call(engine_command(args))
     check_port_free(args.host, args.port, "--port")
     check_port_free("127.0.0.1", args.grpc_port, "--grpc-port")
     if args.port == args.grpc_port:

@@ -559,8 +559,16 @@ class DeviceEngine:
         self._host_active[slot] = False
         self.state["active"] = self._release(self.state["active"], np.int32(slot))
 
-    def warmup(self, progress: Callable[[str], None] | None = None) -> None:
-        """Compile the step, every prefill bucket and the slot copy."""
+    def warmup(self, progress: Callable[[str], None] | None = None,
+               background: bool = False) -> "threading.Thread | None":
+        """Compile the step, every prefill bucket and the slot copy.
+
+        background=True: run only what a first short request needs (the smallest prefill
+        bucket, the first-token sampler, a one-slot decode step) and compile the rest on a
+        thread, which is returned (see `_compile_rest`); a call that needs a program not yet
+        compiled compiles it itself, so it waits, never fails."""
+        if background:
+            return self._warm_first(progress)
         say = progress or (lambda _msg: None)
         greedy = SamplingParams(temperature=0.0)
         if self.paged:   # warm-up writes go to block 1 (garbage until a sequence owns it)
@@ -601,6 +609,94 @@ class DeviceEngine:
         self._tables_dev = None
         jax.block_until_ready(self.state)
         say("warm-up: done")
+
+    def _warm_first(self, progress) -> threading.Thread:
+        say = progress or (lambda _msg: None)
+        t0 = time.perf_counter()
+        if self.paged:
+            self._tables[:] = 1
+            self._tables_dev = None
+        self.prefill_chunk(0, np.zeros(1, np.int32), 0)
+        self.insert(0, np.zeros(1, np.int32), 0, SamplingParams(temperature=0.0), 0).result()
+        self.step().result()
+        self.release(0)
+        for rows in self.batch_buckets:   # the unconstrained masks, made on the device once
+            self._mask_bits(rows, None)
+        self._host_pos[:] = 0
+        self._tables[:] = 0
+        self._tables_dev = None
+        jax.block_until_ready(self.state)
+        say(f"warm-up: first-request programs ready in {time.perf_counter() - t0:.1f} s; "
+            f"compiling the rest in the background")
+        jobs = self._rest_jobs()
+        self.background_errors, self.background_done = [], False
+        thread = threading.Thread(target=self._compile_rest, args=(jobs, say),
+                                  name="flaxserve-compile", daemon=True)
+        thread.start()
+        return thread
+
+    def _rest_jobs(self) -> list:
+        """(name, lower) for every program the full warm-up compiles, likeliest first; the
+        arguments are abstract (shapes, dtypes, shardings), so nothing touches the state."""
+        def spec(x):
+            x = jnp.asarray(x)   # uncommitted arrays (numpy, jnp.zeros) lower unplaced
+            sharding = x.sharding if getattr(x, "_committed", True) else None
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        params = jax.tree.map(spec, self.params)
+        state = jax.tree.map(spec, self.state)
+        tables = spec(self._tables_arg())
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        jobs = []
+        for b in self.prefill_buckets:
+            for fresh in (True, False):
+                toks = jax.ShapeDtypeStruct((b,), jnp.int32)
+                jobs.append((f"prefill {b}{'' if fresh else ' (cached prefix)'}",
+                             lambda toks=toks, fresh=fresh: self._prefill.lower(
+                                 params, state, tables, toks, i32, i32, i32, fresh)))
+        words = self.mask_words
+        for rows in self.batch_buckets:
+            for b in self.attend_buckets:
+                jobs.append((f"decode {rows} slots x {b}",
+                             lambda b=b, rows=rows: self._forward_step.lower(
+                                 params, state, tables, b, rows)))
+            def sampler(rows=rows):
+                fwd = self._forward_step.lower(params, state, tables, self.attend_buckets[0],
+                                               rows)
+                out = fwd.out_info[1]     # placed as the compiled forward places its logits
+                logits = jax.ShapeDtypeStruct(out.shape, out.dtype,
+                                              sharding=fwd.compile().output_shardings[1])
+                return self._sample_step.lower(
+                    state, logits, jax.ShapeDtypeStruct((rows, words), jnp.int32), False, rows)
+            jobs.append((f"sampler {rows} slots", sampler))
+        if self.paged:
+            jobs.append(("block copy", lambda: self._copy_block.lower(state, i32, i32)))
+        else:
+            jobs.append(("slot copy", lambda: self._copy.lower(state, i32, i32)))
+        return jobs
+
+    def _compile_rest(self, jobs, say) -> None:
+        """Compile (or read from the persistent cache) every job, a few at a time."""
+        from concurrent.futures import ThreadPoolExecutor
+        import os
+        t0, done = time.perf_counter(), 0
+
+        def one(job):
+            name, lower = job
+            try:
+                lower().compile()
+            except Exception as e:  # noqa: BLE001 - the call that needs it compiles it
+                self.background_errors.append(f"{name}: {e}")
+            return name
+
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            for _name in pool.map(one, jobs):
+                done += 1
+                elapsed = time.perf_counter() - t0
+                if done == len(jobs) or done % 8 == 0:
+                    eta = elapsed / done * (len(jobs) - done)
+                    say(f"background compile: {done}/{len(jobs)} programs, "
+                        f"{elapsed:.1f} s, ETA {eta:.0f} s")
+        self.background_done = True
 
 
 def _resumed(sampler, slot, prompt, prompt_len, orig_len):

@@ -57,6 +57,18 @@ def add_arguments(parser) -> None:
                         help="the name ListModels reports (default: the model reference)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds running requests get to finish on shutdown")
+    add_warmup_arguments(parser)
+
+
+def add_warmup_arguments(parser) -> None:
+    """Start-up flags (shared with `flaxserve serve`)."""
+    parser.add_argument("--warmup-only", action="store_true",
+                        help="compile every program into the compilation cache, then exit "
+                             "(e.g. in a container build)")
+    parser.add_argument("--full-warmup", action="store_true",
+                        help="compile every program before serving (default: serve once the "
+                             "programs a first request needs are ready, compile the rest in "
+                             "the background)")
 
 
 def add_kv_arguments(parser) -> None:
@@ -126,15 +138,9 @@ def run(args) -> int:
         _say(f"warning: the gRPC port listens on {args.host} without a shared token: anyone "
              "who reaches it can generate, bypassing the HTTP API keys "
              "(set FLAXSERVE_GRPC_TOKEN or --grpc-token-file)")
-    cache_dir = args.compile_cache
-    if cache_dir is None:
-        cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-            os.path.expanduser("~"), ".cache", "flaxserve", "xla")
+    from serving.warmup import configure_compile_cache
+    cache_dir = configure_compile_cache(args.compile_cache)
     import jax
-    if cache_dir:
-        jax.config.update("jax_compilation_cache_dir", cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
     from checkpoints.loader import load_model
     from checkpoints.tokenizer import load_tokenizer
@@ -173,9 +179,14 @@ def run(args) -> int:
              f"({pool / 2 ** 30:.2f} GiB; dense would take "
              f"{max_slots * max_len * kv_bytes_per_token(config) / 2 ** 30:.2f} GiB)")
     t1 = time.monotonic()
-    engine.warmup(_say)
+    full = getattr(args, "warmup_only", False) or getattr(args, "full_warmup", False)
+    engine.warmup(_say, background=not full)
     _say(f"warm-up took {time.monotonic() - t1:.1f} s"
          + (f" (compilation cache: {cache_dir})" if cache_dir else ""))
+    if getattr(args, "warmup_only", False):
+        _say("--warmup-only: every program is compiled" +
+             (f" into {cache_dir}" if cache_dir else " (no compilation cache: nothing kept)"))
+        return 0
 
     scheduler = Scheduler(engine, tokenizer, max_queue=args.max_queue,
                           prefill_budget=args.prefill_budget,

@@ -1,0 +1,73 @@
+"""Start-up: launch -> first answered request of `flaxserve serve` (bundled model), cold
+(an empty compilation cache) and warm (a restart on the cache the cold run filled).
+
+The engine serves once the programs a first request needs are compiled and compiles the
+rest on a thread; the first request here has a prompt longer than the smallest prefill
+bucket, so it needs a program the background thread may not have reached yet, and must
+still be answered. The figures are printed (`pytest -s`), never asserted: speed is for
+benchmarks.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.http_fixtures import ROOT, _env, _stop, free_port
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 8    # ~80 tokens: bucket 128
+
+
+def _launch_and_ask(cache_dir, log_path) -> tuple[float, float, str]:
+    """(seconds to /health 200, seconds to the first answered completion, the log)."""
+    from openai import OpenAI
+    port, grpc_port = free_port(), free_port()
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.cli", "serve", "--port", str(port),
+             "--grpc-port", str(grpc_port), "--max-slots", "4", "--max-model-len", "512",
+             "--compile-cache", str(cache_dir)],
+            cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = t0 + 900
+            while True:
+                assert proc.poll() is None, f"serve exited:\n{log_path.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "serve did not come up in 900 s"
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health",
+                                                timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.1)
+            healthy = time.monotonic() - t0
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                            max_retries=0, timeout=600)
+            reply = client.completions.create(model="default", prompt=PROMPT, max_tokens=4,
+                                              temperature=0)
+            answered = time.monotonic() - t0
+            assert reply.choices[0].finish_reason in ("length", "stop")
+            assert reply.usage.prompt_tokens > 16 and reply.usage.completion_tokens >= 1
+            short = client.completions.create(model="default", prompt="Hi", max_tokens=2)
+            assert short.usage.completion_tokens >= 1
+        finally:
+            _stop(proc)
+    return healthy, answered, log_path.read_text()
+
+
+def test_cold_then_warm_start(tmp_path):
+    cache = tmp_path / "xla"
+    cold_health, cold, log = _launch_and_ask(cache, tmp_path / "cold.log")
+    assert "compiling the rest in the background" in log, log[-3000:]
+    background_busy = "background compile: " not in log.split("serving on")[0] if \
+        "serving on" in log else True
+    warm_health, warm, _ = _launch_and_ask(cache, tmp_path / "warm.log")
+    print(f"\nstart-up (4 slots, max-model-len 512; machine shared, figures vary): "
+          f"cold {cold:.1f} s to the first answer ({cold_health:.1f} s to /health), "
+          f"warm restart {warm:.1f} s ({warm_health:.1f} s to /health); background "
+          f"compilation still running when serving began: {background_busy}")
