@@ -186,14 +186,15 @@ def broken_step(self, mask=None):          # every decode step after warm-up fai
         raise RuntimeError("injected: the device is gone")
     return step(self, mask)
 
-def armed_warmup(self, progress=None):
-    warmup(self, progress)
+def armed_warmup(self, *args, **kwargs):   # --full-warmup: it returns when all is compiled
+    out = warmup(self, *args, **kwargs)
     armed.append(True)
+    return out
 
 device.DeviceEngine.step, device.DeviceEngine.warmup = broken_step, armed_warmup
 from serving.cli import main
 sys.exit(main(["engine", "--model", sys.argv[1], "--grpc-port", sys.argv[2],
-               "--max-slots", "2", "--max-model-len", "64"]))
+               "--max-slots", "2", "--max-model-len", "64", "--full-warmup"]))
 """
 
 
