@@ -87,6 +87,22 @@ def test_choose_ties_by_rendezvous_hash_are_consistent():
     assert choose(s, [0, 0, 0], b"k", exclude=frozenset({0, 1, 2})) == (None, "down")
 
 
+def test_engine_set_with_every_engine_down_answers_503():
+    from sampling.params import SamplingParams
+    from serving.http.errors import APIError
+    from serving.http.generation import GenRequest
+    from serving.http.router import EngineSet
+    engines = EngineSet([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"])
+    try:
+        assert engines.healthy_cached() is False
+        assert [e["up"] for e in engines.stats()["engines"]] == [0, 0]
+        with pytest.raises(APIError) as err:
+            engines.generate(GenRequest("r1", "m", [1, 2, 3], SamplingParams()))
+        assert err.value.status == 503 and "no engine is available" in err.value.message
+    finally:
+        engines.close()
+
+
 def test_http_flags_accept_several_engines():
     import argparse
 

@@ -170,19 +170,20 @@ class EngineSet:
         self._interval_s = interval_s
         self._closed = False
         self._token_bytes = None
-        self._checker: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._ready = threading.Event()     # the first check of every engine is done
 
     # -- health and stats: one thread per worker, started on first use (after the fork)
 
     def _ensure_checker(self) -> None:
-        if self._checker is None:
-            with self._lock:
-                if self._checker is not None:
-                    return
-                self._checker = threading.Thread(target=self._watch, daemon=True,
-                                                 name="flaxserve-engine-check")
-            self.check_all()
-            self._checker.start()
+        if self._ready.is_set():
+            return
+        with self._start_lock:          # the first requests wait for the first check
+            if not self._ready.is_set():
+                self.check_all()
+                threading.Thread(target=self._watch, daemon=True,
+                                 name="flaxserve-engine-check").start()
+                self._ready.set()
 
     def check_all(self) -> None:
         for i in range(len(self.links)):
@@ -190,7 +191,12 @@ class EngineSet:
 
     def _check(self, i: int) -> None:
         link, s = self.links[i], self.states[i]
-        ok = link.healthy(timeout_s=1.0)
+        if self._closed:
+            return
+        try:
+            ok = link.healthy(timeout_s=1.0)
+        except Exception:   # noqa: BLE001 - e.g. the channel closed under us: down
+            ok = False
         stats = None
         if ok:
             try:
