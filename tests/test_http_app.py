@@ -4,6 +4,7 @@ paths, through gunicorn and a real engine, are in test_http_e2e.py.)"""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -182,3 +183,23 @@ def _ppid(proc_dir: Path) -> int | None:
         return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def test_chunked_body_is_read(gunicorn_url):
+    """A body sent with Transfer-Encoding: chunked (no Content-Length) is read: a broken
+    one is 'not valid JSON' (it used to be read as empty: 'must be a JSON object'), a good
+    one gets past parsing to the engine (down here: 503)."""
+    import requests
+    url, _ = gunicorn_url
+
+    def post(body: bytes):
+        chunks = (body[i:i + 7] for i in range(0, len(body), 7))   # a generator: chunked
+        return requests.post(url + "/v1/chat/completions", data=chunks, timeout=10,
+                             headers={"Authorization": f"Bearer {API_KEY}",
+                                      "Content-Type": "application/json"})
+
+    r = post(b'{"model": "default", "messages": [')
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], r.text
+    r = post(json.dumps({"model": "default",
+                         "messages": [{"role": "user", "content": "hi"}]}).encode())
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text

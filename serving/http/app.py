@@ -127,7 +127,10 @@ def _read_json(req) -> dict:
     length = req.content_length
     if length is not None and length > MAX_BODY:
         raise APIError(413, f"request body of {length} bytes exceeds {MAX_BODY}")
-    raw = req.bounded_stream.read(MAX_BODY + 1)
+    # a chunked body has no Content-Length: Falcon's bounded_stream then reads nothing,
+    # while the server's own input stream ends where the last chunk does
+    stream = req.bounded_stream if length is not None else req.stream
+    raw = stream.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise APIError(413, f"request body exceeds {MAX_BODY} bytes")
     return json_body.parse(raw)   # depth, NaN/inf, lone surrogates: a 400 naming the field
