@@ -24,7 +24,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import sentencepiece as spm
 from tqdm import tqdm
 
@@ -157,6 +156,16 @@ def encode_stream(sp: spm.SentencePieceProcessor, docs: list[str]) -> np.ndarray
 # -- training -----------------------------------------------------------------------
 
 
+def _optax():
+    """optax is the `train` extra's (serving never needs it): imported when training runs."""
+    try:
+        import optax
+    except ImportError:
+        raise ImportError("training the default model needs optax: pip install "
+                          "'flaxserve[train]' (or pip install optax)") from None
+    return optax
+
+
 def loss_fn(params, config: ModelConfig, batch):
     """Mean next-token cross-entropy over [B, T+1] windows, through decoder.forward."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -164,10 +173,11 @@ def loss_fn(params, config: ModelConfig, batch):
     cache = decoder.init_cache(config, b, t)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, _ = decoder.forward(config, params, cache, inputs, positions)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return _optax().softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def make_optimizer(steps: int, peak_lr: float) -> optax.GradientTransformation:
+def make_optimizer(steps: int, peak_lr: float) -> "optax.GradientTransformation":
+    optax = _optax()
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, peak_lr, warmup_steps=min(200, steps // 10 + 1), decay_steps=steps,
         end_value=peak_lr * 0.05)
@@ -314,7 +324,7 @@ def main(argv=None) -> int:
     def train_step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, config, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return _optax().apply_updates(params, updates), opt_state, loss
 
     eval_loss = jax.jit(lambda p, b: loss_fn(p, config, b))
 

@@ -493,3 +493,17 @@ def message_stream(plan: AnthropicPlan, events: Iterable[Delta | Final | None]
                 yield from blocks.event(item)
             if ev.finish_reason is not None:
                 last = ev
+
+
+def model_card(info: ModelInfo, name: str) -> dict:
+    """A model in Anthropic's shape (`GET /v1/models` with an anthropic-version header)."""
+    import datetime
+    created = datetime.datetime.fromtimestamp(info.created, datetime.timezone.utc)
+    return {"type": "model", "id": name, "display_name": name,
+            "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def models_body(info: ModelInfo) -> dict:
+    names = list(info.served_names)
+    return {"data": [model_card(info, n) for n in names], "has_more": False,
+            "first_id": names[0] if names else None, "last_id": names[-1] if names else None}

@@ -311,6 +311,9 @@ class Models:
         self.server = server
 
     def on_get(self, req, resp):
+        if req.get_header("anthropic-version") is not None:    # the Anthropic SDK's shape
+            resp.media = anthropic_api.models_body(self.server.info())
+            return
         resp.media = openai_api.models_body(self.server.info())
 
 
@@ -324,7 +327,9 @@ class Model:
             raise APIError(404, f"The model `{model_id}` does not exist; this server serves "
                                 f"{', '.join(info.served_names)}", param="model",
                            code="model_not_found")
-        resp.media = openai_api.model_card(info, model_id)
+        resp.media = (anthropic_api.model_card(info, model_id)
+                      if req.get_header("anthropic-version") is not None
+                      else openai_api.model_card(info, model_id))
 
 
 class Tokenize:

@@ -284,6 +284,7 @@ class OpenAIPlan:
     compacted_tokens: int | None = None
     max_tokens: list = dataclasses.field(default_factory=list)   # effective, per prompt
     vllm: vllm_ext.VllmOptions = dataclasses.field(default_factory=vllm_ext.VllmOptions)
+    stop_ids: frozenset = frozenset()   # chat: a final stop token has no logprobs entry
 
     @property
     def n(self) -> int:
@@ -467,7 +468,8 @@ def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPl
                       [fitted.text], stream, include_usage, logprobs, top or 0, echo,
                       echo_text, output=spec, named_tool=choice == "named",
                       compacted_tokens=fitted.compacted_tokens, max_tokens=[effective],
-                      vllm=ext)
+                      vllm=ext,
+                      stop_ids=frozenset(getattr(getattr(tok, "tok", tok), "stop_ids", ()) or ()))
 
 
 def _prompts(prompt, tok, add_special: bool) -> tuple[list[list[int]], list[str]]:
@@ -565,6 +567,13 @@ def usage_body(usages: Iterable[Usage], reasoning_tokens: int = 0) -> dict:
             "gpu_seconds": round(sum(u.gpu_seconds for u in usages), 6)}
 
 
+def _content_tokens(plan: OpenAIPlan, tokens: list, finish: str | None) -> list:
+    """Chat logprobs leave out the stop token that ended the reply (as OpenAI does)."""
+    if finish == "stop" and tokens and tokens[-1].id in plan.stop_ids:
+        return tokens[:-1]
+    return tokens
+
+
 def token_logprob(t: TokenInfo, top: int) -> dict:
     return {"token": t.text, "logprob": floor_logprob(t.logprob), "bytes": t.bytes,
             "top_logprobs": [{"token": e.token, "logprob": floor_logprob(e.logprob),
@@ -595,7 +604,8 @@ def chat_response(plan: OpenAIPlan, choices: list[Choice], final: Final,
     for c in choices:
         logprobs = None
         if plan.logprobs:
-            logprobs = {"content": [token_logprob(t, plan.top_logprobs) for t in c.tokens],
+            logprobs = {"content": [token_logprob(t, plan.top_logprobs)
+                                    for t in _content_tokens(plan, c.tokens, c.finish_reason)],
                         "refusal": None}
         message = {"role": "assistant", "content": plan.echo_text + c.text, "refusal": None}
         calls = []
@@ -679,8 +689,9 @@ def chat_stream(plan: OpenAIPlan, events: Iterable[Delta | Final | None],
                     parsed += parser.finish()
             logprobs = None
             if plan.logprobs and ev.tokens:
-                logprobs = {"content": [token_logprob(t, plan.top_logprobs)
-                                        for t in ev.tokens], "refusal": None}
+                logprobs = {"content": [token_logprob(t, plan.top_logprobs) for t in
+                                        _content_tokens(plan, ev.tokens, ev.finish_reason)],
+                            "refusal": None}
                 if not parsed:
                     parsed = [("content", "")]
             if not parsed and plan.vllm.return_token_ids and ev.tokens:
