@@ -27,7 +27,7 @@ from tests.http_fixtures import API_KEY, ROOT, _env, _stop, _wait, free_port
 pytestmark = pytest.mark.timeout(900)
 
 
-# ---- the policy, pure -----------------------------------------------------------------------------
+# ---- the policy, pure ----------------------------------------------------------------------------
 
 def _state(addr, up=True, **kw):
     return EngineState(addr, up=up, max_slots=kw.pop("max_slots", 4), **kw)
@@ -67,8 +67,11 @@ def test_choose_counts_this_workers_new_requests_at_once():
 
 
 def test_choose_prefix_affinity_unless_overloaded_or_shared():
-    a, b = _state("a", slots_in_use=2), _state("b")
+    a, b = _state("a", slots_in_use=1), _state("b")
     assert choose([a, b], [3, 1], b"k") == (0, "prefix")     # a holds more of the prompt
+    a.slots_in_use = 2                                       # ...but is far busier than b
+    assert choose([a, b], [3, 1], b"k") == (1, "load")
+    a.slots_in_use = 1
     assert choose([a, b], [2, 2], b"k") == (1, "load")       # both hold it: no preference
     a.queue_depth = 1
     assert overloaded(a) and choose([a, b], [3, 1], b"k") == (1, "load")

@@ -6,9 +6,9 @@ like one `EngineLink`. The rule, in pure functions below:
 1. Only engines that passed their last health check (grpc.health.v1) are candidates.
 2. Prefix affinity: the worker remembers, per engine, hashes of the prompts' block-aligned
    prefixes it routed there (an LRU). The engine holding the longest such prefix, when it
-   holds more of it than every other engine and is not overloaded, gets the request: its
-   prefix cache already has that conversation's KV. A system prompt every engine has seen
-   is no reason to prefer one.
+   holds more of it than every other engine, is not overloaded, and its load is within
+   SLACK of the least loaded one's, gets the request: its prefix cache already has that
+   conversation's KV. A system prompt every engine has seen is no reason to prefer one.
 3. Otherwise the least loaded: (running + waiting) / slots, from the engine's own Stats,
    with this worker's requests opened since the last poll counted at once (a burst of 32
    must not all go to the engine that looked idle 0.25 s ago). Ties go by a rendezvous hash
@@ -34,6 +34,7 @@ CHUNK = 16                 # tokens per prefix hash (the paged KV block size by 
 MAX_CHUNKS = 256           # prefixes hashed per prompt (the first 4096 tokens)
 TABLE_SIZE = 65536         # prefix hashes remembered per engine
 KV_HIGH = 0.90             # KV block usage at which an engine counts as overloaded
+SLACK = 0.25               # affinity while the holder's load is within this of the lowest
 CHECK_INTERVAL_S = 0.25
 UNAVAILABLE = "the engine is unavailable"   # engine_link.map_rpc_error's UNAVAILABLE text
 
@@ -111,11 +112,12 @@ def choose(states: list[EngineState], matches: list[int], key: bytes,
         return None, "down"
     best = max(matches[i] for i in up)
     holders = [i for i in up if matches[i] == best]
+    lowest = min(load(states[i]) for i in up)
     if best > 0 and len(holders) < len(up):
-        ready = [i for i in holders if not overloaded(states[i])]
+        ready = [i for i in holders if not overloaded(states[i])
+                 and load(states[i]) <= lowest + SLACK]
         if ready:
             return min(ready, key=lambda i: load(states[i])), "prefix"
-    lowest = min(load(states[i]) for i in up)
     tied = [i for i in up if load(states[i]) == lowest]
     return max(tied, key=lambda i: rendezvous(key, states[i].address)), "load"
 
