@@ -78,6 +78,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="threads per front-end worker (default: --max-inflight + "
                              "--max-waiting + spare)")
+    from serving.logs import add_arguments as add_log_arguments
+    add_log_arguments(parser)       # children inherit it through FLAXSERVE_LOG_FORMAT
     parser.add_argument("--engine-start-timeout", type=float, default=ENGINE_START_TIMEOUT_S,
                         help="seconds to wait for the engine to load and compile "
                              f"(default {ENGINE_START_TIMEOUT_S:g})")
@@ -129,7 +131,8 @@ def http_command(args) -> list[str]:
 
 
 def _say(msg: str) -> None:
-    print(f"flaxserve: {msg}", file=sys.stderr, flush=True)
+    from serving import logs
+    logs.say("serve", msg)
 
 
 class Child:
@@ -222,6 +225,8 @@ def run(args) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     limits_from_args(args)                            # flag errors before anything starts
+    from serving import logs
+    logs.set_format(getattr(args, "log_format", None))
     if getattr(args, "warmup_only", False):    # fill the compilation cache, serve nothing
         return subprocess.call(engine_command(args))
     check_port_free(args.host, args.port, "--port")

@@ -58,6 +58,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds running requests get to finish on shutdown")
     add_warmup_arguments(parser)
+    from serving.logs import add_arguments as add_log_arguments
+    add_log_arguments(parser)
 
 
 def add_warmup_arguments(parser) -> None:
@@ -114,7 +116,8 @@ def parse_mesh(spec: str | None):
 
 
 def _say(msg: str) -> None:
-    print(f"flaxserve engine: {msg}", file=sys.stderr, flush=True)
+    from serving import logs
+    logs.say("engine", msg)
 
 
 def _exit_soon(status: int, after_s: float = 10.0) -> None:
@@ -128,6 +131,8 @@ def _exit_soon(status: int, after_s: float = 10.0) -> None:
 def run(args) -> int:
     from serving.process import die_with_parent
     die_with_parent()             # started by `flaxserve serve`: never outlive it
+    from serving import logs
+    logs.set_format(getattr(args, "log_format", None))
     for name in ("grpc_port", "max_slots", "max_model_len", "max_queue", "prefill_budget"):
         value = getattr(args, name)
         if value is not None and value < 1:

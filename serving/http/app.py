@@ -63,6 +63,20 @@ def _protocol(path: str) -> str:
     return "anthropic" if normalize_path(path).startswith("/v1/messages") else "openai"
 
 
+def _access_line(req, resp, route: str) -> None:
+    """One `access` log line: id, route, status, tokens (when the body has usage),
+    latency; never the prompt, the body or a key."""
+    from serving import logs
+    usage = resp.media.get("usage") if isinstance(resp.media, dict) else None
+    usage = usage if isinstance(usage, dict) else {}
+    start = getattr(req.context, "start", None)
+    logs.access(getattr(req.context, "request_id", "-"), req.method,
+                route if route != "other" else "other", resp.status_code,
+                time.monotonic() - start if start is not None else 0.0,
+                usage.get("prompt_tokens", usage.get("input_tokens")),
+                usage.get("completion_tokens", usage.get("output_tokens")))
+
+
 class _Middleware:
     """Request id, auth for /v1/*, and per-route request counts."""
 
@@ -96,6 +110,7 @@ class _Middleware:
 
     def process_response(self, req, resp, resource, req_succeeded):
         route = req.path if req.path in ROUTES else "other"   # bounded label values
+        _access_line(req, resp, route)
         metrics.REQUESTS.labels(route, str(resp.status_code)).inc()
 
 

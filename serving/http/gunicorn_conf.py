@@ -42,7 +42,9 @@ def post_fork(server, worker) -> None:
 
 
 def options(host: str, port: int, workers: int, limits=None) -> dict:
+    from serving.logs import gunicorn_logconfig
     opts = {**DEFAULTS, "bind": f"{host}:{port}", "workers": workers,
+            "logconfig_dict": gunicorn_logconfig("http"),
             "child_exit": child_exit, "when_ready": when_ready, "post_fork": post_fork}
     if limits is not None:
         opts.update(threads=limits.threads, worker_connections=limits.max_connections,

@@ -20,6 +20,8 @@ RESPONSE_STORE = "~/.cache/flaxserve/responses.sqlite"   # = response_store.DEFA
 
 
 def add_arguments(parser) -> None:
+    from serving.logs import add_arguments as add_log_arguments
+    add_log_arguments(parser)
     parser.add_argument("--engine", required=True, action="append", metavar="HOST:PORT",
                         help="the batch server's gRPC address; repeat it to route over "
                              "several engines (docs/scale-out.md)")
@@ -159,7 +161,11 @@ def run(args) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         master = os.getpid()     # workers are forked: only the master removes it
         atexit.register(lambda: os.getpid() == master and shutil.rmtree(metrics_dir, True))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from serving import logs
+    logs.set_format(getattr(args, "log_format", None))
+    handler = logging.StreamHandler()
+    handler.setFormatter(logs.Formatter("http"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     settings = settings_from_args(args)
     limits = limits_from_args(args)
     if args.threads is not None and args.threads <= limits.max_inflight + limits.max_waiting:
