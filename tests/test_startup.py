@@ -82,3 +82,31 @@ def test_cold_then_warm_start(tmp_path):
           f"cold {cold:.1f} s to the first answer ({cold_health:.1f} s to /health), "
           f"warm restart {warm:.1f} s ({warm_health:.1f} s to /health); background "
           f"compilation still running when the first answer came: {background_busy}")
+
+
+@pytest.mark.parametrize("layout", ["dense", "paged"])
+def test_background_compiles_what_jit_runs(layout, tmp_path):
+    """The background thread compiles abstract arguments (shapes, dtypes, placements); they
+    must be the executables jit then runs: a full warm-up after it compiles nothing.
+    In a child process with no compilation cache, so a mismatch cannot hide behind it."""
+    code = f"""
+import argparse, jax
+from checkpoints.loader import load_model
+from serving.engine.device import DeviceEngine, compile_count
+from serving.engine.main import kv_engine_args
+config, params, _ = load_model("default")
+kv = kv_engine_args(argparse.Namespace(kv_layout={layout!r}, block_size=16,
+                                       kv_cache_memory=None), config, 4, 256)
+e = DeviceEngine(config, params, max_slots=4, max_len=256, prefill_buckets=(16, 32), **kv)
+e.warmup(background=True).join()
+assert e.background_done and not e.background_errors, e.background_errors
+before = compile_count()
+e.warmup()
+print("compiles", compile_count() - before)
+"""
+    env = _env()
+    env["JAX_COMPILATION_CACHE_DIR"] = ""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "compiles 0", out.stdout
