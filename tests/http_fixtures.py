@@ -210,6 +210,12 @@ class Servers:
                     pids.append(int(entry.name))
         return pids
 
+    def __enter__(self) -> "Servers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.http is not None:
             _stop(self.http)
@@ -220,9 +226,6 @@ class Servers:
 
 def start_servers(tmp_path_factory, api_keys=(API_KEY,)):
     """Module-scoped fixture body: `yield from start_servers(...)`."""
-    servers = Servers(tmp_path_factory.mktemp("http"), list(api_keys),
-                      ["--max-slots", "4", "--max-model-len", "256"])
-    try:
+    with Servers(tmp_path_factory.mktemp("http"), list(api_keys),
+                 ["--max-slots", "4", "--max-model-len", "256"]) as servers:
         yield servers
-    finally:
-        servers.close()

@@ -31,13 +31,10 @@ class Outer(BaseModel):          # two references to $defs/Inner (bounded: calls
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    s = Servers(tmp_path_factory.mktemp("conf"), [API_KEY],
-                ["--max-slots", "4", "--max-model-len", "1024"], model="default",
-                served_names=("default",))
-    try:
+    with Servers(tmp_path_factory.mktemp("conf"), [API_KEY],
+                 ["--max-slots", "4", "--max-model-len", "1024"], model="default",
+                 served_names=("default",)) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,10 @@ ASK = [{"role": "user", "content": "Tell me something about science."}]
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    s = Servers(tmp_path_factory.mktemp("parity"), [API_KEY],
-                ["--max-slots", "4", "--max-model-len", str(CONTEXT)], model="default",
-                served_names=("default",))
-    try:
+    with Servers(tmp_path_factory.mktemp("parity"), [API_KEY],
+                 ["--max-slots", "4", "--max-model-len", str(CONTEXT)], model="default",
+                 served_names=("default",)) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

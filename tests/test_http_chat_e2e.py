@@ -31,13 +31,10 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    s = Servers(tmp_path_factory.mktemp("chat"), [API_KEY],
-                ["--max-slots", "4", "--max-model-len", "2048"], model="default",
-                served_names=("default",))
-    try:
+    with Servers(tmp_path_factory.mktemp("chat"), [API_KEY],
+                 ["--max-slots", "4", "--max-model-len", "2048"], model="default",
+                 served_names=("default",)) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")

@@ -33,14 +33,11 @@ class Trip(BaseModel):
 def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("responses")
     store = str(root / "store" / "responses.sqlite")
-    s = Servers(root, [API_KEY], ["--max-slots", "4", "--max-model-len", "1024"],
-                model="default", served_names=("default",),
-                http_args=["--response-store", store])
-    s.store_path = store
-    try:
+    with Servers(root, [API_KEY], ["--max-slots", "4", "--max-model-len", "1024"],
+                 model="default", served_names=("default",),
+                 http_args=["--response-store", store]) as s:
+        s.store_path = store
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")
