@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, field
 
 # Stage names for `sampler_order` (the default order of SAMPLING.md).
-STAGES = ("penalties", "dry", "processors", "temperature", "top_n_sigma", "min_p", "top_k",
-          "top_p", "typical", "epsilon", "eta", "xtc")
+STAGES = ("penalties", "dry", "processors", "min_k", "temperature", "top_n_sigma", "min_p",
+          "p_less", "top_k", "top_p", "typical", "epsilon", "eta", "xtc")
 DEFAULT_ORDER = STAGES
 # llama.cpp's default: truncation first, temperature last.
 TEMPERATURE_LAST_ORDER = tuple(s for s in STAGES if s != "temperature" and s != "xtc") + (
@@ -47,6 +47,12 @@ MAX_THINKING_END_IDS = 16
 MAX_GUIDED_CHOICES = 1024
 MAX_GUIDED_CHARS = 1 << 16        # guided_regex / guided_grammar / each guided_choice
 MAX_SAMPLES = 128                 # n and best_of
+MAX_BEAMS = 16                    # beam width (best_of or n) with use_beam_search
+# fields that may be set with use_beam_search (serving/beam_search.py); any other field
+# away from its default is an error there
+BEAM_SEARCH_FIELDS = {"use_beam_search", "length_penalty", "early_stopping", "n", "best_of",
+                      "max_tokens", "stop_token_ids", "ignore_eos", "seed", "temperature",
+                      "include_stop_str_in_output", "dry_sequence_breaker_ids", "deterministic"}
 
 # Range of every numeric field: (low, high, low open, high open, integer). "vocab" and
 # "context" are the engine's vocabulary size and context length (MAX_VOCAB and
@@ -84,6 +90,10 @@ BOUNDS = {
     "top_logprobs": (0, MAX_TOP_LOGPROBS, False, False, True),
     "prompt_logprobs": (0, MAX_TOP_LOGPROBS, False, False, True),
     "max_thinking_tokens": (0, "context", False, False, True),
+    "adaptive_p_target": (-1.0, 1.0, False, False, False),
+    "adaptive_p_decay": (0.0, 0.99, False, False, False),
+    "min_k_tau": (0.0, 100.0, False, False, False),
+    "length_penalty": (-100.0, 100.0, False, False, False),
 }
 
 
@@ -135,7 +145,14 @@ class SamplingParams:
     top_p_decay: float = 1.0
     top_p_min: float = 1e-6
     top_p_reset_ids: list[int] = field(default_factory=list)
-    # beam search (not served yet): only their neutral values are accepted
+    # adaptive-p (llama.cpp; sampling/adaptive_p.py): negative target = off
+    adaptive_p_target: float = -1.0
+    adaptive_p_decay: float = 0.9
+    # min-k (vLLM PR #48142) and p-less (vLLM PR #48136): sampling/min_k.py
+    min_k: bool = False
+    min_k_tau: float = 3.0
+    p_less: bool = False
+    # beam search (vLLM's spelling; serving/beam_search.py): n beams, scores returned
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool = False
@@ -432,15 +449,34 @@ class SamplingParams:
     def _validate_beam_search(self, number, flag) -> None:
         flag("use_beam_search")
         flag("early_stopping")
-        number("length_penalty")
-        if self.use_beam_search:
-            raise _err("use_beam_search", "false: beam search is not supported yet", True)
-        if self.length_penalty != 1.0:
-            raise _err("length_penalty", "1.0 (neutral) without use_beam_search: it only "
-                       "applies to beam search, which needs use_beam_search", self.length_penalty)
-        if self.early_stopping:
-            raise _err("early_stopping", "false without use_beam_search: it only applies to "
-                       "beam search, which needs use_beam_search", self.early_stopping)
+        flag("min_k")
+        flag("p_less")
+        if self.adaptive_p_target >= 0.0 and self.mirostat_mode:
+            raise _err("adaptive_p_target", "negative (off) with mirostat_mode: both choose "
+                       "the final distribution", self.adaptive_p_target)
+        if not self.use_beam_search:
+            if self.length_penalty != 1.0:
+                raise _err("length_penalty", "1.0 (neutral) without use_beam_search: it only "
+                           "applies to beam search", self.length_penalty)
+            if self.early_stopping:
+                raise _err("early_stopping", "false without use_beam_search: it only applies "
+                           "to beam search", self.early_stopping)
+            return
+        raise _err("use_beam_search", "false: beam search is not supported yet", True)
+        width = self.best_of or self.n
+        if width > MAX_BEAMS:
+            raise _err("n", f"at most {MAX_BEAMS} beams with use_beam_search", width)
+        if self.temperature not in (0.0, 1.0):
+            raise _err("temperature", "0 or 1 with use_beam_search (beams are scored by the "
+                       "model's own log-probabilities)", self.temperature)
+        defaults = SamplingParams()
+        for f in dataclasses.fields(self):
+            if f.name in BEAM_SEARCH_FIELDS:
+                continue
+            if getattr(self, f.name) != getattr(defaults, f.name):
+                raise _err(f.name, "left at its default with use_beam_search (beam search "
+                           "scores the model's log-probabilities; no sampler stage applies)",
+                           getattr(self, f.name))
 
     def _validate_guided(self, token_id) -> None:
         set_ = [f for f in GUIDED_FIELDS if getattr(self, f) not in (None, False)]

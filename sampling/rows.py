@@ -36,6 +36,11 @@ class SamplingRows:
     top_p_min: jax.Array
     top_p_reset_ids: jax.Array    # int32 [S, MAX_TOP_P_RESET_IDS], -1 pad
     min_p: jax.Array
+    adaptive_p_target: jax.Array  # adaptive-p (sampling/adaptive_p.py); < 0 = off
+    adaptive_p_decay: jax.Array
+    min_k: jax.Array              # bool: min-k (sampling/min_k.py)
+    min_k_tau: jax.Array
+    p_less: jax.Array             # bool: p-less (sampling/min_k.py)
     typical_p: jax.Array
     epsilon: jax.Array
     eta: jax.Array
@@ -108,7 +113,9 @@ def make_rows(params: list[SamplingParams | None], vocab_size: int, seeds: list[
         greedy=np.ones(s, bool), temperature=f32(1.0), top_k=i32(0), top_p=f32(1.0),
         top_p_decay=f32(1.0), top_p_min=f32(1e-6),
         top_p_reset_ids=np.full((s, MAX_TOP_P_RESET_IDS), -1, np.int32),
-        min_p=f32(0.0), typical_p=f32(1.0), epsilon=f32(0.0), eta=f32(0.0),
+        min_p=f32(0.0), adaptive_p_target=f32(-1.0), adaptive_p_decay=f32(0.9),
+        min_k=np.zeros(s, bool), min_k_tau=f32(3.0), p_less=np.zeros(s, bool),
+        typical_p=f32(1.0), epsilon=f32(0.0), eta=f32(0.0),
         top_n_sigma=f32(0.0), xtc_probability=f32(0.0), xtc_threshold=f32(0.1),
         dynatemp_range=f32(0.0), dynatemp_exponent=f32(1.0), mirostat=np.zeros(s, bool),
         mirostat_tau=f32(5.0), mirostat_eta=f32(0.1), repetition_penalty=f32(1.0),
@@ -145,6 +152,11 @@ def make_rows(params: list[SamplingParams | None], vocab_size: int, seeds: list[
         c["top_p_min"][r] = p.top_p_min
         c["top_p_reset_ids"][r, :len(p.top_p_reset_ids)] = p.top_p_reset_ids
         c["min_p"][r] = p.min_p
+        c["adaptive_p_target"][r] = p.adaptive_p_target
+        c["adaptive_p_decay"][r] = p.adaptive_p_decay
+        c["min_k"][r] = p.min_k
+        c["min_k_tau"][r] = p.min_k_tau
+        c["p_less"][r] = p.p_less
         c["typical_p"][r] = p.typical_p
         c["epsilon"][r] = p.epsilon_cutoff
         c["eta"][r] = p.eta_cutoff

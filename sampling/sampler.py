@@ -8,10 +8,11 @@
  3. penalties (repetition -> frequency -> presence), then DRY
  4. registered processors (sampling/registry.py), in name order
  5-6. T == 0 rows: argmax of the logits after 1-4, no division, no warpers
- 7. temperature (or dynamic temperature)
- 8. top_n_sigma -> min_p -> top_k -> top_p -> typical -> epsilon -> eta (top_p of a row
-    with top_p_decay < 1 is its current, decayed p: sampling/dynamic_top_p.py)
- 9. XTC
+ 7. min-k (before temperature, as its paper does; sampling/min_k.py), then temperature
+    (or dynamic temperature)
+ 8. top_n_sigma -> min_p -> p_less -> top_k -> top_p -> typical -> epsilon -> eta (top_p
+    of a row with top_p_decay < 1 is its current, decayed p: sampling/dynamic_top_p.py)
+ 9. XTC, then adaptive-p (always last, not reorderable: sampling/adaptive_p.py)
  10. processed snapshot; 11. draw: inverse CDF with one uniform from the row's own key (or mirostat v2)
 
 A row's `sampler_order` (or `temperature_last`) reorders stages 3-9 for that row only; the
@@ -43,7 +44,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from sampling import counterfactual, dynamic_top_p, filters, penalties, registry
+from sampling import (adaptive_p, counterfactual, dynamic_top_p, filters, min_k, penalties,
+                      registry)
 from sampling.params import STAGES
 from sampling.rows import NUM_STAGES, SamplingRows, processor_args
 from sampling.state import SamplerState, append
@@ -123,12 +125,16 @@ _STAGES = {
     "dry": (lambda r: r.dry_multiplier > 0.0,
             lambda x, r, s, k: penalties.apply_dry(x, r, s)),
     "processors": (_processors_on, _processors),
+    "min_k": (lambda r: _sampling(r) & r.min_k,
+              lambda x, r, s, k: min_k.apply_min_k(x, r, s)),
     "temperature": (lambda r: _sampling(r) & ((r.temperature != 1.0) | (r.dynatemp_range > 0.0)),
                     lambda x, r, s, k: filters.apply_temperature(x, r, s)),
     "top_n_sigma": (lambda r: _sampling(r) & (r.top_n_sigma > 0.0),
                     lambda x, r, s, k: filters.apply_top_n_sigma(x, r, s)),
     "min_p": (lambda r: _sampling(r) & (r.min_p > 0.0),
               lambda x, r, s, k: filters.apply_min_p(x, r, s)),
+    "p_less": (lambda r: _sampling(r) & r.p_less,
+               lambda x, r, s, k: min_k.apply_p_less(x, r, s)),
     "top_k": (lambda r: _sampling(r) & (r.top_k > 0),
               lambda x, r, s, k: filters.apply_top_k(x, r, s)),
     "top_p": (lambda r: _sampling(r) & (r.top_p < 1.0),
@@ -188,8 +194,16 @@ def _top(lp: jax.Array, num_top: int):
 
 def process_logits(logits: jax.Array, rows: SamplingRows, state: SamplerState, *,
                    mask: jax.Array | None = None, custom_order: bool = True) -> jax.Array:
-    """Stages 1-9 without the draw: the logits each row samples from (before mirostat's
-    truncation); for greedy rows the logits after stages 1-4. Removed tokens are -inf."""
+    """Stages 1-9 without the draw: the logits each row samples from (after adaptive-p,
+    before mirostat's truncation); for greedy rows the logits after stages 1-4. Removed
+    tokens are -inf."""
+    x = _truncated(logits, rows, state, mask=mask, custom_order=custom_order)
+    return adaptive_p.apply(x, rows, state)
+
+
+def _truncated(logits: jax.Array, rows: SamplingRows, state: SamplerState, *,
+               mask: jax.Array | None = None, custom_order: bool = True) -> jax.Array:
+    """Stages 1-9 but adaptive-p (whose EMA needs the probabilities before it)."""
     logits = logits.astype(jnp.float32)
     logits = jnp.where(jnp.isnan(logits), -jnp.inf, logits)
     keys = row_keys(rows, state.step)
@@ -243,7 +257,8 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
     nan_row = jnp.any(jnp.isnan(logits), axis=-1)
     logits = jnp.where(jnp.isnan(logits), -jnp.inf, logits)
     keys = row_keys(rows, state.step)
-    x = process_logits(logits, rows, state, mask=mask, custom_order=custom_order)
+    before_adaptive = _truncated(logits, rows, state, mask=mask, custom_order=custom_order)
+    x = adaptive_p.apply(before_adaptive, rows, state)
     mirostat = rows.mirostat & ~rows.greedy
     x = _gated(mirostat, lambda y: filters.apply_mirostat(y, rows, state.mu), x)
 
@@ -300,7 +315,13 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
         removed_mass=jnp.where(error, 0.0, removed),
     )
     top_p_next = dynamic_top_p.advance(rows, dynamic_top_p.current(rows, state), tokens)
-    return out, append(state, tokens, mu, top_p_next)
+    # adaptive-p's EMA takes the drawn token's probability before its transform
+    original_p = jax.lax.cond(
+        jnp.any(adaptive_p.enabled(rows)),
+        lambda: jnp.exp(pick(before_adaptive) - jax.nn.logsumexp(before_adaptive, axis=-1)),
+        lambda: jnp.zeros((s,), jnp.float32))
+    adaptive = adaptive_p.advance(rows, state, original_p, error)
+    return out, append(state, tokens, mu, top_p_next, adaptive)
 
 
 def score_tokens(logits: jax.Array, targets: jax.Array, *, num_top: int = 0):

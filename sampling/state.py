@@ -24,6 +24,8 @@ class SamplerState:
     prompt_counts: jax.Array  # int32 [S, V]: prompt token counts
     mu: jax.Array             # float32 [S]: mirostat v2 state
     top_p: jax.Array          # float32 [S]: dynamic top-p's current p, -1 = the row's top_p
+    ap_sum: jax.Array         # float32 [S]: adaptive-p's EMA weighted sum (sampling/adaptive_p.py)
+    ap_weight: jax.Array      # float32 [S]: its total weight, 0 = not started
 
 
 def init_state(slots: int, vocab_size: int, max_len: int) -> SamplerState:
@@ -36,6 +38,8 @@ def init_state(slots: int, vocab_size: int, max_len: int) -> SamplerState:
         prompt_counts=jnp.zeros((slots, vocab_size), jnp.int32),
         mu=jnp.zeros((slots,), jnp.float32),
         top_p=jnp.full((slots,), -1.0, jnp.float32),
+        ap_sum=jnp.zeros((slots,), jnp.float32),
+        ap_weight=jnp.zeros((slots,), jnp.float32),
     )
 
 
@@ -55,11 +59,14 @@ def reset_row(state: SamplerState, slot, prompt_ids: jax.Array, prompt_len,
         prompt_counts=put(state.prompt_counts, counts),
         mu=state.mu.at[slot].set(2.0 * rows_one.mirostat_tau[0]),
         top_p=state.top_p.at[slot].set(-1.0),
+        ap_sum=state.ap_sum.at[slot].set(0.0),
+        ap_weight=state.ap_weight.at[slot].set(0.0),
     )
 
 
 def append(state: SamplerState, tokens: jax.Array, mu: jax.Array,
-           top_p: jax.Array | None = None) -> SamplerState:
+           top_p: jax.Array | None = None,
+           adaptive: tuple[jax.Array, jax.Array] | None = None) -> SamplerState:
     """Record one sampled token per row (every row; the engine ignores inactive ones)."""
     s, max_len = state.history.shape
     rows = jnp.arange(s)
@@ -71,4 +78,6 @@ def append(state: SamplerState, tokens: jax.Array, mu: jax.Array,
         out_counts=state.out_counts.at[rows, tokens].add(1),
         mu=mu,
         top_p=state.top_p if top_p is None else top_p,
+        ap_sum=state.ap_sum if adaptive is None else adaptive[0],
+        ap_weight=state.ap_weight if adaptive is None else adaptive[1],
     )
