@@ -58,8 +58,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="in-process engine: float32 | bfloat16")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="in-process engine: context length (default: prompt + output + 1)")
-    parser.add_argument("--kv-layout", default="dense",
-                        help="in-process engine: dense, paged, or both in turn: dense,paged")
+    parser.add_argument("--kv-layout", default="paged",
+                        help="in-process engine: paged, dense, or both in turn: dense,paged "
+                             "(default paged)")
     parser.add_argument("--block-size", type=int, default=16, help="paged: tokens per block")
     parser.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                         help="paged: pool size, e.g. 1GiB (default: what dense would take)")
@@ -233,7 +234,7 @@ def _start_engine(args, max_slots: int, max_len: int, layout: str = "dense"):
     args.kv_layout = layout
     kv = kv_engine_args(args, config, max_slots, max_len)
     print(f"bench serve: starting an engine on {name} ({max_slots} slots, {layout} KV"
-          + (f", {kv['num_blocks']} blocks of {kv['block_size']}" if kv else "")
+          + (f", {kv['num_blocks']} blocks of {kv['block_size']}" if "num_blocks" in kv else "")
           + "), compiling ...", flush=True)
     server = start_in_process(config, params, max_slots=max_slots, max_len=max_len,
                               model_name=name, max_queue=4096,

@@ -239,7 +239,12 @@ def test_no_compilation_after_warmup_across_prompt_lengths(client):
 
 
 def test_prefix_cache_on_equals_off(server, client):
+    """The default paged layout's prefix cache reuses whole blocks, across requests (a
+    running one's prompt too): cached_tokens is the prompt's full blocks already named,
+    always leaving its last token to compute; tokens are the same with the cache off."""
     sched = server.scheduler
+    bs = sched.engine.block_size
+    full = lambda n: n // bs * bs          # tokens in the full blocks of n positions
     base = prompt(8000, 70)
     long_running = {"temperature": 1.0, "max_tokens": 400, "ignore_eos": True, "seed": 5}
     cases = [(base, {"temperature": 0.0, "max_tokens": 10}),
@@ -251,9 +256,9 @@ def test_prefix_cache_on_equals_off(server, client):
     busy_prompt = prompt(8100, 50)
 
     def run_all(cache: bool):
-        sched.prefix_cache = cache
+        sched.prefix_cache = sched.kv.prefix_cache = cache
         out = []
-        # a busy slot holding a fresh prompt: the next request copies its KV
+        # a running request's prompt blocks are shared as soon as they are written
         call = client.stream(busy_prompt, long_running)
         next(iter(call))
         out.append(client.generate(busy_prompt + prompt(8200, 6),
@@ -267,16 +272,17 @@ def test_prefix_cache_on_equals_off(server, client):
         on = run_all(True)       # first: these prompts are new to the cache
         off = run_all(False)
     finally:
-        sched.prefix_cache = True
+        sched.prefix_cache = sched.kv.prefix_cache = True
     assert all(g.usage.cached_tokens == 0 for g in off)
-    assert on[0].usage.cached_tokens == 50                     # copied from the busy slot
-    assert on[2].usage.cached_tokens >= len(base)              # a free slot, reused in place
-    assert on[3].usage.cached_tokens >= 40
-    assert on[4].usage.cached_tokens >= len(base)              # n=3 shares it too
+    assert on[0].usage.cached_tokens == full(50)               # the running request's blocks
+    assert on[1].usage.cached_tokens == 0
+    assert on[2].usage.cached_tokens == full(len(base))        # base's blocks, from on[1]
+    assert on[3].usage.cached_tokens == full(40)
+    assert on[4].usage.cached_tokens == full(len(base))        # n=3 shares them too
     for a, b in zip(off, on):
         assert [c.token_ids for c in a.choices] == [c.token_ids for c in b.choices]
-    again = client.generate(*cases[1])                          # all but one token cached
-    assert again.usage.cached_tokens == len(cases[1][0]) - 1
+    again = client.generate(*cases[1])          # every full block but the last token's
+    assert again.usage.cached_tokens == full(len(cases[1][0]) - 1)
     assert again.choices[0].token_ids == on[2].choices[0].token_ids
 
 

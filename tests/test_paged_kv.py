@@ -132,6 +132,30 @@ def test_n_samples_share_the_prompt_blocks(paged, want):
     assert_same(run(paged, FORKS), want["forks"])
 
 
+def test_dense_prefix_cache_is_per_slot_and_token_level(dense):
+    """--kv-layout dense keeps its own prefix cache: a prompt reuses what one slot holds,
+    to the token (copied from a busy slot, or in place), and changes no token."""
+    busy, base = PROMPTS[7][:20], PROMPTS[7][20:40]
+    greedy = {"temperature": 0.0, "max_tokens": 4}
+    long = dense.submit(dense.make_request("busy", busy, {"temperature": 1.0, "seed": 1,
+                                                          "max_tokens": 60,
+                                                          "ignore_eos": True}))
+    next(iter(long))
+    got = run(dense, [(busy + [5, 6], greedy)])
+    long.cancel()
+    assert got[0][2] == 20                              # copied from the busy slot
+    run(dense, [(base, greedy)])
+    again = run(dense, [(base + [7, 8], greedy), (base + [7, 8], greedy)])
+    assert again[0][2] >= 20 and again[1][2] == 21      # in place; all but the last token
+    dense.prefix_cache = False
+    try:
+        off = run(dense, [(busy + [5, 6], greedy), (base + [7, 8], greedy)])
+    finally:
+        dense.prefix_cache = True
+    assert [c for _, _, c in off] == [0, 0]
+    assert_same(off, got + again[:1])
+
+
 def test_kv_stats_reach_metrics_through_grpc(paged):
     from serving.engine.server import EngineServer
     from serving.http import metrics

@@ -75,10 +75,10 @@ def add_warmup_arguments(parser) -> None:
 
 def add_kv_arguments(parser) -> None:
     """The KV cache flags (shared with `flaxserve serve`); see docs/kv-cache.md."""
-    parser.add_argument("--kv-layout", choices=("dense", "paged"), default="dense",
-                        help="dense: [max-slots, max-model-len] per layer, allocated whole; "
-                             "paged: a pool of blocks shared by every request, prefix "
-                             "cache across requests, preemption when full (default dense)")
+    parser.add_argument("--kv-layout", choices=("dense", "paged"), default="paged",
+                        help="paged: a pool of blocks shared by every request, prefix cache "
+                             "across requests, preemption when full; dense: [max-slots, "
+                             "max-model-len] per layer, allocated whole (default paged)")
     parser.add_argument("--block-size", type=int, default=16,
                         help="paged: tokens per KV block, a power of two (default 16)")
     parser.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
@@ -88,23 +88,16 @@ def add_kv_arguments(parser) -> None:
 
 
 def kv_engine_args(args, config, max_slots: int, max_len: int) -> dict:
-    """DeviceEngine keyword arguments for the KV flags."""
-    layout = getattr(args, "kv_layout", "dense") or "dense"
+    """DeviceEngine keyword arguments for the KV flags (paged unless --kv-layout dense)."""
+    layout = getattr(args, "kv_layout", None) or "paged"
     if layout == "dense":
         if getattr(args, "kv_cache_memory", None):
-            raise ValueError("--kv-cache-memory sizes the paged pool: add --kv-layout paged")
-        return {}
-    from serving.engine.device import blocks_for_memory, kv_bytes_per_token
-    bs = args.block_size
-    if bs < 1 or bs & (bs - 1):
-        raise ValueError(f"--block-size must be a power of two, got {bs}")
-    spec = args.kv_cache_memory
-    if spec is None:   # every slot at full length (+1 block of admission reserve), <= 1 GiB
-        blocks = max_slots * (-(-max_len // bs) + 1) + 1
-        return {"kv_layout": "paged", "block_size": bs,
-                "num_blocks": min(blocks, blocks_for_memory(config, "1GiB", bs))}
-    return {"kv_layout": "paged", "block_size": bs,
-            "num_blocks": blocks_for_memory(config, spec, bs)}
+            raise ValueError("--kv-cache-memory sizes the paged pool; it does not apply to "
+                             "--kv-layout dense")
+        return {"kv_layout": "dense"}
+    from serving.engine.paged_kv import pool_args
+    return pool_args(config, max_slots, max_len, getattr(args, "block_size", 16),
+                     getattr(args, "kv_cache_memory", None))
 
 
 def parse_mesh(spec: str | None):

@@ -17,6 +17,22 @@ from __future__ import annotations
 from serving.engine.block_manager import BlockManager, block_hashes
 
 
+def pool_args(config, max_slots: int, max_len: int, block_size: int = 16,
+              memory: str | None = None) -> dict:
+    """DeviceEngine keyword arguments for a paged pool: `memory` a `--kv-cache-memory`
+    budget, or None for room for every slot at max_len (plus one reserve block each),
+    capped at 1 GiB (so a tiny test model takes no more than its dense cache would)."""
+    from serving.engine.device import blocks_for_memory
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"--block-size must be a power of two, got {block_size}")
+    if memory is None:
+        blocks = max_slots * (-(-max_len // block_size) + 1) + 1
+        blocks = min(blocks, blocks_for_memory(config, "1GiB", block_size))
+    else:
+        blocks = blocks_for_memory(config, memory, block_size)
+    return {"kv_layout": "paged", "block_size": block_size, "num_blocks": blocks}
+
+
 class PagedKV:
     def __init__(self, engine, prefix_cache: bool = True):
         self.engine = engine

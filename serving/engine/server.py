@@ -273,8 +273,13 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
                      progress=None, token: str | None = None,
                      reflection: bool = False, kv: dict | None = None) -> EngineServer:
     """Engine + scheduler + gRPC server in this process (notebooks, tests); warmed up.
-    `kv`: DeviceEngine's KV layout arguments (kv_layout, block_size, num_blocks)."""
+    `kv`: DeviceEngine's KV layout arguments (kv_layout, block_size, num_blocks); None:
+    the default paged pool (serving/engine/paged_kv.py `pool_args`)."""
     from serving.engine.device import DeviceEngine
+    from serving.engine.paged_kv import pool_args
+
+    if kv is None:
+        kv = pool_args(config, max_slots, max_len)
 
     if eos_ids is None:
         eos_ids = set(config.eos_token_ids or ())
@@ -282,8 +287,7 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
             eos_ids |= set(tokenizer.stop_ids)
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
                           prefill_buckets=prefill_buckets, eos_ids=tuple(sorted(eos_ids)),
-                          token_limit=tokenizer.vocab_size if tokenizer else None,
-                          **(kv or {}))
+                          token_limit=tokenizer.vocab_size if tokenizer else None, **kv)
     engine.warmup(progress)
     scheduler = Scheduler(engine, tokenizer, max_queue=max_queue, prefix_cache=prefix_cache)
     server = EngineServer(scheduler, model_name, model_dir, tokenizer, token=token,
