@@ -333,3 +333,18 @@ def test_chat_template_flag_and_shared_thinking_secret(tmp_path, monkeypatch):
     monkeypatch.delenv(thinking_signature.ENV)
     a = main.settings_from_args(parser.parse_args(["--engine", "h:1"]))
     assert len(a.thinking_secret) == 32 and a.thinking_secret != settings.thinking_secret
+
+
+def test_stop_token_text_moves_to_the_token_before_it():
+    """A reply ending in an incomplete character: the held bytes are flushed (U+FFFD) with
+    the stop token, whose logprobs entry is left out; its text must not be lost with it."""
+    from types import SimpleNamespace
+    plan = SimpleNamespace(stop_ids=frozenset({2}))
+    toks = [TokenInfo(5, "X"), TokenInfo(6, "Y"), TokenInfo(7, ""), TokenInfo(2, "\ufffd")]
+    kept = openai_api._content_tokens(plan, toks, "stop")
+    assert [t.id for t in kept] == [5, 6, 7] and "".join(t.text for t in kept) == "XY\ufffd"
+    plain = [TokenInfo(5, "X"), TokenInfo(2, "")]
+    assert [t.id for t in openai_api._content_tokens(plan, plain, "stop")] == [5]
+    assert openai_api._content_tokens(plan, plain, "length") == plain
+    alone = [TokenInfo(2, "\ufffd")]            # a stream chunk of the stop token alone
+    assert openai_api._content_tokens(plan, alone, "stop") == alone

@@ -568,10 +568,20 @@ def usage_body(usages: Iterable[Usage], reasoning_tokens: int = 0) -> dict:
 
 
 def _content_tokens(plan: OpenAIPlan, tokens: list, finish: str | None) -> list:
-    """Chat logprobs leave out the stop token that ended the reply (as OpenAI does)."""
-    if finish == "stop" and tokens and tokens[-1].id in plan.stop_ids:
+    """Chat logprobs leave out the stop token that ended the reply (as OpenAI does).
+
+    The stop token can carry text: the bytes of an incomplete last character, flushed
+    (as U+FFFD) when the reply ends. That text moves to the token before it, so the entries
+    still join to the content; a stop token alone in a stream chunk keeps its entry then."""
+    if finish != "stop" or not tokens or tokens[-1].id not in plan.stop_ids:
+        return tokens
+    last = tokens[-1]
+    if not last.text:
         return tokens[:-1]
-    return tokens
+    if len(tokens) == 1:
+        return tokens
+    before = tokens[-2]
+    return tokens[:-2] + [dataclasses.replace(before, text=before.text + last.text)]
 
 
 def token_logprob(t: TokenInfo, top: int) -> dict:
