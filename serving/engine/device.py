@@ -351,7 +351,15 @@ class DeviceEngine:
         state = dict(state, sampler=jax.tree.map(put, state["sampler"], sampler),
                      last=put(state["last"], jnp.where(active, out.tokens, last)),
                      pos=put(state["pos"], jnp.where(active, pos + 1, pos)))
-        return state, out
+        return state, self._on_every_process(out)
+
+    def _on_every_process(self, out):
+        """Over several processes (serving/engine/lockstep.py) the sampled ids come back
+        replicated, so the leader reads them without a collective of its own."""
+        if self.mesh is None or jax.process_count() == 1:
+            return out
+        from jax.sharding import NamedSharding, PartitionSpec
+        return jax.lax.with_sharding_constraint(out, NamedSharding(self.mesh, PartitionSpec()))
 
     def _run_chunk(self, params, state, tables, tokens, start, true_len, slot, fresh):
         n = tokens.shape[0]
@@ -465,8 +473,13 @@ class DeviceEngine:
             self._tables_dev = jnp.asarray(self._tables)
             if self.mesh is not None:
                 from jax.sharding import NamedSharding, PartitionSpec
-                self._tables_dev = jax.device_put(
-                    self._tables_dev, NamedSharding(self.mesh, PartitionSpec()))
+                replicated = NamedSharding(self.mesh, PartitionSpec())
+                if jax.process_count() > 1:   # device_put would compare every process's
+                    host = self._tables.copy()  # copy (a collective) at each change
+                    self._tables_dev = jax.make_array_from_callback(
+                        host.shape, replicated, lambda index: host[index])
+                else:
+                    self._tables_dev = jax.device_put(self._tables_dev, replicated)
         return self._tables_dev
 
     def set_steering(self, slot: int, vectors) -> None:

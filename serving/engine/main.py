@@ -58,6 +58,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds running requests get to finish on shutdown")
     add_warmup_arguments(parser)
+    from serving.engine import multihost
+    multihost.add_arguments(parser)
     from serving.logs import add_arguments as add_log_arguments
     add_log_arguments(parser)
 
@@ -138,6 +140,8 @@ def run(args) -> int:
              "(set FLAXSERVE_GRPC_TOKEN or --grpc-token-file)")
     from serving.warmup import configure_compile_cache
     cache_dir = configure_compile_cache(args.compile_cache)
+    from serving.engine import multihost
+    role = multihost.join(args, _say)       # several processes: before any JAX device use
     import jax
 
     from checkpoints.loader import load_model
@@ -148,6 +152,8 @@ def run(args) -> int:
 
     t0 = time.monotonic()
     mesh = parse_mesh(args.mesh)
+    if role is not None:
+        role.check_mesh(mesh)
     _say(f"loading {args.model}")
     config, params, model_dir = load_model(args.model, mesh=mesh, dtype=args.dtype)
     try:
@@ -185,6 +191,10 @@ def run(args) -> int:
         _say("--warmup-only: every program is compiled" +
              (f" into {cache_dir}" if cache_dir else " (no compilation cache: nothing kept)"))
         return 0
+    if role is not None and not role.leader:
+        return role.follow(engine)          # replays the leader's device calls
+    if role is not None:
+        engine = role.lead(engine)
 
     scheduler = Scheduler(engine, tokenizer, max_queue=args.max_queue,
                           prefill_budget=args.prefill_budget,
@@ -199,6 +209,10 @@ def run(args) -> int:
         port = server.start(args.host, args.grpc_port)
         _say(f"serving {name} on {args.host}:{port} (gRPC)")
         while not stop.wait(0.5):
+            if role is not None and role.lost:
+                _say(f"{role.lost}; the engine is lost, exiting with status 1")
+                _exit_soon(1, after_s=3.0)
+                return 1
             if scheduler.failed is not None:
                 _say(f"the device loop failed ({scheduler.failed}); exiting with status 1")
                 _exit_soon(1)
@@ -207,7 +221,11 @@ def run(args) -> int:
         return 0
     finally:
         # a broken engine has nothing left to drain
-        server.stop(grace_s=args.drain_timeout if scheduler.failed is None else 1.0)
+        lost = role is not None and role.lost
+        server.stop(grace_s=args.drain_timeout if scheduler.failed is None and not lost
+                    else 1.0)
+        if role is not None:
+            role.stop()
         for s, h in old.items():
             signal.signal(s, h)
         _say("stopped")

@@ -696,8 +696,10 @@ class Scheduler:
         from model.scoring import prompt_logprobs
         k = st.request.sampling.prompt_logprobs
         t0 = time.perf_counter()
-        lp, rank, ids, tops = prompt_logprobs(self.engine.config, self.engine.params,
-                                              st.prompt, k)
+        score = getattr(self.engine, "score_prompt", None)   # lockstep: every process
+        lp, rank, ids, tops = (score(st.prompt, k) if score is not None else
+                               prompt_logprobs(self.engine.config, self.engine.params,
+                                               st.prompt, k))
         st.gpu_seconds += time.perf_counter() - t0
         st.prompt_logprobs = [
             TokenLogprob(int(t), float(lp[i]), int(rank[i]), [int(x) for x in ids[i]],
