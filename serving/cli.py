@@ -25,6 +25,7 @@ BENCH_COMMANDS = {
     "sampling": ("sampling.bench", "cost of the sampler, all stages on vs off"),
     "serve": ("serving.bench_serve", "load generator against the gRPC or HTTP server"),
     "grammar": ("serving.bench_grammar", "constrained decoding: masked vs unmasked step"),
+    "speculative": ("serving.bench_speculative", "speculative vs plain decoding, batch 1"),
 }
 
 

@@ -70,6 +70,14 @@ def add_arguments(parser) -> None:
                              "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/flaxserve/xla; "
                              "'' turns it off)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--speculative", choices=("ngram", "draft"), default=None,
+                        help="exact speculative decoding (docs/speed.md): ngram = prompt "
+                             "lookup, draft = --draft-model proposes")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                        help="draft tokens verified per target forward")
+    parser.add_argument("--draft-model", default=None,
+                        help="model reference of the draft (same tokenizer) for "
+                             "--speculative draft")
     _add_sampling_flags(parser)
 
 
@@ -173,6 +181,9 @@ def run(args) -> int:
     if need > config.max_position_embeddings:
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens ({args.max_tokens}) "
                          f"exceeds the model's context of {config.max_position_embeddings}")
+    if getattr(args, "speculative", None):
+        from serving.speculative import run_cli
+        return run_cli(args, config, params, tokenizer, prompt_ids, sampling, seed)
     max_len = min(config.max_position_embeddings, max(32, 1 << (need - 1).bit_length()))
     engine = DeviceEngine(config, params, max_slots=1, max_len=max_len,
                           num_top_logprobs=max(args.logprobs or 0, 1),

@@ -363,3 +363,49 @@ def load_draft(ref: str, dtype: str | None = None):
     config, params, _ = load_model(ref, dtype=dtype)
     return config, params
 
+
+def cache_len(config: ModelConfig, prompt_len: int, max_tokens: int, k: int) -> int:
+    """A KV cache length with room for the prompt, the output and one verify's drafts."""
+    need = prompt_len + max_tokens + k
+    return min(config.max_position_embeddings, max(32, 1 << (need - 1).bit_length()))
+
+
+def run_cli(args, config, params, tokenizer, prompt_ids, sampling, seed) -> int:
+    """`flaxserve generate --speculative ngram|draft`: the same output format, plus the
+    acceptance figures (in the JSON, and on stderr)."""
+    import json
+    import sys
+
+    if args.logprobs is not None:
+        raise ValueError("--logprobs is not supported with --speculative")
+    k = args.num_speculative_tokens
+    if not 1 <= k <= 16:
+        raise ValueError(f"--num-speculative-tokens must be in [1, 16], got {k}")
+    draft_config = draft_params = None
+    if args.speculative == "draft":
+        if not args.draft_model:
+            raise ValueError("--speculative draft needs --draft-model")
+        draft_config, draft_params = load_draft(args.draft_model, dtype=args.dtype)
+    elif args.draft_model:
+        raise ValueError("--draft-model is only used with --speculative draft")
+    stop_ids = set(config.eos_token_ids) | set(tokenizer.stop_ids if tokenizer else ())
+    decoder = SpeculativeDecoder(
+        config, params, method=args.speculative, num_tokens=k,
+        max_len=cache_len(config, len(prompt_ids), args.max_tokens, k),
+        draft_config=draft_config, draft_params=draft_params,
+        token_limit=tokenizer.vocab_size if tokenizer else None)
+    result = decoder.generate(prompt_ids, sampling, seed, stop_ids)
+    text = tokenizer.decode(result.token_ids) if tokenizer is not None else None
+    if args.json:
+        print(json.dumps({"token_ids": result.token_ids, "text": text, "seed": seed,
+                          "finish_reason": result.finish_reason,
+                          "speculative": {"method": args.speculative, "num_tokens": k,
+                                          **result.usage()}}))
+    else:
+        print(text if text is not None else ",".join(map(str, result.token_ids)))
+        print(f"[seed {seed}] [speculative {args.speculative}: {result.accepted}/"
+              f"{result.proposed} drafts accepted ({100 * result.acceptance_rate:.0f}%), "
+              f"{len(result.token_ids)} tokens in {result.verify_steps + 1} target passes]",
+              file=sys.stderr)
+    return 0
+

@@ -1,0 +1,139 @@
+"""`flaxserve bench speculative`: speculative vs plain decoding at batch 1, same prompt.
+
+Prompt lookup pays off where the output copies its input, so the default prompt is
+extractive: a passage and the instruction to quote it. Both runs are greedy, so their
+texts must be identical (printed as a check, not assumed); the figures are tokens/s of a
+whole request (prompt included; the best of two runs after a warm-up run of each), the ratio, the draft
+acceptance rate and the tokens emitted per target forward.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from serving.flags import int_list
+
+PASSAGE = (
+    "The lighthouse at Point Reyes was built in 1870 and stands on a rocky ledge three "
+    "hundred feet above the Pacific Ocean. Its first-order Fresnel lens, made in France, "
+    "has over a thousand pieces of glass and could be seen twenty-four miles out to sea. "
+    "Keepers climbed three hundred steps every evening to wind the clockwork that turned "
+    "the lens, and they scraped fog-blown salt from the windows by hand. The light was "
+    "automated in 1975, and the old lens still turns today for visitors who make the climb.")
+INSTRUCTION = "Repeat the passage above exactly, word for word, and nothing else."
+
+
+def add_arguments(parser) -> None:
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None,
+                     help="model reference (default: smollm2, a real instruct model that can "
+                          "quote)")
+    src.add_argument("--config", help="a named config with random weights, e.g. qwen3-100m "
+                     "(the prompt is then the passage's token ids repeated)")
+    parser.add_argument("--method", choices=("ngram", "draft"), default="ngram")
+    parser.add_argument("--draft-model", default=None, help="for --method draft")
+    parser.add_argument("--num-speculative-tokens", default="4", metavar="K[,K...]",
+                        help="comma-separated draft lengths to try")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompt", default=None, help="a prompt instead of the passage")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _prompt(args, tokenizer, vocab_size: int) -> list[int]:
+    if tokenizer is None:
+        rng = np.random.default_rng(0)
+        passage = rng.integers(0, vocab_size, 96).tolist()
+        return passage + passage[:8]
+    text = args.prompt or f"{PASSAGE}\n\n{INSTRUCTION}"
+    template = getattr(tokenizer, "chat_template", None)
+    if template and not args.prompt:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(template).render(
+            messages=[{"role": "user", "content": text}], add_generation_prompt=True)
+    return tokenizer.encode(text)
+
+
+def _timed(fn, repeats: int = 2):
+    """fn's result and its best wall time over `repeats` runs, after a warm-up run (which
+    compiles what the timed runs need)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return out, best
+
+
+def run(args) -> int:
+    from sampling.params import SamplingParams
+    from serving.engine.device import DeviceEngine
+    from serving.generate import generate
+    from serving.speculative import SpeculativeDecoder, cache_len, load_draft
+
+    ks = int_list(args.num_speculative_tokens, "--num-speculative-tokens")
+    if args.max_tokens < 2:
+        raise ValueError("--max-tokens must be >= 2")
+    tokenizer = None
+    if args.config:
+        from model.config import named_config
+        from model.decoder import init_params
+        config = named_config(args.config, dtype=args.dtype)
+        params, name = init_params(config), args.config
+    else:
+        from checkpoints.loader import load_model
+        from checkpoints.tokenizer import load_tokenizer
+        name = args.model or "smollm2"
+        config, params, model_dir = load_model(name, dtype=args.dtype)
+        try:
+            tokenizer = load_tokenizer(model_dir)
+        except (ValueError, OSError):
+            tokenizer = None
+    draft = load_draft(args.draft_model, args.dtype) if args.method == "draft" else (None, None)
+    if args.method == "draft" and not args.draft_model:
+        raise ValueError("--method draft needs --draft-model")
+    prompt = _prompt(args, tokenizer, config.vocab_size)
+    stop_ids = set(config.eos_token_ids) | set(tokenizer.stop_ids if tokenizer else ())
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    max_len = cache_len(config, len(prompt), args.max_tokens, max(ks))
+    limit = tokenizer.vocab_size if tokenizer else None
+    engine = DeviceEngine(config, params, max_slots=1, max_len=max_len, num_top_logprobs=1,
+                          token_limit=limit)
+    ids = np.asarray(prompt, np.int32)
+    (plain, _), plain_s = _timed(lambda: generate(engine, tokenizer, ids, greedy, 0, stop_ids))
+    decode = tokenizer.decode if tokenizer else (lambda t: ",".join(map(str, t)))
+    result = {"model": name, "method": args.method, "prompt_tokens": len(prompt),
+              "plain": {"tokens": len(plain), "seconds": plain_s,
+                        "tokens_s": len(plain) / plain_s}, "runs": []}
+    if not args.json:
+        print(f"model {name}, prompt {len(prompt)} tokens, greedy, batch 1")
+        print(f"plain:        {len(plain):4d} tokens in {plain_s:6.2f} s = "
+              f"{len(plain) / plain_s:7.1f} tokens/s", flush=True)
+    for k in ks:
+        dec = SpeculativeDecoder(config, params, method=args.method, num_tokens=k,
+                                 max_len=max_len, draft_config=draft[0], draft_params=draft[1],
+                                 token_limit=limit)
+        r, s = _timed(lambda: dec.generate(ids, greedy, 0, stop_ids))
+        entry = {"num_tokens": k, "tokens": len(r.token_ids), "seconds": s,
+                 "tokens_s": len(r.token_ids) / s,
+                 "speedup": (len(r.token_ids) / s) / (len(plain) / plain_s),
+                 "identical": r.token_ids == plain, "acceptance_rate": r.acceptance_rate,
+                 "tokens_per_target_pass": len(r.token_ids) / (r.verify_steps + 1)}
+        result["runs"].append(entry)
+        if not args.json:
+            print(f"{args.method} K={k:<2}:   {entry['tokens']:4d} tokens in {s:6.2f} s = "
+                  f"{entry['tokens_s']:7.1f} tokens/s  {entry['speedup']:.2f}x  identical "
+                  f"text: {'yes' if entry['identical'] else 'NO'}  acceptance "
+                  f"{100 * r.acceptance_rate:.0f}%  {entry['tokens_per_target_pass']:.2f} "
+                  f"tokens per target pass", flush=True)
+    result["text"] = decode(plain)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"text: {result['text'][:300]!r}")
+    return 0
