@@ -23,8 +23,21 @@ def resolve(path: str) -> str:
     return resolve_ref(path)
 
 
-def load_model(path: str, mesh=None, dtype: str | None = None):
-    """(config, params, model_dir) for a model reference (see checkpoints/resolve.py)."""
+def load_model(path: str, mesh=None, dtype: str | None = None, quantize: str | None = None):
+    """(config, params, model_dir) for a model reference (see checkpoints/resolve.py).
+    quantize="int8": the matmul weights as int8 with per-channel scales (model/quantize.py)."""
+    config, params, model_dir = _load(path, mesh, dtype)
+    if quantize:
+        if quantize != "int8":
+            raise ValueError(f"quantize: expected int8, got {quantize!r}")
+        if mesh is not None and mesh.size > 1:
+            raise ValueError("quantize: int8 weights are single-device only (no --mesh)")
+        from model.quantize import quantize_params
+        params = quantize_params(config, params)
+    return config, params, model_dir
+
+
+def _load(path: str, mesh, dtype: str | None):
     from checkpoints import gguf_read
     from model.config import default_dtype
 

@@ -269,6 +269,9 @@ def forward(config: ModelConfig, params, cache, tokens, positions, slot_ids=None
     `attend_len` (static) limits attention to cache positions [0, attend_len): every real
     position of this call must be below it. None attends over the whole cache.
     `block_tables` [S, max_blocks] int32: `cache` is a paged pool (see `Decoder`).
-    `steering` [B, num_layers, hidden]: per-sequence residual additions (see `Decoder`)."""
+    `steering` [B, num_layers, hidden]: per-sequence residual additions (see `Decoder`).
+    `params` may hold int8 weights (model/quantize.py): they are dequantised here."""
+    from model.quantize import dequantize_params
+    params = dequantize_params(params, config.dtype)
     return Decoder(config).apply({"params": params}, tokens, positions, cache, slot_ids,
                                  logits_index, attend_len, block_tables, steering)

@@ -33,6 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--hf-batch", default="1", help="batch sizes to run transformers at")
+    from serving.flags import add_quantize_argument
+    add_quantize_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -192,10 +194,13 @@ def _load(args):
         else:
             from model.decoder import init_params
             params = init_params(config)
+        if args.quantize:
+            from model.quantize import quantize_params
+            params = quantize_params(config, params)
         return config, params, hf_model, args.config
     from checkpoints.loader import load_model
 
-    config, params, model_dir = load_model(args.model, dtype=args.dtype)
+    config, params, model_dir = load_model(args.model, dtype=args.dtype, quantize=args.quantize)
     if not args.no_hf:
         import os
 
@@ -229,7 +234,7 @@ def run(args) -> int:
     flops_per_token = step_flops(config, context)
     result = {
         "model": name, "params": int(sum(x.size for x in jax.tree.leaves(params))),
-        "dtype": config.dtype, "backend": jax.default_backend(),
+        "dtype": config.dtype, "quantize": args.quantize, "backend": jax.default_backend(),
         "devices": jax.device_count(), "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "bandwidth_gb_s": bandwidth / 1e9,
         "param_bytes_per_token": nbytes, "roofline_tokens_s": roofline, "runs": [],
@@ -258,7 +263,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"model {name}: {result['params'] / 1e6:.1f}M params, {config.dtype}, "
+        print(f"model {name}: {result['params'] / 1e6:.1f}M params, {config.dtype}"
+              + (f" ({args.quantize} weights)" if args.quantize else "") + ", "
               f"{jax.default_backend()} x{jax.device_count()}")
         print(f"bandwidth {bandwidth / 1e9:.1f} GB/s, {nbytes / 1e6:.0f} MB read per token, "
               f"roofline {roofline:.1f} tokens/s at batch 1")

@@ -12,3 +12,10 @@ def int_list(text: str, flag: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise ValueError(f"{flag} must list positive integers, got {text!r}")
     return values
+
+
+def add_quantize_argument(parser) -> None:
+    """--quantize (engine, serve, generate, bench decode); see docs/speed.md, "int8"."""
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="weight-only int8 with per-channel scales (model/quantize.py); "
+                             "default: the weights as loaded")

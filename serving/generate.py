@@ -65,6 +65,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--logprobs", type=int, default=None, metavar="K",
                         help="report each token's logprob and the top K alternatives")
     parser.add_argument("--dtype", default=None)
+    from serving.flags import add_quantize_argument
+    add_quantize_argument(parser)
     parser.add_argument("--compile-cache", default=None, metavar="DIR",
                         help="persistent XLA compilation cache (default: "
                              "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/flaxserve/xla; "
@@ -153,7 +155,7 @@ def run(args) -> int:
         raise ValueError("--max-tokens must be >= 1")
     from serving.warmup import configure_compile_cache
     configure_compile_cache(getattr(args, "compile_cache", None))
-    config, params, model_dir = load_model(args.model, dtype=args.dtype)
+    config, params, model_dir = load_model(args.model, dtype=args.dtype, quantize=args.quantize)
     tokenizer = None
     try:
         from checkpoints.tokenizer import load_tokenizer

@@ -65,6 +65,8 @@ def add_arguments(parser) -> None:
     from serving.engine.main import add_kv_arguments, add_warmup_arguments
     add_kv_arguments(parser)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
+    from serving.flags import add_quantize_argument
+    add_quantize_argument(parser)
     parser.add_argument("--compile-cache", default=None, metavar="DIR",
                         help="persistent XLA compilation cache (default: "
                              "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/flaxserve/xla; "
@@ -101,6 +103,7 @@ def engine_command(args) -> list[str]:
                         ("--block-size", getattr(args, "block_size", None)),
                         ("--kv-cache-memory", getattr(args, "kv_cache_memory", None)),
                         ("--dtype", getattr(args, "dtype", None)),
+                        ("--quantize", getattr(args, "quantize", None)),
                         ("--compile-cache", getattr(args, "compile_cache", None)),
                         ("--prefill-budget", getattr(args, "prefill_budget", None))):
         if value is not None:

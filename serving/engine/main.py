@@ -49,6 +49,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mesh", default=None, metavar="data=1,model=1",
                         help="device mesh, e.g. data=1,model=2 (default: one device)")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
+    from serving.flags import add_quantize_argument
+    add_quantize_argument(parser)
     parser.add_argument("--compile-cache", default=None, metavar="DIR",
                         help="persistent XLA compilation cache (default: "
                              "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/flaxserve/xla; "
@@ -155,7 +157,8 @@ def run(args) -> int:
     if role is not None:
         role.check_mesh(mesh)
     _say(f"loading {args.model}")
-    config, params, model_dir = load_model(args.model, mesh=mesh, dtype=args.dtype)
+    config, params, model_dir = load_model(args.model, mesh=mesh, dtype=args.dtype,
+                                           quantize=getattr(args, "quantize", None))
     try:
         tokenizer = load_tokenizer(model_dir)
     except (ValueError, OSError) as e:
