@@ -240,6 +240,56 @@ class LocalModel:
                         r.text = r.text[:cut + len(s)] if p.include_stop_str_in_output else r.text[:cut]
         return results
 
+    def generate_speculative(self, prompts: list, params: SamplingParams | list[SamplingParams],
+                             method: str = "ngram", num_tokens: int = 4, draft_model=None,
+                             seeds: list[int] | None = None) -> list[Completion]:
+        """Exact speculative decoding (serving/speculative.py, docs/speed.md), one prompt at
+        a time (batch 1, where it pays): the distribution of `generate` (greedy: the same
+        tokens) with fewer target forwards. `draft_model` (a model reference, or a
+        LocalModel sharing this tokenizer) for method "draft". Each Completion's
+        metrics["speculative"] holds the draft and acceptance counts."""
+        from serving.speculative import SpeculativeDecoder, load_draft, parse_options
+
+        method, num_tokens = parse_options({"method": method, "num_tokens": num_tokens})
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("params: one SamplingParams per prompt (or one for all)")
+        seeds = list(seeds) if seeds is not None else [
+            p.seed if p.seed is not None else secrets.randbits(63) for p in params]
+        cache = self.__dict__.setdefault("_speculative", {})
+        key = (method, num_tokens, id(draft_model) if isinstance(draft_model, LocalModel)
+               else draft_model)
+        if key not in cache:
+            draft = (None, None)
+            if isinstance(draft_model, LocalModel):
+                draft = (draft_model.config, draft_model.params)
+            elif draft_model is not None:
+                draft = load_draft(draft_model)
+            cache[key] = SpeculativeDecoder(
+                self.config, self.params, method=method, num_tokens=num_tokens,
+                max_len=self.engine.max_len, draft_config=draft[0], draft_params=draft[1],
+                token_limit=self.tokenizer.vocab_size if self.tokenizer else None)
+        decoder = cache[key]
+        results = []
+        for prompt, p, seed in zip(prompts, params, seeds):
+            stop_check = None
+            if p.stop and self.tokenizer is not None:
+                stop_check = lambda toks, p=p: any(s in self.tokenizer.decode(toks) for s in p.stop)
+            r = decoder.generate(self.encode(prompt), p, seed, self.stop_ids, stop_check)
+            c = Completion(self.encode(prompt), token_ids=r.token_ids, logprobs=r.logprobs,
+                           raw_logprobs=list(r.logprobs), finish_reason=r.finish_reason,
+                           seed=seed, metrics={"speculative": r.usage()})
+            if self.tokenizer is not None:
+                c.text = self.tokenizer.decode(c.token_ids)
+                for s in p.stop:
+                    cut = c.text.find(s)
+                    if cut >= 0:
+                        c.text = c.text[:cut + len(s)] if p.include_stop_str_in_output \
+                            else c.text[:cut]
+            results.append(c)
+        return results
+
     def generate_variants(self, prompt, params: SamplingParams, variants: list[dict],
                           seed: int | None = None) -> list[list[Completion]]:
         """Paired sampling variants (sampling/variants.py): `params` with each variant's

@@ -173,3 +173,34 @@ def test_unsupported_parameters_and_bad_options_are_named(tiny):
     assert parse_options({"method": "draft", "num_tokens": 5}) == ("draft", 5)
     with pytest.raises(ValueError, match="draft-model"):
         SpeculativeDecoder(config, params, method="draft", max_len=128)
+
+
+def test_cli_and_local_model_give_the_plain_greedy_output(capsys):
+    # the bundled model through `flaxserve generate` (in process) with and without
+    # --speculative, and LocalModel.generate_speculative on the same cache shape
+    import json
+
+    from serving.cli import main
+    from serving.local import LocalModel
+
+    prompt = "Once upon a time there was a little girl. Once upon a time there was"
+    base = ["generate", "--model", "default", "--prompt", prompt, "--max-tokens", "24",
+            "--temperature", "0", "--json"]
+
+    def run(*extra):
+        assert main(base + list(extra)) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    plain = run()
+    fast = run("--speculative", "ngram", "--num-speculative-tokens", "3")
+    assert fast["token_ids"] == plain["token_ids"] and fast["text"] == plain["text"]
+    usage = fast["speculative"]
+    assert usage["method"] == "ngram" and 0 <= usage["acceptance_rate"] <= 1
+    assert usage["verify_steps"] + 1 <= len(fast["token_ids"])
+    lm = LocalModel("default", max_slots=1, max_len=64)
+    [c] = lm.generate_speculative([prompt], SamplingParams(temperature=0.0, max_tokens=24),
+                                  num_tokens=3)
+    assert c.token_ids == plain["token_ids"] and c.text == plain["text"]
+    assert c.metrics["speculative"]["draft_tokens"] == usage["draft_tokens"]
+    assert main(base + ["--speculative", "ngram", "--logprobs", "2"]) != 0
+    assert "--logprobs is not supported with --speculative" in capsys.readouterr().err
