@@ -14,9 +14,13 @@ This module is pure: expanding variants into SamplingParams and the per-sample m
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 from sampling.params import SamplingParams
+
+_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 MAX_VARIANTS = 16
 # fields a variant may not change: they are the request's, shared by every variant
@@ -40,9 +44,20 @@ def expand(base: dict, variants, vocab_size: int) -> list[SamplingParams]:
             p = SamplingParams.from_dict({**base, **v})
             p.validate(vocab_size)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"variants[{i}]: {e}") from None
+            raise ValueError(f"variants[{i}]{_field_of(str(e))}: {e}") from None
         out.append(p)
     return out
+
+
+def _field_of(message: str) -> str:
+    """".field" when a SamplingParams error names one (its messages start with it)."""
+    if message.startswith("unknown sampling parameter"):
+        name = message.split(":", 1)[-1].strip().split(",")[0]
+        return f".{name}" if re.fullmatch(r"[A-Za-z_]\w*", name) else ""
+    else:
+        m = re.match(r"[A-Za-z_]\w*", message)
+        name = m.group(0) if m else ""
+    return f".{name}" if name in _FIELDS else ""
 
 
 def distinct_n(tokens: list[int], n: int) -> float:

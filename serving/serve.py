@@ -62,8 +62,10 @@ def add_arguments(parser) -> None:
                         help="the engine's admission queue (default: the engine's, 256)")
     parser.add_argument("--mesh", default=None, metavar="data=1,model=1",
                         help="device mesh, e.g. data=1,model=2 (default: one device)")
-    from serving.engine.main import add_kv_arguments, add_warmup_arguments
+    from serving.engine.main import (add_kv_arguments, add_steering_arguments,
+                                     add_warmup_arguments)
     add_kv_arguments(parser)
+    add_steering_arguments(parser)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
     from serving.flags import add_quantize_argument
     add_quantize_argument(parser)
@@ -105,7 +107,9 @@ def engine_command(args) -> list[str]:
                         ("--dtype", getattr(args, "dtype", None)),
                         ("--quantize", getattr(args, "quantize", None)),
                         ("--compile-cache", getattr(args, "compile_cache", None)),
-                        ("--prefill-budget", getattr(args, "prefill_budget", None))):
+                        ("--prefill-budget", getattr(args, "prefill_budget", None)),
+                        ("--steering-vectors", getattr(args, "steering_vectors", None)
+                         and os.path.abspath(args.steering_vectors))):
         if value is not None:
             cmd += [flag, str(value)]
     for flag, name in (("--no-prefix-cache", "no_prefix_cache"),

@@ -190,6 +190,21 @@ class LeaderEngine:
         self._channel.send(("score_prompt", (prompt, k), {}))
         return score_prompt(self._engine, prompt, k)
 
+    def sampler_carry(self, slot: int):
+        self._channel.send(("sampler_carry", (slot,), {}))
+        return sampler_carry(self._engine, slot)
+
+
+def sampler_carry(engine, slot: int):
+    """DeviceEngine.sampler_carry over several processes: the state's rows may live on
+    other processes' devices, so every process gathers them (a collective, in step)."""
+    import numpy as np
+
+    from serving.engine.multihost import to_host
+    sampler = engine.state["sampler"]
+    return np.asarray([to_host(getattr(sampler, f))[slot]
+                       for f in getattr(engine, "_carried", ())], np.float32)
+
 
 def score_prompt(engine, prompt, k: int):
     from model.scoring import prompt_logprobs
@@ -233,6 +248,8 @@ def follow(engine, host: str, port: int, process_id: int, say=print,
         try:
             if name == "score_prompt":
                 score_prompt(engine, *args)
+            elif name == "sampler_carry":
+                sampler_carry(engine, *args)
             elif name == "sample_step":
                 engine.sample_step(forward, **kwargs)
             elif name in CALLS:

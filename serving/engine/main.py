@@ -45,6 +45,7 @@ def add_arguments(parser) -> None:
                              "(default: the largest prefill bucket)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="turn the prefix cache off (on by default)")
+    add_steering_arguments(parser)
     add_kv_arguments(parser)
     parser.add_argument("--mesh", default=None, metavar="data=1,model=1",
                         help="device mesh, e.g. data=1,model=2 (default: one device)")
@@ -77,6 +78,14 @@ def add_warmup_arguments(parser) -> None:
                              "the background)")
 
 
+def add_steering_arguments(parser) -> None:
+    """Activation steering (shared with `flaxserve serve`); see docs/research.md."""
+    parser.add_argument("--steering-vectors", default=None, metavar="FILE.npz",
+                        help="turn per-request activation steering on, with the vectors of "
+                             "this .npz registered by name ([hidden] or [layers, hidden] "
+                             "each); off by default (the programs are then unchanged)")
+
+
 def add_kv_arguments(parser) -> None:
     """The KV cache flags (shared with `flaxserve serve`); see docs/kv-cache.md."""
     parser.add_argument("--kv-layout", choices=("dense", "paged"), default="paged",
@@ -102,6 +111,24 @@ def kv_engine_args(args, config, max_slots: int, max_len: int) -> dict:
     from serving.engine.paged_kv import pool_args
     return pool_args(config, max_slots, max_len, getattr(args, "block_size", 16),
                      getattr(args, "kv_cache_memory", None))
+
+
+def load_steering(path: str | None, config) -> dict | None:
+    """--steering-vectors: name -> vector, each checked against the model's shape."""
+    if not path:
+        return None
+    from model.steering import load_vectors
+    try:
+        vectors = load_vectors(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--steering-vectors: cannot read {path}: {e}") from None
+    shapes = ((config.hidden_size,), (config.num_layers, config.hidden_size))
+    for name, v in vectors.items():
+        if v.shape not in shapes:
+            raise ValueError(f"--steering-vectors: {name!r} has shape {v.shape}; expected "
+                             f"{shapes[0]} or {shapes[1]}")
+    _say(f"steering on: {len(vectors)} named vector(s) ({', '.join(sorted(vectors))})")
+    return vectors
 
 
 def parse_mesh(spec: str | None):
@@ -174,9 +201,11 @@ def run(args) -> int:
     if tokenizer is not None:
         eos_ids |= set(tokenizer.stop_ids)
     kv = kv_engine_args(args, config, max_slots, max_len)
+    vectors = load_steering(getattr(args, "steering_vectors", None), config)
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
                           eos_ids=tuple(sorted(eos_ids)),
-                          token_limit=tokenizer.vocab_size if tokenizer else None, **kv)
+                          token_limit=tokenizer.vocab_size if tokenizer else None,
+                          steering=vectors is not None, **kv)
     _say(f"loaded in {time.monotonic() - t0:.1f} s: {max_slots} slots, max_model_len "
          f"{max_len}, prefill buckets {list(engine.prefill_buckets)}")
     if engine.paged:
@@ -201,7 +230,7 @@ def run(args) -> int:
 
     scheduler = Scheduler(engine, tokenizer, max_queue=args.max_queue,
                           prefill_budget=args.prefill_budget,
-                          prefix_cache=not args.no_prefix_cache)
+                          prefix_cache=not args.no_prefix_cache, steering_vectors=vectors)
     from checkpoints.resolve import served_name
     name = args.served_model_name or served_name(args.model, model_dir)
     server = EngineServer(scheduler, name, model_dir, tokenizer, token=token,

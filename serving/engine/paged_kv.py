@@ -43,6 +43,9 @@ class PagedKV:
         self.blocks: list[list[int]] = [[] for _ in range(slots)]
         self._names: list[list[bytes]] = [[] for _ in range(slots)]   # leading full blocks
         self._named = [0] * slots                                     # registered so far
+        # what the first block's name chains from: b"", or a steered request's digest (its
+        # KV differs, so its blocks are only shared with the same steering)
+        self._salt = [b""] * slots
         self.preemptions = 0
 
     # -- sizes ---------------------------------------------------------------------------------
@@ -78,24 +81,26 @@ class PagedKV:
 
     # -- admission -----------------------------------------------------------------------------
 
-    def _lookup(self, prompt) -> tuple[list[bytes], list[int]]:
-        names = block_hashes(prompt, self.block_size)
+    def _lookup(self, prompt, salt: bytes = b"") -> tuple[list[bytes], list[int]]:
+        names = block_hashes(prompt, self.block_size, salt)
         if not self.prefix_cache:
             return names, []
         # leave at least the last prompt token to compute (it yields the first logits)
         return names, self.manager.match(names)[:(len(prompt) - 1) // self.block_size]
 
-    def can_admit(self, prompt, n: int, reserve: int = 0) -> bool:
+    def can_admit(self, prompt, n: int, reserve: int = 0, salt: bytes = b"") -> bool:
         """Whether the request's blocks are free, leaving `reserve` for running sequences
         (one each, so an admission does not preempt at the very next step)."""
-        _, hits = self._lookup(prompt)
+        _, hits = self._lookup(prompt, salt)
         idle_hits = sum(1 for b in hits if self.manager.ref[b] == 0)   # counted as free
         need = self.admission_blocks(len(prompt), n, len(hits))
         return need + idle_hits + reserve <= self.manager.num_free()
 
-    def admit(self, slots: list[int], prompt) -> int:
+    def admit(self, slots: list[int], prompt, salt: bytes = b"") -> int:
         """Blocks for a request's slots (call after `can_admit`); returns cached tokens."""
-        names, hits = self._lookup(prompt)
+        names, hits = self._lookup(prompt, salt)
+        for slot in slots:
+            self._salt[slot] = salt
         m, length = self.manager, len(prompt)
         m.acquire(hits)
         first = hits + m.allocate(length // self.block_size + 1 - len(hits))
@@ -125,7 +130,8 @@ class PagedKV:
         full = min(len(tokens) // self.block_size, len(self.blocks[slot]))
         names = self._names[slot]
         if len(names) < full:
-            names += block_hashes(tokens, self.block_size, names[-1] if names else b"",
+            names += block_hashes(tokens, self.block_size,
+                                  names[-1] if names else self._salt[slot],
                                   start=len(names))
         for i in range(self._named[slot], full):
             self.manager.register(self.blocks[slot][i], names[i])

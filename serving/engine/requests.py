@@ -55,6 +55,7 @@ class Delta:
     finish_reason: str | None = None        # "stop" | "length" | "abort" | "error"
     stop_sequence: str | None = None
     stop_token_id: int | None = None
+    metrics: dict | None = None             # variants: the sample's, on its final delta
 
 
 @dataclass
@@ -84,6 +85,13 @@ class EngineRequest:
     skip_special_tokens: bool = True
     arrival: float = field(default_factory=time.monotonic)
     grammar: str | None = None               # compiled guided_* spec (sampling/grammar.py)
+    # paired variants (sampling/variants.py): one SamplingParams per variant, n samples
+    # each (sample i*n + j is variant i's sample j, drawn with sample index j)
+    variants: list | None = None
+    # activation steering (model/steering.py): a [num_layers, hidden] float32 array, and
+    # its digest (keys the prefix cache: a steered prompt's KV differs)
+    steering: object = None
+    steering_key: bytes = b""
 
 
 class Handle:
@@ -129,6 +137,19 @@ class Sample:
     detok: object = None
     stops: object = None
     constraint: object = None       # device thread: sampling.grammar.Constraint, if any
+    params: SamplingParams | None = None   # its variant's params (None: the request's)
+    draw_index: int | None = None          # its PRNG sample index (None: `index`)
+    # variants: the raw logprob and entropy of each token (device thread appends)
+    raw_logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.params if self.params is not None else self.state.request.sampling
+
+    @property
+    def key_index(self) -> int:
+        return self.index if self.draw_index is None else self.draw_index
 
 
 @dataclass

@@ -38,6 +38,7 @@ sample draws the same tokens as if it had never stopped.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import secrets
@@ -78,8 +79,10 @@ class Scheduler:
 
     def __init__(self, engine, tokenizer=None, *, max_queue: int = 256,
                  prefill_budget: int | None = None, prefix_cache: bool = True,
-                 eos_ids=None):
+                 eos_ids=None, steering_vectors: dict | None = None):
         self.engine = engine
+        # activation steering (model/steering.py): vectors registered by name at start
+        self.steering_vectors = dict(steering_vectors or {})
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.largest_chunk = engine.prefill_buckets[-1]
@@ -107,6 +110,10 @@ class Scheduler:
         self._free: list[int] = list(range(s))               # taken lowest first
         self._owner: list[Sample | None] = [None] * s        # decoding sample per slot
         self._slot_tokens: list[np.ndarray] = [np.zeros(0, np.int32)] * s
+        # the steering its KV was computed under (EngineRequest.steering_key; b"": none),
+        # and whether its engine steering row is non-zero
+        self._slot_key: list[bytes] = [b""] * s
+        self._slot_steered: list[bool] = [False] * s
         self._prefilling: list[RequestState] = []
         self._running: set[int] = set()                      # ids of admitted RequestStates
         self.kv = None                                       # paged KV bookkeeping
@@ -175,7 +182,8 @@ class Scheduler:
 
     def make_request(self, request_id: str, prompt_ids, sampling: dict | SamplingParams,
                      skip_special_tokens: bool = True,
-                     truncate_prompt_tokens: int | None = None) -> EngineRequest:
+                     truncate_prompt_tokens: int | None = None, variants=None,
+                     steering=None) -> EngineRequest:
         """Validate everything a request carries; RequestError(INVALID_ARGUMENT) names the field."""
         try:
             params = (sampling if isinstance(sampling, SamplingParams)
@@ -235,15 +243,84 @@ class Scheduler:
                 grammar = self.grammar.check(params)
             except ValueError as e:
                 raise RequestError(INVALID_ARGUMENT, str(e)) from None
+        configs = self._variants(params, variants) if variants is not None else None
+        samples = params.n * (len(configs) if configs else 1)
+        if configs and samples > self.engine.max_slots:
+            raise RequestError(INVALID_ARGUMENT, f"variants: {len(configs)} variants x n="
+                               f"{params.n} samples must be <= {self.engine.max_slots} (the "
+                               f"engine's slots)")
+        if configs and self.kv is not None:
+            longest = max((c.max_tokens for c in configs), default=None,
+                          key=lambda m: float("inf") if m is None else m)
+            why = self.kv.never_fits(len(ids), samples, None if longest is None
+                                     else min(len(ids) + longest, self.max_len))
+            if why is not None:
+                raise RequestError(INVALID_ARGUMENT, why)
+        steer, key = self._steering(steering, params)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         return EngineRequest(request_id=request_id, prompt_ids=ids, sampling=params, seed=seed,
-                             skip_special_tokens=skip_special_tokens, grammar=grammar)
+                             skip_special_tokens=skip_special_tokens, grammar=grammar,
+                             variants=configs, steering=steer, steering_key=key)
+
+    def _variants(self, params: SamplingParams, variants) -> list[SamplingParams]:
+        """Paired variants (sampling/variants.py): the request's params with each variant's
+        overrides; a variant may not change the request's constraint."""
+        from sampling import variants as pv
+        from sampling.grammar import GUIDED_FIELDS
+        for i, v in enumerate(variants if isinstance(variants, list) else []):
+            bad = [k for k in (v if isinstance(v, dict) else ())
+                   if k in GUIDED_FIELDS or k == "thinking_end_ids"]
+            if bad:
+                raise RequestError(INVALID_ARGUMENT, f"variants[{i}].{bad[0]}: set "
+                                   "constraints on the request, not per variant")
+        base = {k: v for k, v in params.to_dict().items() if k not in ("n", "seed")}
+        try:
+            configs = pv.expand(base, variants, self.vocab_size)
+            out = []
+            for i, c in enumerate(configs):
+                c.validate(self.vocab_size, self.max_len)
+                if c.bad_words and self.tokenizer is not None:
+                    c = resolve_bad_words(c, self.tokenizer.encode)
+                elif c.bad_words:
+                    raise ValueError(f"variants[{i}].bad_words: this engine has no tokenizer")
+                if c.stop and self.tokenizer is None:
+                    raise ValueError(f"variants[{i}].stop: this engine has no tokenizer")
+                out.append(dataclasses.replace(c, return_entropy=True))
+        except (ValueError, TypeError) as e:
+            raise RequestError(INVALID_ARGUMENT, str(e)) from None
+        return out
+
+    def _steering(self, spec, params: SamplingParams):
+        """A request's steering entries -> ([layers, hidden] array or None, its digest)."""
+        if spec is None or spec == []:
+            return None, b""
+        if not getattr(self.engine, "steering", False):
+            raise RequestError(INVALID_ARGUMENT, "steering: this engine was started without "
+                               "steering (start it with --steering-vectors FILE.npz)")
+        if params.prompt_logprobs is not None:
+            raise RequestError(INVALID_ARGUMENT, "prompt_logprobs: not available with "
+                               "steering (the scoring pass runs the unsteered model)")
+        from model.steering import steering_array
+        cfg = self.engine.config
+        try:
+            arr = steering_array(spec, cfg.num_layers, cfg.hidden_size, self.steering_vectors)
+        except (ValueError, TypeError) as e:
+            raise RequestError(INVALID_ARGUMENT, str(e)) from None
+        if arr is None:
+            return None, b""
+        import hashlib
+        return arr, hashlib.blake2b(arr.tobytes(), digest_size=16).digest()
 
     def submit(self, request: EngineRequest) -> Handle:
         """Queue a validated request; RESOURCE_EXHAUSTED when the queue is full."""
         handle = Handle(request, wake=self._wake)
         state = RequestState(request=request, handle=handle, prompt=list(request.prompt_ids))
-        state.samples = [Sample(state, i) for i in range(request.sampling.n)]
+        n = request.sampling.n
+        if request.variants:      # variant i's sample j: index i*n + j, PRNG index j
+            state.samples = [Sample(state, i * n + j, params=p, draw_index=j)
+                             for i, p in enumerate(request.variants) for j in range(n)]
+        else:
+            state.samples = [Sample(state, i) for i in range(n)]
         with self._lock:
             if self._failed is not None or self._stopping:
                 raise RequestError(UNAVAILABLE, self._failed or "the engine is shutting down")
@@ -455,12 +532,13 @@ class Scheduler:
             if st.parent is not None:
                 self._maybe_done(st.parent)
 
-    def _best_prefix(self, prompt: np.ndarray) -> tuple[int, int]:
-        """(length, slot) of the longest cached prefix of `prompt`; free slots win ties."""
+    def _best_prefix(self, prompt: np.ndarray, key: bytes = b"") -> tuple[int, int]:
+        """(length, slot) of the longest cached prefix of `prompt` computed under the same
+        steering (`key`); free slots win ties."""
         best_len, best_slot = 0, -1
         free = set(self._free)
         for slot, kv in enumerate(self._slot_tokens):
-            n = _common_prefix(kv, prompt)
+            n = _common_prefix(kv, prompt) if self._slot_key[slot] == key else 0
             if n > best_len or (n == best_len and n > 0 and slot in free and best_slot not in free):
                 best_len, best_slot = n, slot
         return best_len, best_slot
@@ -480,7 +558,8 @@ class Scheduler:
                     cancelled = True
                 elif len(self._free) < len(st.samples) or (
                         self.kv is not None and not self.kv.can_admit(
-                            st.prompt, len(st.samples), self._decoding())):
+                            st.prompt, len(st.samples), self._decoding(),
+                            st.request.steering_key)):
                     return None
                 else:
                     self._queue.popleft()
@@ -502,7 +581,8 @@ class Scheduler:
         if self.kv is not None:
             return self._reserve_paged(st)
         prompt = np.asarray(st.prompt, np.int32)
-        length, src = self._best_prefix(prompt) if self.prefix_cache else (0, -1)
+        key = st.request.steering_key
+        length, src = self._best_prefix(prompt, key) if self.prefix_cache else (0, -1)
         length = min(length, len(prompt) - 1)
         with self._lock:
             # reuse a free slot in place only when the prompt extends all it holds (or no
@@ -526,6 +606,8 @@ class Scheduler:
         for slot in [target] + others:
             if slot != src:
                 self._keep_cached(slot, avoid=src)
+            self._slot_key[slot] = key
+        self._steer_slots(st.request, [target] + others)
         if length > 0 and src != target:
             self.engine.copy_prefix(src, target, length)
         if st.request.sampling.prompt_logprobs is not None:
@@ -551,6 +633,14 @@ class Scheduler:
         if spare is not None and len(self._slot_tokens[spare]) < len(held):
             self.engine.copy_prefix(slot, spare, len(held))
             self._slot_tokens[spare] = held
+            self._slot_key[spare] = self._slot_key[slot]
+
+    def _steer_slots(self, req, slots: list[int]) -> None:
+        """Write the request's steering rows (zeros where a steered request left some)."""
+        for slot in slots:
+            if req.steering is not None or self._slot_steered[slot]:
+                self.engine.set_steering(slot, req.steering)
+                self._slot_steered[slot] = req.steering is not None
 
     # -- the paged KV cache (device thread) -----------------------------------------------
 
@@ -564,7 +654,8 @@ class Scheduler:
             if st.parent is None:
                 self._running.add(id(st))
             st.slots = slots
-        cached = self.kv.admit(slots, st.prompt)
+        cached = self.kv.admit(slots, st.prompt, st.request.steering_key)
+        self._steer_slots(st.request, slots)
         if (st.parent is None and st.request.sampling.prompt_logprobs is not None
                 and st.prompt_logprobs is None):
             self._score_prompt(st)
@@ -588,7 +679,8 @@ class Scheduler:
                 self._maybe_done(st.parent)
                 continue
             with self._lock:
-                if not self._free or not self.kv.can_admit(st.prompt, 1, self._decoding()):
+                if not self._free or not self.kv.can_admit(st.prompt, 1, self._decoding(),
+                                                           st.request.steering_key):
                     return None
             self._resume.popleft()
             return self._reserve_paged(st)
@@ -764,7 +856,7 @@ class Scheduler:
                 sample.constraint.fill(mask)
             # a resumed sample (st.parent set): its generated tokens end `prompt`
             pending = self.engine.insert(
-                slot, prompt, start, req.sampling, req.seed, sample_index=sample.index,
+                slot, prompt, start, sample.sampling, req.seed, sample_index=sample.key_index,
                 mask=mask, prompt_len=len(st.parent.prompt) if st.parent is not None else None)
             sample.slot = slot
             self._owner[slot] = sample
@@ -815,7 +907,7 @@ class Scheduler:
 
     def _take(self, sample: Sample, out, row: int) -> None:
         """One new token for a sample: token-level stops, then off to the detokenizer."""
-        st, params = sample.state, sample.state.request.sampling
+        st, params = sample.state, sample.sampling
         token = int(out.tokens[row])
         sample.tokens.append(token)
         if sample.constraint is not None:
@@ -845,6 +937,9 @@ class Scheduler:
                 lp.constrained_logprob = float(out.processed_logprobs[row])
                 lp.unconstrained_logprob = float(out.unconstrained_logprobs[row])
                 lp.removed_mass = float(out.removed_mass[row])
+        if st.request.variants is not None:        # the metrics' inputs
+            sample.raw_logprobs.append(float(out.raw_logprobs[row]))
+            sample.entropies.append(float(out.entropies[row]))
         if finish is not None:
             sample.device_done = True
         self.tokens_generated += 1
@@ -867,7 +962,8 @@ class Scheduler:
     def _sample_text_state(self, sample: Sample) -> None:
         if sample.stops is None:
             req = sample.state.request
-            sample.stops = StopStrings(req.sampling.stop, req.sampling.include_stop_str_in_output)
+            sample.stops = StopStrings(sample.sampling.stop,
+                                       sample.sampling.include_stop_str_in_output)
             if self.tokenizer is not None:
                 from checkpoints.detokenizer import IncrementalDetokenizer
                 sample.detok = IncrementalDetokenizer(self.tokenizer, sample.state.prompt,
@@ -909,6 +1005,11 @@ class Scheduler:
         st = sample.state
         sample.text_done = True
         self._wake()                      # the device thread frees the slot
+        if st.request.variants is not None:
+            from sampling.variants import metrics
+            c = sample.completion_tokens  # the tokens it reported (the device may be ahead)
+            delta.metrics = metrics(sample.tokens[:c], sample.raw_logprobs[:c],
+                                    sample.entropies[:c])
         st.handle.put(delta)
         st.finished_samples += 1
         if st.finished_samples == len(st.samples):

@@ -106,8 +106,14 @@ def _counterfactual(lp: rq.TokenLogprob) -> dict:
     return {n: getattr(lp, n) for n in names if getattr(lp, n) is not None}
 
 
-def delta_message(d: rq.Delta) -> pb.Delta:
-    return pb.Delta(
+def delta_message(d: rq.Delta, n_per_variant: int | None = None) -> pb.Delta:
+    """`n_per_variant`: the request's n when it has variants (sets `variant`)."""
+    extra = {}
+    if n_per_variant:
+        extra["variant"] = d.index // n_per_variant
+    if d.metrics is not None:
+        extra["metrics"] = pb.SampleMetrics(**d.metrics)
+    return pb.Delta(**extra,
         index=d.index, token_ids=d.token_ids, text=d.text,
         logprobs=[pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
                                   top_ids=lp.top_ids, top_logprobs=lp.top_logprobs,
@@ -125,6 +131,18 @@ def usage_message(u: rq.Usage) -> pb.Usage:
                                                      rank=lp.rank, top_ids=lp.top_ids,
                                                      top_logprobs=lp.top_logprobs)
                                      for lp in u.prompt_logprobs or ()])
+
+
+def steering_entry(e: pb.SteeringEntry) -> dict:
+    """A proto SteeringEntry as model/steering.py's dict (which validates it)."""
+    d = {"layer": e.layer}
+    if e.name:
+        d["name"] = e.name
+    if len(e.vector):
+        d["vector"] = list(e.vector)
+    if e.HasField("scale"):
+        d["scale"] = e.scale
+    return d
 
 
 class FlaxServeServicer(pb_grpc.FlaxServeServicer):
@@ -163,15 +181,25 @@ class FlaxServeServicer(pb_grpc.FlaxServeServicer):
                 else True)
         truncate = (request.truncate_prompt_tokens
                     if request.HasField("truncate_prompt_tokens") else None)
+        variants = None
+        if request.variants_json:
+            try:
+                variants = json.loads(request.variants_json)
+            except (json.JSONDecodeError, RecursionError) as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"variants_json is not JSON "
+                              f"(or nests too deeply): {e}")
+        steering = [steering_entry(e) for e in request.steering] or None
         try:
-            req = self.scheduler.make_request(request_id, ids, sampling, skip, truncate)
+            req = self.scheduler.make_request(request_id, ids, sampling, skip, truncate,
+                                              variants=variants, steering=steering)
             handle = self.scheduler.submit(req)
         except rq.RequestError as e:
             context.abort(STATUS[e.kind], e.message)
         context.add_callback(handle.cancel)
         for event in self._events(handle, context):
             if isinstance(event, rq.Delta):
-                yield pb.GenerateResponse(request_id=request_id, delta=delta_message(event))
+                yield pb.GenerateResponse(request_id=request_id, delta=delta_message(
+                    event, req.sampling.n if req.variants else None))
             elif isinstance(event, rq.Usage):
                 yield pb.GenerateResponse(request_id=request_id, usage=usage_message(event))
             else:

@@ -10,6 +10,7 @@ gRPC status codes map to HTTP statuses here and nowhere else.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -183,6 +184,10 @@ class EngineLink:
                                       request_id=request.request_id,
                                       skip_special_tokens=request.skip_special_tokens)
         message.spaces_between_special_tokens = request.spaces_between_special_tokens
+        if request.variants is not None:
+            message.variants_json = json.dumps(request.variants)
+        for e in request.steering or ():
+            message.steering.add(**steering_fields(e))
         call = self.client.stub.Generate(message, timeout=request.deadline_s)
         return GenStream(call, self._converter(request), keepalive_s)
 
@@ -215,8 +220,14 @@ class EngineLink:
                                                zip(lp.top_ids, lp.top_logprobs)],
                         lp.rank if lp is not None else None,
                         _counterfactual(lp)))
+                metrics = None
+                if d.HasField("metrics"):
+                    m = d.metrics
+                    metrics = {"length": m.length, "mean_entropy": m.mean_entropy,
+                               "distinct_1": m.distinct_1, "distinct_2": m.distinct_2,
+                               "perplexity": m.perplexity}
                 events.append(Delta(d.index, d.text, tokens, d.finish_reason or None,
-                                    d.stop_sequence or None))
+                                    d.stop_sequence or None, metrics))
             if r.HasField("usage"):
                 u = r.usage
                 prompt_lps = None
@@ -238,6 +249,18 @@ class EngineLink:
 
     # token id -> its exact bytes; the app sets it from the model's tokenizer
     token_bytes = None
+
+
+def steering_fields(e: dict) -> dict:
+    """A validated steering entry (serving/http/openai_api.py) as pb.SteeringEntry fields."""
+    out = {"layer": e["layer"]}
+    if "name" in e:
+        out["name"] = e["name"]
+    if "vector" in e:
+        out["vector"] = e["vector"]
+    if "scale" in e:
+        out["scale"] = e["scale"]
+    return out
 
 
 _COUNTERFACTUAL = ("raw_logprob", "constrained_logprob", "unconstrained_logprob", "removed_mass")

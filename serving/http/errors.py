@@ -49,7 +49,8 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
-_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)")
+# a field name; the research fields name their entry too (`steering[0].layer`)
+_FIELD = re.compile(r"^((?:steering|variants)\[\d+\](?:\.[A-Za-z_]\w*)?|[A-Za-z_][A-Za-z0-9_]*)")
 
 
 def from_value_error(e: ValueError, prefix: str = "") -> APIError:

@@ -22,6 +22,10 @@ class GenRequest:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     deadline_s: float | None = None
+    # docs/research.md: paired variants (objects of SamplingParams fields over `sampling`;
+    # the samples come back as index i*n + j) and activation steering entries
+    variants: list | None = None
+    steering: list | None = None
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Delta:
     tokens: list[TokenInfo] = field(default_factory=list)
     finish_reason: str | None = None   # "stop" | "length" | None while running
     stop_sequence: str | None = None   # the matched stop string, when one ended the sample
+    metrics: dict | None = None        # variants: the sample's, on its final delta
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Choice:
     tokens: list[TokenInfo] = field(default_factory=list)
     finish_reason: str | None = None
     stop_sequence: str | None = None
+    metrics: dict | None = None        # variants (sampling/variants.py)
 
 
 def accumulate(events, n: int) -> tuple[list[Choice], Final]:
@@ -100,6 +106,8 @@ def accumulate(events, n: int) -> tuple[list[Choice], Final]:
         if ev.finish_reason is not None:
             c.finish_reason = ev.finish_reason
             c.stop_sequence = ev.stop_sequence
+        if ev.metrics is not None:
+            c.metrics = ev.metrics
     if final is None:
         raise RuntimeError("the engine's stream ended without usage")
     return choices, final

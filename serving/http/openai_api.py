@@ -17,6 +17,7 @@ The model's output is parsed by serving.http.chat_output, the same way for both 
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ CHAT_EXTENSIONS = {"echo", "add_generation_prompt", "continue_final_message",
                    "skip_special_tokens", "spaces_between_special_tokens",
                    "truncate_prompt_tokens", "parallel_tool_calls"} | {
                    "guided_json", "guided_json_object", "guided_regex", "guided_choice",
-                   "guided_grammar", "max_thinking_tokens"}
+                   "guided_grammar", "max_thinking_tokens"} | {"variants", "steering"}
 CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_tokens",
                "tools", "tool_choice", "functions", "function_call", "response_format",
                "reasoning_effort", "audio", "modalities", "prediction", "web_search_options",
@@ -55,7 +56,8 @@ CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_
 COMPLETION_FIELDS = {"model", "prompt", "stream", "stream_options", "suffix", "echo",
                      "add_special_tokens", "skip_special_tokens",
                      "spaces_between_special_tokens", "truncate_prompt_tokens",
-                     "response_format"} | set(GUIDED) | IGNORED | SAMPLING_FIELDS
+                     "response_format", "variants", "steering"} | set(GUIDED) | IGNORED | \
+    SAMPLING_FIELDS
 ROLES = ("developer", "system", "user", "assistant", "tool")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 # Limits: the widest of the hosted OpenAI-compatible APIs (docs/fields.md), still validated.
@@ -232,6 +234,86 @@ def _sampling(body: dict, overrides: dict, vocab_size: int | None,
         raise bad_request(f"invalid sampling parameter: {e}") from None
 
 
+def _research(body: dict, sampling: SamplingParams, vocab_size: int | None,
+              stream: bool) -> dict:
+    """`variants` and `steering` (docs/research.md) as GenRequest fields, checked as far as
+    the front end can (the engine checks layers, vector sizes and names)."""
+    out = {}
+    variants = body.get("variants")
+    if variants is not None:
+        from sampling import variants as pv
+        base = {k: v for k, v in sampling.to_dict().items() if k not in ("n", "seed")}
+        try:
+            pv.expand(base, variants, vocab_size or MAX_VOCAB_CHECK)
+        except ValueError as e:
+            raise from_value_error(e) from None
+        except TypeError as e:
+            raise bad_request(f"variants: {e}", "variants") from None
+        out["variants"] = variants
+    steering = body.get("steering")
+    if steering is not None:
+        out["steering"] = _steering_entries(steering)
+    return out
+
+
+MAX_VOCAB_CHECK = 1 << 20     # variants' token-id fields when the vocabulary is unknown
+
+
+def _steering_entries(spec) -> list[dict] | None:
+    """`steering: [{layer, vector | name, scale}]`: the JSON types (model/steering.py checks
+    the rest on the engine)."""
+    from model.steering import MAX_ENTRIES
+    if not isinstance(spec, list) or len(spec) > MAX_ENTRIES:
+        raise bad_request(f"`steering` must be a list of at most {MAX_ENTRIES} objects "
+                          "{layer, vector | name, scale}", "steering")
+    out = []
+    for i, e in enumerate(spec):
+        where = f"steering[{i}]"
+        if not isinstance(e, dict):
+            raise bad_request(f"`{where}` must be an object", where)
+        unknown = sorted(set(e) - {"layer", "vector", "name", "scale"})
+        if unknown:
+            raise bad_request(f"`{where}.{unknown[0]}`: unknown field", f"{where}.{unknown[0]}")
+        layer = e.get("layer")
+        if not _is_int(layer) or not 0 <= layer < 2 ** 31:
+            raise bad_request(f"`{where}.layer` must be a layer index (an integer >= 0), got "
+                              f"{layer!r}", f"{where}.layer")
+        if ("vector" in e) == ("name" in e):
+            raise bad_request(f"`{where}`: give exactly one of vector and name", where)
+        entry = {"layer": layer}
+        if "name" in e:
+            if not isinstance(e["name"], str) or not e["name"]:
+                raise bad_request(f"`{where}.name` must be a non-empty string", f"{where}.name")
+            entry["name"] = e["name"]
+        else:
+            vec = e["vector"]
+            if not isinstance(vec, list) or not vec or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and
+                    math.isfinite(x) for x in vec):
+                raise bad_request(f"`{where}.vector` must be a list of finite numbers "
+                                  "(hidden_size of them)", f"{where}.vector")
+            entry["vector"] = [float(x) for x in vec]
+        if "scale" in e:
+            sc = e["scale"]
+            if isinstance(sc, bool) or not isinstance(sc, (int, float)) or \
+                    not math.isfinite(sc) or abs(sc) > 1e4:
+                raise bad_request(f"`{where}.scale` must be a finite number in [-1e4, 1e4], "
+                                  f"got {sc!r}", f"{where}.scale")
+            entry["scale"] = float(sc)
+        out.append(entry)
+    return out
+
+
+def _variant_fields(plan: "OpenAIPlan", c: Choice | Delta, metrics: bool = True) -> dict:
+    """With `variants`: the choice's variant and its metrics (sampling/variants.py)."""
+    if not plan.requests[0].variants:
+        return {}
+    out = {"variant": c.index // plan.requests[0].sampling.n}
+    if metrics:           # a stream: on the chunk that finishes the choice
+        out["metrics"] = c.metrics
+    return out
+
+
 def fit_max_tokens(sampling: SamplingParams, prompt_len: int, info: ModelInfo,
                    param: str = "messages") -> tuple[SamplingParams, int | None]:
     """`max_tokens` over what the context leaves after the prompt is clamped to it (Baseten:
@@ -288,7 +370,9 @@ class OpenAIPlan:
 
     @property
     def n(self) -> int:
-        return self.requests[0].sampling.n
+        """Choices per prompt: n, times the number of variants when there are some."""
+        r = self.requests[0]
+        return r.sampling.n * (len(r.variants) if r.variants else 1)
 
 
 def _text_of(content, where: str) -> str:
@@ -464,7 +548,9 @@ def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPl
     echo_text = messages[-1]["content"] if echo and messages[-1]["role"] == "assistant" else ""
     if spec.active:
         detok = dict(detok, skip_special_tokens=False)   # the parser needs the markers
-    return OpenAIPlan("chat", rid, model, [GenRequest(rid, model, ids, sampling, **detok)],
+    research = _research(body, sampling, tok.vocab_size, stream)
+    return OpenAIPlan("chat", rid, model, [GenRequest(rid, model, ids, sampling, **detok,
+                                                      **research)],
                       [fitted.text], stream, include_usage, logprobs, top or 0, echo,
                       echo_text, output=spec, named_tool=choice == "named",
                       compacted_tokens=fitted.compacted_tokens, max_tokens=[effective],
@@ -546,8 +632,9 @@ def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> Op
     fitted = [fit_max_tokens(sampling, len(p), info, "prompt") for p in ids]
     rid = request_id or "cmpl-" + secrets.token_hex(12)
     detok = _detok_options(body)
-    reqs = [GenRequest(f"{rid}-{i}" if len(ids) > 1 else rid, model, p, fitted[i][0], **detok)
-            for i, p in enumerate(ids)]
+    research = _research(body, sampling, tok.vocab_size, stream)
+    reqs = [GenRequest(f"{rid}-{i}" if len(ids) > 1 else rid, model, p, fitted[i][0], **detok,
+                       **research) for i, p in enumerate(ids)]
     if echo:   # the echoed prompt is its tokens' text, special tokens included, so that
         texts = [_echo_text(tok, p, t) for p, t in zip(ids, texts)]  # text_offset agrees
     return OpenAIPlan("completion", rid, model, reqs, texts, stream, include_usage,
@@ -632,7 +719,8 @@ def chat_response(plan: OpenAIPlan, choices: list[Choice], final: Final,
                 if not message["content"]:
                     message["content"] = None
         out.append({"index": c.index, "message": message, "logprobs": logprobs,
-                    "finish_reason": finish_reason(c, len(calls), plan.named_tool)})
+                    "finish_reason": finish_reason(c, len(calls), plan.named_tool),
+                    **_variant_fields(plan, c)})
     return vllm_ext.chat_extras(plan.vllm, {
         "id": plan.request_id, "object": "chat.completion",
         "created": created or int(time.time()), "model": plan.model,
@@ -674,11 +762,12 @@ def chat_stream(plan: OpenAIPlan, events: Iterable[Delta | Final | None],
     for i in range(plan.n):
         first = {"prompt_token_ids": list(plan.requests[0].prompt_ids)} \
             if plan.vllm.return_token_ids and i == 0 else {}
+        tag = _variant_fields(plan, Choice(i), metrics=False)
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                      "logprobs": None, "finish_reason": None}], **first)
+                      "logprobs": None, "finish_reason": None, **tag}], **first)
         if plan.echo_text:
             yield chunk([{"index": i, "delta": {"content": plan.echo_text},
-                          "logprobs": None, "finish_reason": None}])
+                          "logprobs": None, "finish_reason": None, **tag}])
     for ev in events:
         if ev is None:
             yield None
@@ -708,14 +797,16 @@ def chat_stream(plan: OpenAIPlan, events: Iterable[Delta | Final | None],
                 parsed = [("content", "")]      # the token ids still go out
             for k, item in enumerate(parsed):
                 choice = {"index": ev.index, "delta": _delta_of(item, call_ids[ev.index]),
-                          "logprobs": logprobs if k == 0 else None, "finish_reason": None}
+                          "logprobs": logprobs if k == 0 else None, "finish_reason": None,
+                          **_variant_fields(plan, ev, metrics=False)}
                 if k == 0:
                     ext.token_ids(choice, ev)
                 yield chunk([choice])
             if ev.finish_reason is not None:
                 calls = parser.calls if parser is not None else 0
                 yield chunk([{"index": ev.index, "delta": {}, "logprobs": None,
-                              "finish_reason": finish_reason(ev, calls, plan.named_tool)}],
+                              "finish_reason": finish_reason(ev, calls, plan.named_tool),
+                              **_variant_fields(plan, ev)}],
                             **(_extensions(plan) if not plan.include_usage else {}))
 
 
@@ -750,7 +841,8 @@ def completion_response(plan: OpenAIPlan, results: list[tuple[list[Choice], Fina
             elif plan.logprobs:
                 logprobs = legacy_logprobs(c.tokens, plan.top_logprobs, len(prefix))
             out.append({"index": p * plan.n + c.index, "text": prefix + c.text,
-                        "logprobs": logprobs, "finish_reason": finish_reason(c)})
+                        "logprobs": logprobs, "finish_reason": finish_reason(c),
+                        **_variant_fields(plan, c)})
     return vllm_ext.completion_extras(plan.vllm, {
         "id": plan.request_id, "object": "text_completion",
         "created": created or int(time.time()), "model": plan.model, "choices": out,
@@ -769,7 +861,7 @@ def completion_stream(plan: OpenAIPlan, prompt_index: int,
 
     def chunk(index, text, logprobs, reason, ev=None):
         choice = {"index": prompt_index * plan.n + index, "text": text, "logprobs": logprobs,
-                  "finish_reason": reason}
+                  "finish_reason": reason, **_variant_fields(plan, Choice(index), metrics=False)}
         if plan.vllm.return_token_ids and not sent_prompt_ids[index]:
             sent_prompt_ids[index] = True
             choice["prompt_token_ids"] = list(plan.requests[prompt_index].prompt_ids)
@@ -802,7 +894,10 @@ def completion_stream(plan: OpenAIPlan, prompt_index: int,
                 offsets[ev.index] += len(ev.text)
                 yield chunk(ev.index, ev.text, lp, None, ev)
             if ev.finish_reason is not None:
-                yield chunk(ev.index, "", None, finish_reason(ev))
+                last = chunk(ev.index, "", None, finish_reason(ev))
+                if plan.requests[prompt_index].variants:
+                    last["choices"][0]["metrics"] = ev.metrics
+                yield last
 
 
 def usage_chunk(plan: OpenAIPlan, usages: list[Usage], created: int) -> dict:

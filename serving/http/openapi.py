@@ -114,6 +114,20 @@ def _openai_fields() -> dict:
         "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20}),
         "seed": _nullable({"type": "integer", "minimum": -(2 ** 63),
                            "maximum": 2 ** 64 - 1}),
+        # docs/research.md
+        "variants": {"type": "array", "minItems": 1, "maxItems": 16,
+                     "items": {"type": "object"},
+                     "description": "paired sampling variants: objects of sampling fields "
+                                    "over the request's"},
+        "steering": {"type": "array", "maxItems": 64, "items": {
+            "type": "object", "required": ["layer"], "additionalProperties": False,
+            "properties": {"layer": {"type": "integer", "minimum": 0},
+                           "name": {"type": "string", "minLength": 1},
+                           "vector": {"type": "array", "minItems": 1,
+                                      "items": {"type": "number"}},
+                           "scale": {"type": "number", "minimum": -1e4, "maximum": 1e4}}},
+                     "description": "activation steering (the engine needs "
+                                    "--steering-vectors)"},
     }
 
 

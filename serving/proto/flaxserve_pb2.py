@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x66laxserve.proto\x12\x0c\x66laxserve.v1\"\xc9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08\x12\x15\n\rsampling_json\x18\x05 \x01(\t\x12 \n\x13skip_special_tokens\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12*\n\x1dspaces_between_special_tokens\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x08 \x01(\x05H\x02\x88\x01\x01\x42\x16\n\x14_skip_special_tokensB \n\x1e_spaces_between_special_tokensB\x19\n\x17_truncate_prompt_tokens\"\xb4\x02\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0f\n\x07top_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\x12\x18\n\x0braw_logprob\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12 \n\x13\x63onstrained_logprob\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\"\n\x15unconstrained_logprob\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\x19\n\x0cremoved_mass\x18\t \x01(\x02H\x03\x88\x01\x01\x42\x0e\n\x0c_raw_logprobB\x16\n\x14_constrained_logprobB\x18\n\x16_unconstrained_logprobB\x0f\n\r_removed_mass\"\xaa\x01\n\x05\x44\x65lta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.flaxserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x15\n\rstop_token_id\x18\x07 \x01(\x05\"\xca\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x13\n\x0bgpu_seconds\x18\x04 \x01(\x01\x12\x12\n\nqueue_time\x18\x05 \x01(\x01\x12\x0c\n\x04ttft\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x33\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1a.flaxserve.v1.TokenLogprob\"n\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x13.flaxserve.v1.Delta\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.flaxserve.v1.Usage\"Y\n\x12\x43ountTokensRequest\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12\x13\n\x0bprompt_text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"N\n\x13\x43ountTokensResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\"\x13\n\x11ListModelsRequest\"\x81\x01\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmodel_dir\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x11\n\tmax_slots\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.flaxserve.v1.ModelCard\"\x0e\n\x0cStatsRequest\"\x97\x03\n\rStatsResponse\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\x05\x12\x14\n\x0cslots_in_use\x18\x02 \x01(\x05\x12\x11\n\tmax_slots\x18\x03 \x01(\x05\x12\x19\n\x11requests_finished\x18\x04 \x01(\x03\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x05\x12\x18\n\x10kv_blocks_in_use\x18\x07 \x01(\x05\x12\x18\n\x10kv_blocks_cached\x18\x08 \x01(\x05\x12\x15\n\rkv_block_size\x18\t \x01(\x05\x12\x16\n\x0ekv_block_usage\x18\n \x01(\x01\x12#\n\x1bprefix_cache_queried_tokens\x18\x0b \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x0c \x01(\x03\x12\x1d\n\x15prefix_cache_hit_rate\x18\r \x01(\x01\x12\x1a\n\x12kv_block_evictions\x18\x0e \x01(\x03\x12\x16\n\x0ekv_preemptions\x18\x0f \x01(\x03\x32\xbf\x02\n\tFlaxServe\x12K\n\x08Generate\x12\x1d.flaxserve.v1.GenerateRequest\x1a\x1e.flaxserve.v1.GenerateResponse0\x01\x12R\n\x0b\x43ountTokens\x12 .flaxserve.v1.CountTokensRequest\x1a!.flaxserve.v1.CountTokensResponse\x12O\n\nListModels\x12\x1f.flaxserve.v1.ListModelsRequest\x1a .flaxserve.v1.ListModelsResponse\x12@\n\x05Stats\x12\x1a.flaxserve.v1.StatsRequest\x1a\x1b.flaxserve.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x66laxserve.proto\x12\x0c\x66laxserve.v1\"\x8f\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08\x12\x15\n\rsampling_json\x18\x05 \x01(\t\x12 \n\x13skip_special_tokens\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12*\n\x1dspaces_between_special_tokens\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12-\n\x08steering\x18\t \x03(\x0b\x32\x1b.flaxserve.v1.SteeringEntry\x12\x15\n\rvariants_json\x18\n \x01(\tB\x16\n\x14_skip_special_tokensB \n\x1e_spaces_between_special_tokensB\x19\n\x17_truncate_prompt_tokens\"Z\n\rSteeringEntry\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\x12\x12\n\x05scale\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_scale\"q\n\rSampleMetrics\x12\x0e\n\x06length\x18\x01 \x01(\x05\x12\x14\n\x0cmean_entropy\x18\x02 \x01(\x01\x12\x12\n\ndistinct_1\x18\x03 \x01(\x01\x12\x12\n\ndistinct_2\x18\x04 \x01(\x01\x12\x12\n\nperplexity\x18\x05 \x01(\x01\"\xb4\x02\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0f\n\x07top_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\x12\x18\n\x0braw_logprob\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12 \n\x13\x63onstrained_logprob\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\"\n\x15unconstrained_logprob\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\x19\n\x0cremoved_mass\x18\t \x01(\x02H\x03\x88\x01\x01\x42\x0e\n\x0c_raw_logprobB\x16\n\x14_constrained_logprobB\x18\n\x16_unconstrained_logprobB\x0f\n\r_removed_mass\"\xfa\x01\n\x05\x44\x65lta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.flaxserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x15\n\rstop_token_id\x18\x07 \x01(\x05\x12\x14\n\x07variant\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12,\n\x07metrics\x18\t \x01(\x0b\x32\x1b.flaxserve.v1.SampleMetricsB\n\n\x08_variant\"\xca\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x13\n\x0bgpu_seconds\x18\x04 \x01(\x01\x12\x12\n\nqueue_time\x18\x05 \x01(\x01\x12\x0c\n\x04ttft\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x33\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1a.flaxserve.v1.TokenLogprob\"n\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x13.flaxserve.v1.Delta\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.flaxserve.v1.Usage\"Y\n\x12\x43ountTokensRequest\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12\x13\n\x0bprompt_text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"N\n\x13\x43ountTokensResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\"\x13\n\x11ListModelsRequest\"\x81\x01\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmodel_dir\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x11\n\tmax_slots\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.flaxserve.v1.ModelCard\"\x0e\n\x0cStatsRequest\"\x97\x03\n\rStatsResponse\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\x05\x12\x14\n\x0cslots_in_use\x18\x02 \x01(\x05\x12\x11\n\tmax_slots\x18\x03 \x01(\x05\x12\x19\n\x11requests_finished\x18\x04 \x01(\x03\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x03\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x05\x12\x18\n\x10kv_blocks_in_use\x18\x07 \x01(\x05\x12\x18\n\x10kv_blocks_cached\x18\x08 \x01(\x05\x12\x15\n\rkv_block_size\x18\t \x01(\x05\x12\x16\n\x0ekv_block_usage\x18\n \x01(\x01\x12#\n\x1bprefix_cache_queried_tokens\x18\x0b \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x0c \x01(\x03\x12\x1d\n\x15prefix_cache_hit_rate\x18\r \x01(\x01\x12\x1a\n\x12kv_block_evictions\x18\x0e \x01(\x03\x12\x16\n\x0ekv_preemptions\x18\x0f \x01(\x03\x32\xbf\x02\n\tFlaxServe\x12K\n\x08Generate\x12\x1d.flaxserve.v1.GenerateRequest\x1a\x1e.flaxserve.v1.GenerateResponse0\x01\x12R\n\x0b\x43ountTokens\x12 .flaxserve.v1.CountTokensRequest\x1a!.flaxserve.v1.CountTokensResponse\x12O\n\nListModels\x12\x1f.flaxserve.v1.ListModelsRequest\x1a .flaxserve.v1.ListModelsResponse\x12@\n\x05Stats\x12\x1a.flaxserve.v1.StatsRequest\x1a\x1b.flaxserve.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flaxserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=34
-  _globals['_GENERATEREQUEST']._serialized_end=363
-  _globals['_TOKENLOGPROB']._serialized_start=366
-  _globals['_TOKENLOGPROB']._serialized_end=674
-  _globals['_DELTA']._serialized_start=677
-  _globals['_DELTA']._serialized_end=847
-  _globals['_USAGE']._serialized_start=850
-  _globals['_USAGE']._serialized_end=1052
-  _globals['_GENERATERESPONSE']._serialized_start=1054
-  _globals['_GENERATERESPONSE']._serialized_end=1164
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=1166
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=1255
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1257
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1335
-  _globals['_LISTMODELSREQUEST']._serialized_start=1337
-  _globals['_LISTMODELSREQUEST']._serialized_end=1356
-  _globals['_MODELCARD']._serialized_start=1359
-  _globals['_MODELCARD']._serialized_end=1488
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1490
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1551
-  _globals['_STATSREQUEST']._serialized_start=1553
-  _globals['_STATSREQUEST']._serialized_end=1567
-  _globals['_STATSRESPONSE']._serialized_start=1570
-  _globals['_STATSRESPONSE']._serialized_end=1977
-  _globals['_FLAXSERVE']._serialized_start=1980
-  _globals['_FLAXSERVE']._serialized_end=2299
+  _globals['_GENERATEREQUEST']._serialized_end=433
+  _globals['_STEERINGENTRY']._serialized_start=435
+  _globals['_STEERINGENTRY']._serialized_end=525
+  _globals['_SAMPLEMETRICS']._serialized_start=527
+  _globals['_SAMPLEMETRICS']._serialized_end=640
+  _globals['_TOKENLOGPROB']._serialized_start=643
+  _globals['_TOKENLOGPROB']._serialized_end=951
+  _globals['_DELTA']._serialized_start=954
+  _globals['_DELTA']._serialized_end=1204
+  _globals['_USAGE']._serialized_start=1207
+  _globals['_USAGE']._serialized_end=1409
+  _globals['_GENERATERESPONSE']._serialized_start=1411
+  _globals['_GENERATERESPONSE']._serialized_end=1521
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=1523
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=1612
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1614
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1692
+  _globals['_LISTMODELSREQUEST']._serialized_start=1694
+  _globals['_LISTMODELSREQUEST']._serialized_end=1713
+  _globals['_MODELCARD']._serialized_start=1716
+  _globals['_MODELCARD']._serialized_end=1845
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1847
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1908
+  _globals['_STATSREQUEST']._serialized_start=1910
+  _globals['_STATSREQUEST']._serialized_end=1924
+  _globals['_STATSRESPONSE']._serialized_start=1927
+  _globals['_STATSRESPONSE']._serialized_end=2334
+  _globals['_FLAXSERVE']._serialized_start=2337
+  _globals['_FLAXSERVE']._serialized_end=2656
 # @@protoc_insertion_point(module_scope)

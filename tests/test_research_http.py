@@ -1,0 +1,217 @@
+"""Activation steering and paired variants over HTTP and gRPC (docs/research.md), against
+one engine started with `--steering-vectors` and the tiny random model: a steered request
+equals LocalModel's steered output for the same seed while a concurrent unsteered one is
+bitwise unchanged; identical variants give identical choices and a variant equals its
+configuration sent alone; bad entries are a 400 / INVALID_ARGUMENT naming the field."""
+
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from tests.http_fixtures import API_KEY, Servers
+
+PROMPT = "hello world"          # under one KV block: no prefix-cache hits between runs
+STEER = [{"layer": 1, "name": "v", "scale": 4.0}]
+SAMPLED = {"temperature": 1.0, "max_tokens": 10, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("research")
+    rng = np.random.default_rng(0)
+    vec = rng.normal(size=64).astype(np.float32)          # the tiny model's hidden size
+    npz = root / "vectors.npz"
+    np.savez(npz, v=vec, per_layer=rng.normal(size=(2, 64)).astype(np.float32))
+    with Servers(root, [API_KEY], ["--max-slots", "8", "--max-model-len", "256",
+                                   "--steering-vectors", str(npz)]) as servers:
+        from openai import OpenAI
+        client = OpenAI(base_url=servers.base_url + "/v1", api_key=API_KEY, max_retries=0)
+        yield servers, client, vec, npz
+
+
+@pytest.fixture(scope="module")
+def local(env):
+    """The same weights and vectors in process (serving/local.py)."""
+    from serving.local import LocalModel
+    return LocalModel(str(env[0].model_dir), max_slots=1, max_len=256, dtype="float32",
+                      steering_vectors=str(env[3]))
+
+
+def _complete(client, **kw):
+    extra = kw.pop("extra", {})
+    r = client.completions.create(model="tiny", prompt=PROMPT, logprobs=1,
+                                  extra_body={"return_token_ids": True, "ignore_eos": True,
+                                              **extra}, **{**SAMPLED, **kw})
+    return r
+
+
+def _tokens(choice):
+    return choice.model_extra["token_ids"], choice.logprobs.token_logprobs
+
+
+def test_steering_matches_local_model_and_leaves_others_bitwise(env, local):
+    servers, client, vec, npz = env
+    # the unsteered baseline alone; `deterministic` makes its logprobs independent of the
+    # batch it runs in, so "unchanged" can be bitwise
+    plain = {"deterministic": True}
+    base = _tokens(_complete(client, max_tokens=40, extra=plain).choices[0])
+    out = {}
+    go = threading.Event()
+
+    def unsteered():
+        go.set()
+        out["plain"] = _complete(client, max_tokens=40, extra=plain)
+
+    t = threading.Thread(target=unsteered)
+    t.start()
+    go.wait()
+    steered = _complete(client, extra={"steering": STEER})
+    t.join(60)
+    assert _tokens(out["plain"].choices[0]) == base            # bitwise: ids and logprobs
+    ids, lps = _tokens(steered.choices[0])
+    unsteered_same_seed = _tokens(_complete(client).choices[0])
+    assert (ids, lps) != unsteered_same_seed                   # steering changed it
+    # inline: the same vector sent as numbers
+    inline = _complete(client, extra={"steering": [{"layer": 1, "vector": vec.tolist(),
+                                                    "scale": 4.0}]})
+    assert _tokens(inline.choices[0])[0] == ids
+    # in process, same weights, seed and vector
+    from sampling.params import SamplingParams
+    mine = local.generate([PROMPT], SamplingParams(temperature=1.0, max_tokens=10, seed=5,
+                                                   ignore_eos=True), steering=STEER)[0]
+    assert mine.token_ids == ids
+    np.testing.assert_allclose(mine.logprobs, lps, atol=1e-4)
+
+
+@pytest.mark.parametrize("entry, param", [
+    ({"layer": 2, "name": "v"}, "steering[0].layer"),             # the model has 2 layers
+    ({"layer": 0, "vector": [1.0, 2.0]}, "steering[0].vector"),   # not hidden_size numbers
+    ({"layer": 0, "name": "nope"}, "steering[0].name"),
+    ({"layer": 0, "name": "v", "vector": [0.0]}, "steering[0]"),
+    ({"layer": 0, "name": "v", "scale": 1e9}, "steering[0].scale"),
+    ({"layer": "0", "name": "v"}, "steering[0].layer"),
+])
+def test_bad_steering_is_a_400_naming_the_field(env, entry, param):
+    import openai
+    client = env[1]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", max_tokens=2,
+                                       messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"steering": [entry]})
+    assert e.value.body["param"] == param, e.value.body
+
+
+def test_variants_over_chat(env):
+    client = env[1]
+    variants = [{"top_p": 0.9}, {"min_p": 0.1}, {"top_p": 0.9}]
+    msgs = [{"role": "user", "content": "say hi"}]
+    r = client.chat.completions.create(
+        model="tiny", messages=msgs, n=2, seed=11, temperature=0.9, max_tokens=12,
+        logprobs=True, extra_body={"variants": variants, "ignore_eos": True})
+    assert [c.index for c in r.choices] == list(range(6))
+    assert [c.model_extra["variant"] for c in r.choices] == [0, 0, 1, 1, 2, 2]
+    text = [c.message.content for c in r.choices]
+    lps = [[t.logprob for t in c.logprobs.content] for c in r.choices]
+    assert text[0:2] == text[4:6] and lps[0:2] == lps[4:6]      # identical variants
+    assert (text[0], lps[0]) != (text[1], lps[1])                # two samples, two streams
+    for c, lp in zip(r.choices, lps):
+        m = c.model_extra["metrics"]
+        assert m["length"] == len(lp) == 12
+        assert math.isclose(m["perplexity"], math.exp(-np.mean(lp)), rel_tol=1e-5)
+        assert 0 < m["distinct_1"] <= 1 and m["mean_entropy"] > 0
+    assert r.usage.completion_tokens == 72
+    # variant 1's sample 0 equals its configuration sent alone with the same seed
+    alone = client.chat.completions.create(
+        model="tiny", messages=msgs, seed=11, temperature=0.9, max_tokens=12, logprobs=True,
+        extra_body={"min_p": 0.1, "ignore_eos": True})
+    assert alone.choices[0].message.content == text[2]
+    np.testing.assert_allclose([t.logprob for t in alone.choices[0].logprobs.content],
+                               lps[2], atol=1e-5)
+
+
+def test_variants_over_completions_and_errors(env):
+    import openai
+    client = env[1]
+    r = _complete(client, n=1, extra={"variants": [{"temperature": 0.0}, {"top_k": 3}]})
+    assert [(c.index, c.model_extra["variant"]) for c in r.choices] == [(0, 0), (1, 1)]
+    assert all(c.model_extra["metrics"]["length"] == 10 for c in r.choices)
+    greedy = _complete(client, temperature=0.0)
+    assert r.choices[0].text == greedy.choices[0].text
+    for extra, param in [({"variants": [{"top_p": 0.5}, {"top_p": 2.0}]}, "variants[1].top_p"),
+                         ({"variants": [{"seed": 3}]}, "variants[0].seed"),
+                         ({"variants": []}, "variants"),
+                         ({"variants": [{"guided_choice": ["a"]}]}, "variants[0].guided_choice")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2,
+                                      extra_body=extra)
+        assert e.value.body["param"] == param, e.value.body
+
+
+def test_variants_stream(env):
+    """Streamed, the chunks carry `index` and `variant`; the finishing chunk the metrics."""
+    client = env[1]
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "go"}], seed=3,
+              temperature=0.9, max_tokens=8,
+              extra_body={"variants": [{"top_k": 4}, {"top_p": 0.8}], "ignore_eos": True})
+    whole = client.chat.completions.create(**kw)
+    text, variant, metrics = {}, {}, {}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            text[c.index] = text.get(c.index, "") + (c.delta.content or "")
+            variant[c.index] = c.model_extra["variant"]
+            if c.finish_reason:
+                metrics[c.index] = c.model_extra["metrics"]
+    assert text == {c.index: c.message.content for c in whole.choices}
+    assert variant == {0: 0, 1: 1}
+    for c in whole.choices:
+        assert metrics[c.index] == pytest.approx(c.model_extra["metrics"], rel=1e-5)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3,
+                                            stream=True, extra_body=kw["extra_body"]))
+    assert {(c.index, c.model_extra["variant"]) for ch in chunks for c in ch.choices} == \
+        {(0, 0), (1, 1)}
+
+
+def test_grpc_fields(env):
+    import grpc
+    from serving.client import EngineClient
+    servers = env[0]
+    client = EngineClient(f"127.0.0.1:{servers.grpc_port}")
+    try:
+        msg = client.request([5, 17, 42], {"temperature": 1.0, "max_tokens": 4, "seed": 2,
+                                           "ignore_eos": True, "n": 2})
+        msg.variants_json = json.dumps([{"top_k": 5}, {"top_k": 5}])
+        msg.steering.add(layer=0, name="per_layer", scale=2.0)
+        tokens, finals = {}, {}
+        for r in client.stub.Generate(msg, timeout=60):
+            if r.HasField("delta"):
+                d = r.delta
+                assert d.variant == d.index // 2
+                tokens.setdefault(d.index, []).extend(d.token_ids)
+                if d.finish_reason:
+                    finals[d.index] = d.metrics
+        assert sorted(tokens) == [0, 1, 2, 3] and tokens[0] == tokens[2]
+        assert all(finals[i].length == 4 for i in range(4))
+        bad = client.request([5, 17], {"max_tokens": 2})
+        bad.steering.add(layer=7, name="v")
+        with pytest.raises(grpc.RpcError) as e:
+            list(client.stub.Generate(bad, timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "steering[0].layer" in e.value.details()
+    finally:
+        client.close()
+
+
+def test_engine_without_steering_refuses_it(local):
+    """The engine's check that the HTTP front end turns into a 400 (param `steering`)."""
+    from serving.engine.device import DeviceEngine
+    from serving.engine.requests import INVALID_ARGUMENT, RequestError
+    from serving.engine.scheduler import Scheduler
+    from serving.http.errors import from_value_error
+    engine = DeviceEngine(local.config, local.params, max_slots=1, max_len=32)
+    with pytest.raises(RequestError) as e:
+        Scheduler(engine).make_request("r", [1, 2], {}, steering=STEER)
+    assert e.value.kind == INVALID_ARGUMENT and "--steering-vectors" in e.value.message
+    assert from_value_error(ValueError(e.value.message)).param == "steering"
