@@ -462,7 +462,6 @@ class SamplingParams:
                 raise _err("early_stopping", "false without use_beam_search: it only applies "
                            "to beam search", self.early_stopping)
             return
-        raise _err("use_beam_search", "false: beam search is not supported yet", True)
         width = self.best_of or self.n
         if width > MAX_BEAMS:
             raise _err("n", f"at most {MAX_BEAMS} beams with use_beam_search", width)

@@ -138,6 +138,10 @@ def make_rows(params: list[SamplingParams | None], vocab_size: int, seeds: list[
         if p is None:
             continue
         _check_int32(p)
+        if p.use_beam_search:     # never sampled silently instead
+            raise ValueError("use_beam_search: beam search runs in serving/beam_search.py "
+                             "(LocalModel.beam_search, or the engine's beam path), not in "
+                             "the sampler")
         c = cols
         if p.bad_words:   # never ignored silently: strings need the tokenizer first
             raise ValueError("bad_words: strings must become bad_words_ids before the "

@@ -129,6 +129,23 @@ class LocalModel:
                                             sorted(self.stop_ids))
         return self._grammar.constraint(self._grammar.check(params), params)
 
+    def beam_search(self, prompt, params: SamplingParams) -> list:
+        """Beam search (`use_beam_search=True`; serving/beam_search.py): the n best beams,
+        best first, each a `Beam` with token_ids, text, score, cumulative_logprob and
+        finish_reason. Equal to transformers' generate(num_beams=...) on the same weights."""
+        from serving.beam_search import BeamSearcher
+        params.validate(self.config.vocab_size, self.engine.max_len)
+        if not params.use_beam_search:
+            raise ValueError("use_beam_search: beam_search needs use_beam_search=True")
+        if getattr(self, "_beams", None) is None:
+            self._beams = BeamSearcher(self.config, self.params, self.engine.max_len,
+                                       sorted(self.stop_ids))
+        beams = self._beams.run(self.encode(prompt), params)
+        if self.tokenizer is not None:
+            for b in beams:
+                b.text = self.tokenizer.decode(b.token_ids)
+        return beams
+
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams],
                  seeds: list[int] | None = None,
                  sample_indices: list[int] | None = None,

@@ -5,8 +5,8 @@ default model behind `flaxserve engine` + gunicorn, with a small context (--max-
 
 Rows: temperature up to 4 on the OpenAI routes (Anthropic keeps [0, 1]); 32 stop strings
 on chat and more on /v1/completions; `bad_words` as strings; dynamic top-p carried by the
-engine; beam-search fields refused clearly; `max_tokens` over the context clamped to the
-edge (or a 400 with --strict-max-tokens); chat `echo`.
+engine; beam search served (its bad fields refused clearly); `max_tokens` over the context
+clamped to the edge (or a 400 with --strict-max-tokens); chat `echo`.
 """
 
 from __future__ import annotations
@@ -251,16 +251,41 @@ def test_dynamic_top_p_is_carried_by_the_engine(client):
 @pytest.mark.parametrize("extra,param", [
     ({"length_penalty": 0.8}, "length_penalty"),
     ({"early_stopping": True}, "early_stopping"),
-    ({"use_beam_search": True}, "use_beam_search"),
-    ({"use_beam_search": True, "length_penalty": 0.8}, "use_beam_search"),
+    ({"use_beam_search": True, "top_p": 0.5}, "top_p"),
+    ({"use_beam_search": True, "temperature": 0.7}, "temperature"),
 ])
 def test_beam_search_fields_are_a_clear_400(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
         _chat(client, max_tokens=4, extra_body=extra)
     assert e.value.body["param"] == param
     assert "use_beam_search" in e.value.message
-    if param == "use_beam_search":
-        assert "not supported yet" in e.value.message
+
+
+def test_beam_search_over_http_equals_in_process(client):
+    """use_beam_search on /v1/completions and chat: the engine's beams (run on its device
+    thread, serving/engine/beam_jobs.py) are LocalModel.beam_search's, with their scores;
+    streaming it is a 400."""
+    from sampling.params import SamplingParams
+    from serving.local import LocalModel
+    prompt = [15, 220, 1012, 318, 257, 922]
+    r = client.completions.create(model="default", prompt=prompt, max_tokens=6, extra_body={
+        "use_beam_search": True, "n": 3, "length_penalty": 0.5, "return_token_ids": True})
+    lm = LocalModel("default", max_slots=1, max_len=CONTEXT)
+    ref = lm.beam_search(prompt, SamplingParams(use_beam_search=True, n=3, length_penalty=0.5,
+                                                max_tokens=6))
+    assert [c.model_extra["token_ids"] for c in r.choices] == [b.token_ids for b in ref]
+    assert [c.text for c in r.choices] == [b.text for b in ref]
+    for c, b in zip(r.choices, ref):
+        assert c.model_extra["beam_score"] == pytest.approx(b.score, abs=1e-4)
+        assert c.model_extra["cumulative_logprob"] == pytest.approx(b.cumulative_logprob,
+                                                                   abs=1e-4)
+    assert r.usage.completion_tokens == sum(len(b.token_ids) for b in ref)
+    chat = _chat(client, max_tokens=5, n=2, temperature=0, extra_body={"use_beam_search": True})
+    scores = [c.model_extra["beam_score"] for c in chat.choices]
+    assert len(chat.choices) == 2 and scores == sorted(scores, reverse=True)
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, max_tokens=4, stream=True, extra_body={"use_beam_search": True})
+    assert e.value.body["param"] == "use_beam_search"
 
 
 def test_neutral_beam_search_values_are_accepted(client):

@@ -122,6 +122,8 @@ class Scheduler:
             self.kv = PagedKV(engine, prefix_cache)
         self._preempted_now: list[Sample] = []               # this iteration's, paged
         self._resume: collections.deque[RequestState] = collections.deque()
+        from serving.engine.beam_jobs import BeamJobs
+        self.beams = BeamJobs(self)      # use_beam_search requests (serving/beam_search.py)
         self._preempted_this_iter = False
         self.requests_finished = 0
         self.tokens_generated = 0
@@ -164,7 +166,7 @@ class Scheduler:
 
     def _busy(self) -> bool:
         with self._lock:
-            return bool(self._queue or self._prefilling or self._running)
+            return bool(self._queue or self._prefilling or self._running or self.beams)
 
     def _wake(self) -> None:
         self._wake_event.set()
@@ -213,6 +215,13 @@ class Scheduler:
             raise RequestError(INVALID_ARGUMENT, f"prompt_ids: the prompt has {len(ids)} tokens; "
                                f"with at least 1 to generate it exceeds max_model_len "
                                f"{self.max_len} (use truncate_prompt_tokens to keep the last N)")
+        if params.use_beam_search:       # its own loop and cache: serving/engine/beam_jobs.py
+            if variants is not None or steering not in (None, []):
+                raise RequestError(INVALID_ARGUMENT, "use_beam_search: not combined with "
+                                   "variants or steering")
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            return EngineRequest(request_id=request_id, prompt_ids=ids, sampling=params,
+                                 seed=seed, skip_special_tokens=skip_special_tokens)
         if self.kv is not None:
             total = (None if params.max_tokens is None
                      else min(len(ids) + params.max_tokens, self.max_len))
@@ -313,6 +322,8 @@ class Scheduler:
 
     def submit(self, request: EngineRequest) -> Handle:
         """Queue a validated request; RESOURCE_EXHAUSTED when the queue is full."""
+        if request.sampling.use_beam_search:
+            return self.beams.submit(request)
         handle = Handle(request, wake=self._wake)
         state = RequestState(request=request, handle=handle, prompt=list(request.prompt_ids))
         n = request.sampling.n
@@ -353,6 +364,8 @@ class Scheduler:
             if self.kv is not None:
                 self._grow()
             inserted = [] if self._preempted_this_iter else self._admit_and_prefill()
+            if self.beams:
+                self.beams.step()       # one step of each running beam search
             dispatched = None
             owners = list(self._owner)
             if any(o is not None and not o.device_done and o.constraint is not None
@@ -381,7 +394,7 @@ class Scheduler:
             inflight = dispatched
             if self.kv is not None:
                 self._requeue_preempted()
-            if inflight is None and not inserted and not self._prefilling:
+            if inflight is None and not inserted and not self._prefilling and not self.beams:
                 self._wake_event.wait(IDLE_WAIT_S)
         if inflight is not None:
             inflight[0].result()
@@ -398,6 +411,7 @@ class Scheduler:
         return mask
 
     def _fail_all(self, kind: str, message: str) -> None:
+        self.beams.fail_all(kind, message)
         with self._lock:
             states = list(self._queue) + list(self._prefilling) + list(self._resume)
             self._queue.clear()

@@ -111,7 +111,9 @@ def delta_message(d: rq.Delta, n_per_variant: int | None = None) -> pb.Delta:
     extra = {}
     if n_per_variant:
         extra["variant"] = d.index // n_per_variant
-    if d.metrics is not None:
+    if d.metrics is not None and "beam_score" in d.metrics:     # serving/engine/beam_jobs.py
+        extra.update(d.metrics)
+    elif d.metrics is not None:
         extra["metrics"] = pb.SampleMetrics(**d.metrics)
     return pb.Delta(**extra,
         index=d.index, token_ids=d.token_ids, text=d.text,

@@ -226,6 +226,9 @@ class EngineLink:
                     metrics = {"length": m.length, "mean_entropy": m.mean_entropy,
                                "distinct_1": m.distinct_1, "distinct_2": m.distinct_2,
                                "perplexity": m.perplexity}
+                if d.HasField("beam_score"):        # use_beam_search
+                    metrics = {"beam_score": d.beam_score,
+                               "cumulative_logprob": d.cumulative_logprob}
                 events.append(Delta(d.index, d.text, tokens, d.finish_reason or None,
                                     d.stop_sequence or None, metrics))
             if r.HasField("usage"):

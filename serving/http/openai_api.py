@@ -305,7 +305,10 @@ def _steering_entries(spec) -> list[dict] | None:
 
 
 def _variant_fields(plan: "OpenAIPlan", c: Choice | Delta, metrics: bool = True) -> dict:
-    """With `variants`: the choice's variant and its metrics (sampling/variants.py)."""
+    """With `variants`: the choice's variant and its metrics (sampling/variants.py).
+    With use_beam_search: the beam's beam_score and cumulative_logprob."""
+    if c.metrics is not None and "beam_score" in c.metrics:
+        return dict(c.metrics)
     if not plan.requests[0].variants:
         return {}
     out = {"variant": c.index // plan.requests[0].sampling.n}
@@ -541,6 +544,9 @@ def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPl
     sampling = _sampling(body, overrides, tok.vocab_size, tok.encode)
     if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
         raise bad_request("`best_of` must equal `n` when streaming", "best_of")
+    if stream and sampling.use_beam_search:
+        raise bad_request("`use_beam_search` is answered whole, not streamed: set `stream` "
+                          "to false", "use_beam_search")
     ids = fitted.ids
     sampling, effective = fit_max_tokens(sampling, len(ids), info)
     rid = request_id or "chatcmpl-" + secrets.token_hex(12)
@@ -629,6 +635,9 @@ def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> Op
                          tok.vocab_size, tok.encode)
     if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
         raise bad_request("`best_of` must equal `n` when streaming", "best_of")
+    if stream and sampling.use_beam_search:
+        raise bad_request("`use_beam_search` is answered whole, not streamed: set `stream` "
+                          "to false", "use_beam_search")
     fitted = [fit_max_tokens(sampling, len(p), info, "prompt") for p in ids]
     rid = request_id or "cmpl-" + secrets.token_hex(12)
     detok = _detok_options(body)
