@@ -3,8 +3,8 @@
 Prompt lookup pays off where the output copies its input, so the default prompt is
 extractive: a passage and the instruction to quote it. Both runs are greedy, so their
 texts must be identical (printed as a check, not assumed); the figures are tokens/s of a
-whole request (prompt included; the best of two runs after a warm-up run of each), the ratio, the draft
-acceptance rate and the tokens emitted per target forward.
+whole request (prompt included; the best of two runs after a warm-up run of each), the
+ratio, the draft acceptance rate and the tokens emitted per target forward.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ def test_monte_carlo_every_position_has_the_target_distribution(draft):
     rng = np.random.default_rng(1)
     p = jnp.asarray(_rows(rng, K + 1, sharp=1.5))
     q = jnp.asarray(_rows(rng, K, sharp=1.5))
-    fixed = jnp.argmax(p[:K], axis=-1).astype(jnp.int32)   # likely drafts, so all positions are reached
+    # likely drafts, so that every position is reached often enough
+    fixed = jnp.argmax(p[:K], axis=-1).astype(jnp.int32)
     n_samples = 200_000
 
     def one(key):
