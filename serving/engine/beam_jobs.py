@@ -17,8 +17,8 @@ import threading
 import time
 import traceback
 
-from serving.engine.requests import (INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, Delta, Failure,
-                                     Handle, RequestError, Usage)
+from serving.engine.requests import (INTERNAL, INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
+                                     UNAVAILABLE, Delta, Failure, Handle, RequestError, Usage)
 
 MAX_RUNNING = 4       # beam searches advanced together; the rest wait in order
 
@@ -36,6 +36,10 @@ class BeamJobs:
 
     def submit(self, request) -> Handle:
         """Queue a validated beam-search request (any thread)."""
+        import jax
+        if jax.process_count() > 1:     # its loop is not replayed by lockstep followers
+            raise RequestError(INVALID_ARGUMENT, "use_beam_search: not available on an "
+                               "engine that spans several processes")
         handle = Handle(request, wake=self.s._wake)
         with self._lock:
             if not self.s.healthy:
