@@ -92,6 +92,11 @@ FORKS = [(PROMPTS[5], {"temperature": 1.0, "seed": 11, "n": 3, "max_tokens": 9,
          (PROMPTS[4], {"temperature": 1.0, "seed": 12, "n": 2, "max_tokens": 9,
                        "ignore_eos": True})]
 
+# mirostat's running mu must survive preemption (the tiny pool preempts the newest: these)
+MIRO = [(p, {"temperature": 1.0, "seed": 21 + i, "mirostat_mode": 2, "mirostat_tau": 3.5,
+             "mirostat_eta": 1.0, "max_tokens": 24, "ignore_eos": True})
+        for i, p in enumerate(PROMPTS[6:8])]
+
 
 @pytest.fixture(scope="module")
 def dense():
@@ -102,7 +107,8 @@ def dense():
 
 @pytest.fixture(scope="module")
 def want(dense):
-    return {"jobs": run(dense, JOBS), "hits": run(dense, HITS), "forks": run(dense, FORKS)}
+    return {"jobs": run(dense, JOBS), "hits": run(dense, HITS), "forks": run(dense, FORKS),
+            "miro": run(dense, MIRO)}
 
 
 @pytest.fixture(scope="module")
@@ -176,15 +182,19 @@ def test_kv_stats_reach_metrics_through_grpc(paged):
         server.server.stop(grace=0).wait()
 
 
-def test_tiny_pool_preempts_and_recomputes_with_identical_output(want):
-    # 13 jobs of up to 52 tokens on 4 slots with 20 usable blocks (80 tokens)
+def test_tiny_pool_preempts_and_recomputes_with_identical_output(want, caplog):
+    # 15 jobs of up to 52 tokens on 4 slots with 20 usable blocks (80 tokens)
     s = make("paged", num_blocks=21, warm_run_tokens=100)
     try:
         before = compile_count()
-        got = run(s, JOBS + HITS)
+        with caplog.at_level("INFO", logger="flaxserve.engine"):
+            got = run(s, JOBS + HITS + MIRO)
         assert compile_count() == before
         assert s.stats()["kv_preemptions"] > 0
-        assert_same(got, want["jobs"] + want["hits"])
+        assert_same(got, want["jobs"] + want["hits"] + want["miro"])
+        miro = {f"r{len(JOBS) + len(HITS) + i}" for i in range(len(MIRO))}
+        assert any(m.split()[-4] in miro for m in caplog.messages if "preempting" in m), \
+            "no mirostat sample was preempted"
         assert_same(run(s, FORKS), want["forks"])
         assert idle_stats(s)["kv_blocks_in_use"] == 0     # every block given back
         with pytest.raises(RequestError) as e:     # never fits, even alone

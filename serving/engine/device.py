@@ -275,6 +275,9 @@ class DeviceEngine:
             from model import sharding
             self.params = sharding.shard_params(params, sharding.param_shardings(config, mesh))
         self.state = self._init_state()
+        # per-slot float sampler values a resumed sample carries over (sampler_carry)
+        self._carried = tuple(f for f, x in vars(self.state["sampler"]).items()
+                              if x.shape == (max_slots,) and x.dtype == jnp.float32)
         self.attend_buckets = attend_buckets(max_len)
         # on a mesh the slot axis is sharded: slicing it would reshard, so run every slot
         self.batch_buckets = batch_buckets(max_slots) if mesh is None else (max_slots,)
@@ -395,16 +398,21 @@ class DeviceEngine:
         return np.ascontiguousarray(np.asarray(mask, np.int32)[:rows])
 
     def _first_fn(self, state, logits, slot, row, prompt, prompt_len, mask_bits, custom,
-                  orig_len):
+                  orig_len, carry, restore):
         """Sample a slot's first token from its prompt's last logits and activate it.
 
         Separate from the per-bucket prefill programs so the sampler compiles once.
         `orig_len` < prompt_len resumes a preempted sequence: prompt[orig_len:prompt_len]
         are tokens it had generated, so its sampler state counts them as output and its
-        step (and PRNG key) continues where it stopped."""
+        step (and PRNG key) continues where it stopped; `restore` puts back its running
+        values (`carry`, see `sampler_carry`: mirostat's mu, ...)."""
         sampler = reset_row(state["sampler"], slot, prompt, prompt_len, row)
         sampler = _resumed(sampler, slot, prompt, prompt_len, orig_len)
         sampler = dynamic_top_p.resume(sampler, row, slot, prompt, orig_len, prompt_len)
+        sampler = sampler.replace(**{
+            f: getattr(sampler, f).at[slot].set(
+                jnp.where(restore, carry[i], getattr(sampler, f)[slot]))
+            for i, f in enumerate(self._carried)})
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
         one_state = jax.tree.map(take, sampler)
         out, one_state = sample(logits, row, one_state, num_top=self.num_top_logprobs,
@@ -502,12 +510,14 @@ class DeviceEngine:
                                       *self._chunk_args(slot, token_ids, start))
 
     def insert(self, slot: int, prompt_ids, start: int, sampling: SamplingParams, seed: int,
-               sample_index: int = 0, mask=None, prompt_len: int | None = None) -> Pending:
+               sample_index: int = 0, mask=None, prompt_len: int | None = None,
+               carry=None) -> Pending:
         """Run prompt_ids[start:], sample the first token, activate `slot` for decode.
 
         `mask` ([words] int32 packed bits, optional) restricts the first token.
         `prompt_len` < len(prompt_ids): resume a preempted sample whose generated tokens
-        are prompt_ids[prompt_len:] (see `_first_fn`)."""
+        are prompt_ids[prompt_len:] (see `_first_fn`); `carry`: its `sampler_carry` taken
+        at preemption."""
         prompt_ids = np.asarray(prompt_ids, np.int32)
         args = self._chunk_args(slot, prompt_ids[start:], start)
         prompt = np.zeros(self.max_len, np.int32)
@@ -520,11 +530,23 @@ class DeviceEngine:
          else self._deterministic_slots.discard)(slot)
         bits = self._mask_bits(1, None if mask is None else np.asarray(mask)[None])
         orig = len(prompt_ids) if prompt_len is None else prompt_len
+        restore = carry is not None
+        carry = np.zeros(len(self._carried), np.float32) if carry is None else carry
         self.state, out = self._first(self.state, logits, np.int32(slot), row, prompt,
-                                      np.int32(len(prompt_ids)), bits, custom, np.int32(orig))
+                                      np.int32(len(prompt_ids)), bits, custom, np.int32(orig),
+                                      np.asarray(carry, np.float32), np.bool_(restore))
         self._host_pos[slot] = len(prompt_ids)
         self._host_active[slot] = True
         return Pending(self, out)
+
+    def sampler_carry(self, slot: int) -> np.ndarray:
+        """The slot's running sampler values that its tokens alone do not give back
+        (mirostat's mu, adaptive-p's sums, ...: `_carried`), as of the last dispatched
+        step; a preempted sample hands them to `insert(carry=...)` when it resumes. Waits
+        for that step (preemption only); compiles nothing."""
+        sampler = self.state["sampler"]
+        return np.asarray([np.asarray(jax.device_get(getattr(sampler, f)))[slot]
+                           for f in self._carried], np.float32)
 
     def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
         """Give dst_slot the KV of src_slot's positions [0, length) (the whole row is copied;

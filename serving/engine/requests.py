@@ -142,6 +142,7 @@ class Sample:
     # variants: the raw logprob and entropy of each token (device thread appends)
     raw_logprobs: list[float] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)
+    carry: object = None            # paged: sampler values kept over a preemption
 
     @property
     def sampling(self) -> SamplingParams:

@@ -763,6 +763,7 @@ class Scheduler:
             slot = victim.slot
             log.info("engine: preempting sample %d of %s (KV pool full)", victim.index,
                      st.request.request_id)
+            victim.carry = self.engine.sampler_carry(slot)    # mirostat's mu, ...
             self._release(slot, np.asarray(st.prompt + victim.tokens[:-1], np.int32))
             victim.slot = -1
             st.slots[victim.index] = -1
@@ -871,7 +872,8 @@ class Scheduler:
             # a resumed sample (st.parent set): its generated tokens end `prompt`
             pending = self.engine.insert(
                 slot, prompt, start, sample.sampling, req.seed, sample_index=sample.key_index,
-                mask=mask, prompt_len=len(st.parent.prompt) if st.parent is not None else None)
+                mask=mask, prompt_len=len(st.parent.prompt) if st.parent is not None else None,
+                carry=sample.carry if st.parent is not None else None)
             sample.slot = slot
             self._owner[slot] = sample
             self._slot_tokens[slot] = prompt
