@@ -5,7 +5,8 @@ default (`2026-12-01T10:00:00.123Z INFO engine: loaded in 1.7 s`), JSON lines wi
 `--log-format json` (`{"ts": ..., "level": ..., "component": ..., "msg": ..., ...}`). The
 format travels to child processes in FLAXSERVE_LOG_FORMAT, so `serve` sets it once.
 Access lines (`access`) hold the request id, route, status, tokens and latency: never a
-prompt, a body or a key.
+prompt, a body or a key. Progress (`Progress`): a bar with ETA on a terminal, timed lines
+(at most one per few seconds, and the last) otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import datetime
 import json
 import logging
 import os
+import re
 import sys
+import time
 
 FORMAT_ENV = "FLAXSERVE_LOG_FORMAT"
 FORMATS = ("text", "json")
@@ -93,3 +96,54 @@ def access(request_id: str, method: str, route: str, status: int, latency_s: flo
     say("access", f"{method} {route} {status}", request_id=request_id, method=method,
         route=route, status=status, latency_ms=round(latency_s * 1000, 1),
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+
+_COUNTED = re.compile(r"^(?P<label>[^:]+): .*?\b(?P<done>\d+)/(?P<total>\d+)\b")
+
+
+class Progress:
+    """A `say`-like callable for start-up phases that report "label: ... done/total ...".
+
+    On a terminal (text format), each label gets a tqdm bar with rate and ETA on stderr,
+    closed with its last message as a normal line; elsewhere (a pipe, a file, JSON lines)
+    counted messages become timed lines, at most one per `every_s` seconds per label plus
+    the one that completes it. Other messages are said as they are."""
+
+    def __init__(self, component: str, tty: bool | None = None, every_s: float = 5.0):
+        self.component, self.every_s = component, every_s
+        if tty is None:
+            tty = sys.stderr.isatty() and current_format() == "text"
+        self.tty = tty
+        self._bars: dict = {}
+        self._last: dict = {}
+
+    def __call__(self, msg: str) -> None:
+        m = _COUNTED.match(msg)
+        if m is None:
+            say(self.component, msg)
+            return
+        label, done, total = m["label"], int(m["done"]), int(m["total"])
+        finished = done >= total
+        if self.tty:
+            bar = self._bars.get(label)
+            if bar is None:
+                bar = self._bars[label] = self._bar(label, total)
+            if bar is not None:
+                bar.update(done - bar.n)
+                if finished:
+                    bar.close()
+                    del self._bars[label]
+                    say(self.component, msg)
+                return
+        now = time.monotonic()
+        if finished or now - self._last.get(label, -1e9) >= self.every_s:
+            self._last[label] = now
+            say(self.component, msg)
+
+    def _bar(self, label: str, total: int):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, desc=f"{self.component}: {label}", unit="program",
+                    file=sys.stderr, leave=False, dynamic_ncols=True)

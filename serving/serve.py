@@ -3,8 +3,9 @@
 Two child processes: `flaxserve engine` (the only process that imports JAX and holds the
 device) and `flaxserve http` (gunicorn). Both ports are checked before anything loads, so a
 busy port is one clear error line at once (never a new front end talking to an old
-engine). The front end starts once the engine's gRPC health says SERVING, and "serving on"
-is printed once it accepts connections.
+engine). Both start at once (the front end answers 503 until the engine is healthy, so its
+start-up overlaps the engine's), and "serving on" is printed once the engine's gRPC health
+says SERVING and the front end accepts connections.
 
 Supervision: each child runs in its own process group (a terminal's Ctrl-C or hang-up
 reaches this process alone) and dies with it (parent-death signal, `serving.process`), so
@@ -29,6 +30,7 @@ ENGINE_START_TIMEOUT_S = 1800.0
 HTTP_START_TIMEOUT_S = 120.0
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_S = 60.0          # a child up this long starts its backoff from the beginning again
+POLL_S = 0.05            # start-up polls (engine health, front-end port): cheap, loopback
 
 
 def add_arguments(parser) -> None:
@@ -199,7 +201,7 @@ def wait_engine(proc: subprocess.Popen, address: str, timeout_s: float,
                                  "starting (see its log above)")
             if link.healthy(timeout_s=1.0):
                 return True
-            time.sleep(0.2)
+            time.sleep(POLL_S)
     finally:
         link.close()
     raise ValueError(f"the engine did not become healthy within {timeout_s:.0f} s")
@@ -219,7 +221,7 @@ def wait_http(proc: subprocess.Popen, host: str, port: int, timeout_s: float,
                              "while starting (see its log above)")
         if can_connect(host, port):
             return True
-        time.sleep(0.1)
+        time.sleep(POLL_S)
     raise ValueError(f"the http front end did not listen within {timeout_s:.0f} s")
 
 
@@ -267,10 +269,13 @@ def run(args) -> int:
     engine = Child("engine", engine_command(args), env)
     http = Child("http front end", http_command(args), http_env)
     try:
+        # both at once: the front end imports and forks while the engine loads and
+        # compiles (it answers 503 until the engine is healthy), so a restart costs the
+        # slower of the two, not their sum
         engine.start()
+        http.start()
         if not wait_engine(engine.proc, address, args.engine_start_timeout, stopping):
             return 0
-        http.start()
         if not wait_http(http.proc, args.host, args.port, HTTP_START_TIMEOUT_S, stopping):
             return 0
         _say(f"serving on http://{args.host}:{args.port} (engine on {address})")

@@ -88,3 +88,28 @@ def test_text_format_line():
         os.environ.pop(logs.FORMAT_ENV, None)
         if old is not None:
             os.environ[logs.FORMAT_ENV] = old
+
+
+def test_progress_bar_on_a_terminal_timed_lines_otherwise(capsys, monkeypatch):
+    """Counted start-up messages ("label: ... done/total ..."): a tqdm bar on a terminal,
+    closed with the last message as a log line; elsewhere at most one line per interval
+    per label plus the last; other messages pass through."""
+    from serving import logs
+    monkeypatch.setenv(logs.FORMAT_ENV, "text")
+    plain = logs.Progress("engine", tty=False, every_s=3600)
+    for i in range(1, 6):
+        plain(f"background compile: {i}/5 programs, {i}.0 s, ETA {5 - i} s")
+    plain("warm-up: done")
+    lines = capsys.readouterr().err.splitlines()
+    assert [l.split("engine: ")[1] for l in lines] == [
+        "background compile: 1/5 programs, 1.0 s, ETA 4 s",
+        "background compile: 5/5 programs, 5.0 s, ETA 0 s", "warm-up: done"]
+
+    bar = logs.Progress("engine", tty=True)
+    for i in range(1, 4):
+        bar(f"background compile: {i}/3 programs, {i}.0 s, ETA {3 - i} s")
+    err = capsys.readouterr().err
+    assert "engine: background compile" in err and "3/3" in err      # the bar, drawn
+    assert err.rstrip().endswith("INFO engine: background compile: 3/3 programs, 3.0 s, "
+                                 "ETA 0 s"), err[-300:]
+    assert not bar._bars                                               # closed

@@ -10,6 +10,8 @@ benchmarks.
 
 from __future__ import annotations
 
+import datetime
+import re
 import subprocess
 import sys
 import time
@@ -22,11 +24,12 @@ from tests.http_fixtures import ROOT, _env, _stop, free_port
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 8    # ~80 tokens: bucket 128
 
 
-def _launch_and_ask(cache_dir, log_path) -> tuple[float, float, str]:
-    """(seconds to /health 200, seconds to the first answered completion, the log)."""
+def _launch_and_ask(cache_dir, log_path) -> tuple[float, float, str, float]:
+    """(seconds to /health 200, seconds to the first answered completion, the log, the
+    launch's wall-clock time)."""
     from openai import OpenAI
     port, grpc_port = free_port(), free_port()
-    t0 = time.monotonic()
+    t0, launched = time.monotonic(), time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "serving.cli", "serve", "--port", str(port),
@@ -57,7 +60,30 @@ def _launch_and_ask(cache_dir, log_path) -> tuple[float, float, str]:
             assert short.usage.completion_tokens >= 1
         finally:
             _stop(proc)
-    return healthy, answered, log_path.read_text()
+    return healthy, answered, log_path.read_text(), launched
+
+
+# (name, a log line's text) for the timeline: when each start-up step finished
+MILESTONES = (("front end listening", "http: Listening at"),
+              ("engine imported", "engine: loading "), ("model loaded", "engine: loaded in"),
+              ("first programs", "engine: warm-up took"),
+              ("engine serving", "(gRPC)"), ("both up", "serve: serving on"),
+              ("every program", "every program compiled"))
+
+
+def _timeline(log: str, launched: float) -> str:
+    """Seconds from launch to each milestone, and the engine's RSS figures, from the log's
+    timestamps."""
+    parts = []
+    for name, marker in MILESTONES:
+        line = next((l for l in log.splitlines() if marker in l), None)
+        if line is None:
+            continue
+        ts = datetime.datetime.strptime(line.split(" ")[0], "%Y-%m-%dT%H:%M:%S.%fZ")
+        at = ts.replace(tzinfo=datetime.timezone.utc).timestamp() - launched
+        rss = re.search(r"RSS (\d+) MiB", line)
+        parts.append(f"{name} {at:.1f} s" + (f" (RSS {rss[1]} MiB)" if rss else ""))
+    return ", ".join(parts)
 
 
 def _all_compiled(line: str) -> bool:
@@ -70,18 +96,21 @@ def _all_compiled(line: str) -> bool:
 
 def test_cold_then_warm_start(tmp_path):
     cache = tmp_path / "xla"
-    cold_health, cold, log = _launch_and_ask(cache, tmp_path / "cold.log")
+    cold_health, cold, log, cold_t0 = _launch_and_ask(cache, tmp_path / "cold.log")
     assert "compiling the rest in the background" in log, log[-3000:]
     # log order: was the first request answered before the background thread finished?
     lines = log.splitlines()
     answered_at = next(i for i, l in enumerate(lines) if "POST /v1/completions 200" in l)
     done_at = next((i for i, l in enumerate(lines) if _all_compiled(l)), len(lines))
     background_busy = answered_at < done_at
-    warm_health, warm, _ = _launch_and_ask(cache, tmp_path / "warm.log")
-    print(f"\nstart-up (4 slots, max-model-len 512; machine shared, figures vary): "
+    warm_health, warm, warm_log, warm_t0 = _launch_and_ask(cache, tmp_path / "warm.log")
+    import os
+    print(f"\nstart-up (4 slots, max-model-len 512; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, figures vary): "
           f"cold {cold:.1f} s to the first answer ({cold_health:.1f} s to /health), "
           f"warm restart {warm:.1f} s ({warm_health:.1f} s to /health); background "
-          f"compilation still running when the first answer came: {background_busy}")
+          f"compilation still running when the first answer came: {background_busy}"
+          f"\n  cold: {_timeline(log, cold_t0)}\n  warm: {_timeline(warm_log, warm_t0)}")
 
 
 @pytest.mark.parametrize("layout", ["dense", "paged"])

@@ -727,10 +727,9 @@ class DeviceEngine:
             for _name in pool.map(one, jobs):
                 done += 1
                 elapsed = time.perf_counter() - t0
-                if done == len(jobs) or done % 8 == 0:
-                    eta = elapsed / done * (len(jobs) - done)
-                    say(f"background compile: {done}/{len(jobs)} programs, "
-                        f"{elapsed:.1f} s, ETA {eta:.0f} s")
+                eta = elapsed / done * (len(jobs) - done)   # every one: `say` may thin
+                say(f"background compile: {done}/{len(jobs)} programs, "
+                    f"{elapsed:.1f} s, ETA {eta:.0f} s")
         self.background_done = True
 
 

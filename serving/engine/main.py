@@ -206,8 +206,9 @@ def run(args) -> int:
                           eos_ids=tuple(sorted(eos_ids)),
                           token_limit=tokenizer.vocab_size if tokenizer else None,
                           steering=vectors is not None, **kv)
+    from serving.process import rss_mib, trim_memory
     _say(f"loaded in {time.monotonic() - t0:.1f} s: {max_slots} slots, max_model_len "
-         f"{max_len}, prefill buckets {list(engine.prefill_buckets)}")
+         f"{max_len}, prefill buckets {list(engine.prefill_buckets)}; RSS {rss_mib():.0f} MiB")
     if engine.paged:
         from serving.engine.device import kv_bytes_per_token
         pool = engine.num_blocks * engine.block_size * kv_bytes_per_token(config)
@@ -216,9 +217,18 @@ def run(args) -> int:
              f"{max_slots * max_len * kv_bytes_per_token(config) / 2 ** 30:.2f} GiB)")
     t1 = time.monotonic()
     full = getattr(args, "warmup_only", False) or getattr(args, "full_warmup", False)
-    engine.warmup(_say, background=not full)
+    from serving.logs import Progress
+    background = engine.warmup(Progress("engine"), background=not full)
+    trim_memory()                # the compiler's freed heap back to the system
     _say(f"warm-up took {time.monotonic() - t1:.1f} s"
-         + (f" (compilation cache: {cache_dir})" if cache_dir else ""))
+         + (f" (compilation cache: {cache_dir})" if cache_dir else "")
+         + f"; RSS {rss_mib():.0f} MiB")
+    if background is not None:
+        def report(thread=background):
+            thread.join()
+            trim_memory()
+            _say(f"every program compiled; RSS {rss_mib():.0f} MiB")
+        threading.Thread(target=report, name="flaxserve-rss", daemon=True).start()
     if getattr(args, "warmup_only", False):
         _say("--warmup-only: every program is compiled" +
              (f" into {cache_dir}" if cache_dir else " (no compilation cache: nothing kept)"))
@@ -261,3 +271,7 @@ def run(args) -> int:
         for s, h in old.items():
             signal.signal(s, h)
         _say("stopped")
+        if background is not None and background.is_alive():
+            # the compile pool's threads would hold the exit until every program is done
+            sys.stderr.flush()
+            os._exit(1 if scheduler.failed is not None or lost else 0)

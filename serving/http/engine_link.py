@@ -159,7 +159,9 @@ class EngineLink:
 
     def _watch_health(self) -> None:
         while not self._closed:
-            time.sleep(HEALTH_INTERVAL_S)
+            # while the engine is starting (or down), look more often: /health turns 200
+            # within 50 ms of the engine being ready
+            time.sleep(HEALTH_INTERVAL_S if self._healthy else 0.05)
             self._healthy = self.healthy(timeout_s=1.0)
 
     def model_info(self) -> EngineModel:
