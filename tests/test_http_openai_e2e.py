@@ -151,6 +151,23 @@ def test_legacy_completions(client, servers):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "echo"
 
 
+def test_paged_prefix_cache_reports_through_usage_and_metrics(client, servers):
+    """The engine runs the default paged KV: a repeated 40-token prompt reuses its two full
+    blocks of 16 (cached_tokens), and /metrics shows block usage and the hit rate."""
+    ids = [(7 * i) % 200 + 10 for i in range(40)]
+    first, again = (client.completions.create(model="tiny", prompt=ids, max_tokens=2,
+                                              temperature=0) for _ in range(2))
+    assert again.usage.prompt_tokens_details.cached_tokens == 32
+    assert again.choices[0].text == first.choices[0].text
+    text = requests.get(servers.base_url + "/metrics", timeout=30).text
+    gauges = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("flaxserve_engine_")}
+    assert gauges["flaxserve_engine_kv_blocks_total"] > 0
+    assert 0 <= gauges["flaxserve_engine_kv_block_usage"] <= 1
+    assert gauges["flaxserve_engine_prefix_cache_hit_tokens"] >= 32
+    assert 0 < gauges["flaxserve_engine_prefix_cache_hit_rate"] <= 1
+
+
 def test_legacy_echo_logprobs_scores_the_prompt(client):
     """The scoring path: echo + logprobs gives the prompt tokens' logprobs, then the
     completion's; the prompt's log-likelihood does not depend on what is sampled."""
