@@ -2,9 +2,10 @@
 
 Prompt lookup pays off where the output copies its input, so the default prompt is
 extractive: a passage and the instruction to quote it. Both runs are greedy, so their
-texts must be identical (printed as a check, not assumed); the figures are tokens/s of a
-whole request (prompt included; the best of two runs after a warm-up run of each), the
-ratio, the draft acceptance rate and the tokens emitted per target forward.
+texts must be identical (printed as a check, not assumed); the figures are decode tokens/s
+as `bench decode` times them, (time for N tokens - time for 1) / (N - 1), so the prompt's
+prefill is excluded (best of two runs after a warm-up run of each), the whole request's
+tokens/s, the ratios, the draft acceptance rate and the tokens emitted per target forward.
 """
 
 from __future__ import annotations
@@ -105,30 +106,42 @@ def run(args) -> int:
     engine = DeviceEngine(config, params, max_slots=1, max_len=max_len, num_top_logprobs=1,
                           token_limit=limit)
     ids = np.asarray(prompt, np.int32)
+    one = SamplingParams(temperature=0.0, max_tokens=1)
     (plain, _), plain_s = _timed(lambda: generate(engine, tokenizer, ids, greedy, 0, stop_ids))
+    _, plain_1 = _timed(lambda: generate(engine, tokenizer, ids, one, 0, stop_ids))
     decode = tokenizer.decode if tokenizer else (lambda t: ",".join(map(str, t)))
+    if len(plain) < 2:
+        raise ValueError("the model stopped after one token; use a longer --max-tokens or "
+                         "another --prompt")
+    plain_tps = (len(plain) - 1) / max(plain_s - plain_1, 1e-9)
     result = {"model": name, "method": args.method, "prompt_tokens": len(prompt),
-              "plain": {"tokens": len(plain), "seconds": plain_s,
-                        "tokens_s": len(plain) / plain_s}, "runs": []}
+              "plain": {"tokens": len(plain), "seconds": plain_s, "first_token_s": plain_1,
+                        "decode_tokens_s": plain_tps, "request_tokens_s": len(plain) / plain_s},
+              "runs": []}
     if not args.json:
         print(f"model {name}, prompt {len(prompt)} tokens, greedy, batch 1")
-        print(f"plain:        {len(plain):4d} tokens in {plain_s:6.2f} s = "
-              f"{len(plain) / plain_s:7.1f} tokens/s", flush=True)
+        print(f"plain:       {len(plain):4d} tokens in {plain_s:6.2f} s (first {plain_1:5.2f} s)"
+              f" = {plain_tps:7.1f} decode tokens/s, {len(plain) / plain_s:6.1f} per request "
+              f"second", flush=True)
     for k in ks:
         dec = SpeculativeDecoder(config, params, method=args.method, num_tokens=k,
                                  max_len=max_len, draft_config=draft[0], draft_params=draft[1],
                                  token_limit=limit)
         r, s = _timed(lambda: dec.generate(ids, greedy, 0, stop_ids))
-        entry = {"num_tokens": k, "tokens": len(r.token_ids), "seconds": s,
-                 "tokens_s": len(r.token_ids) / s,
-                 "speedup": (len(r.token_ids) / s) / (len(plain) / plain_s),
+        _, s1 = _timed(lambda: dec.generate(ids, one, 0, stop_ids))
+        n = len(r.token_ids)
+        tps = (n - 1) / max(s - s1, 1e-9) if n > 1 else 0.0
+        entry = {"num_tokens": k, "tokens": n, "seconds": s, "first_token_s": s1,
+                 "decode_tokens_s": tps, "speedup": tps / plain_tps,
+                 "request_speedup": (n / s) / (len(plain) / plain_s),
                  "identical": r.token_ids == plain, "acceptance_rate": r.acceptance_rate,
-                 "tokens_per_target_pass": len(r.token_ids) / (r.verify_steps + 1)}
+                 "tokens_per_target_pass": n / (r.verify_steps + 1)}
         result["runs"].append(entry)
         if not args.json:
-            print(f"{args.method} K={k:<2}:   {entry['tokens']:4d} tokens in {s:6.2f} s = "
-                  f"{entry['tokens_s']:7.1f} tokens/s  {entry['speedup']:.2f}x  identical "
-                  f"text: {'yes' if entry['identical'] else 'NO'}  acceptance "
+            print(f"{args.method} K={k:<2}:  {n:4d} tokens in {s:6.2f} s (first {s1:5.2f} s) = "
+                  f"{tps:7.1f} decode tokens/s  {entry['speedup']:.2f}x (request "
+                  f"{entry['request_speedup']:.2f}x)  identical text: "
+                  f"{'yes' if entry['identical'] else 'NO'}  acceptance "
                   f"{100 * r.acceptance_rate:.0f}%  {entry['tokens_per_target_pass']:.2f} "
                   f"tokens per target pass", flush=True)
     result["text"] = decode(plain)

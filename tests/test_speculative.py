@@ -205,3 +205,18 @@ def test_cli_and_local_model_give_the_plain_greedy_output(capsys):
     assert c.metrics["speculative"]["draft_tokens"] == usage["draft_tokens"]
     assert main(base + ["--speculative", "ngram", "--logprobs", "2"]) != 0
     assert "--logprobs is not supported with --speculative" in capsys.readouterr().err
+
+
+def test_bench_speculative_prints_identical_greedy_and_the_ratios(capsys):
+    import json
+
+    from serving.cli import main
+
+    assert main(["bench", "speculative", "--config", "tiny", "--max-tokens", "8",
+                 "--num-speculative-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plain"]["tokens"] == 8 and out["plain"]["decode_tokens_s"] > 0
+    [run] = out["runs"]
+    assert run["identical"] is True and run["tokens"] == 8
+    assert run["speedup"] > 0 and 0 <= run["acceptance_rate"] <= 1
+    assert 1 <= run["tokens_per_target_pass"] <= 4
