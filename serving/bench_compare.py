@@ -452,6 +452,8 @@ def run(args) -> int:
             target = TextHttpTarget(url, args.output_len)
             result["runs"]["flaxserve"] = _run_traced(target.send, texts, concurrencies, counts)
 
+    _say_figures(say, "flaxserve", result["runs"]["flaxserve"])
+
     # -- peers
     for peer in peers:
         try:
@@ -462,6 +464,7 @@ def run(args) -> int:
             result["skipped"][peer] = f"failed: {type(e).__name__}: {str(e)[:300]}"
         if figures is not None:
             result["runs"][peer] = figures
+            _say_figures(say, peer, figures)
         if peer in result["skipped"]:
             say(f"{peer}: skipped: {result['skipped'][peer]}")
 
@@ -531,6 +534,15 @@ def _run_peer(peer, args, hf_model, source, ids, texts, concurrencies, counts, m
     with server(cmd, port, args.server_timeout, "llama") as url:
         target = TextHttpTarget(url, args.output_len)
         return _run_traced(target.send, texts, concurrencies, counts)
+
+
+def _say_figures(say, who: str, runs: list[dict]) -> None:
+    """Each implementation's figures as soon as it is done (a long run killed half-way
+    still leaves them)."""
+    for x in runs:
+        say(f"{who} at concurrency {x['concurrency']}: {x['tokens_s']:.1f} tokens/s, "
+            f"TTFT p50 {x['ttft_ms']['p50']} ms, TPOT p50 {x['tpot_ms']['p50']} ms, "
+            f"{x['completed']}/{x['requests']} done")
 
 
 def _ratio(ours: dict, peer: dict) -> dict:
