@@ -163,6 +163,33 @@ def _post(summary: str, schema_name: str, description: str = "") -> dict:
                                    "429": {"description": "engine queue full (retry-after)"}}}}
 
 
+def _responses_request(chat_ext: dict) -> dict:
+    """/v1/responses: its own fields, the sampling ones and the chat extensions it takes."""
+    from serving.http import responses_api as r
+    fields = r.OWN | r.IGNORED | r.EXTENSIONS | r._sampling_fields()
+    own = {"model": {"type": "string"}, "stream": {"type": "boolean"},
+           "store": {"type": "boolean"}, "instructions": _nullable({"type": "string"}),
+           "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+               "type": "object"}}]},
+           "previous_response_id": _nullable({"type": "string"}),
+           "max_output_tokens": _nullable({"type": "integer", "minimum": 1,
+                                           "maximum": MAX_SEQUENCE}),
+           "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20}),
+           "temperature": _nullable({"type": "number", "minimum": 0,
+                                     "maximum": openai_api.OPENAI_MAX_TEMPERATURE})}
+    return _request(fields, {**chat_ext, **own}, ("input",))
+
+
+def _tokenize_request(chat_ext: dict) -> dict:
+    """/tokenize: a prompt, or messages as the chat route takes them."""
+    from serving.http import tokenize_api as t
+    props = {"model": {"type": "string"}, "prompt": {"type": "string"},
+             "messages": {"type": "array", "minItems": 1, "items": _OPENAI_MESSAGE},
+             "add_special_tokens": {"type": "boolean"},
+             "return_token_strs": {"type": "boolean"}}
+    return _request(t.PROMPT_FIELDS | t.CHAT_FIELDS, {**chat_ext, **props})
+
+
 @lru_cache(maxsize=1)
 def spec() -> dict:
     bool_ = {"type": "boolean"}
@@ -213,8 +240,7 @@ def spec() -> dict:
             "/v1/completions": _post("OpenAI legacy completions", "CompletionRequest",
                                      "`echo` with `logprobs` scores the prompt's tokens "
                                      "first (the first one's logprob is null)"),
-            "/v1/responses": {"post": {"summary": "OpenAI Responses API (docs/api.md)",
-                                       "responses": {"200": {"description": "a response"}}}},
+            "/v1/responses": _post("OpenAI Responses API (docs/api.md)", "ResponsesRequest"),
             "/v1/responses/{response_id}": {
                 "get": {"summary": "a stored response (store: true)",
                         "responses": {"200": {"description": "a response"}}},
@@ -222,10 +248,8 @@ def spec() -> dict:
                            "responses": {"200": {"description": "deleted"}}}},
             "/v1/models/{model_id}": {"get": {"summary": "one served model",
                                               "responses": {"200": {"description": "Model"}}}},
-            "/tokenize": {"post": {"summary": "vLLM's: prompt or messages -> token ids",
-                                   "responses": {"200": {"description": "tokens"}}}},
-            "/detokenize": {"post": {"summary": "vLLM's: token ids -> text",
-                                     "responses": {"200": {"description": "prompt"}}}},
+            "/tokenize": _post("vLLM's: prompt or messages -> token ids", "TokenizeRequest"),
+            "/detokenize": _post("vLLM's: token ids -> text", "DetokenizeRequest"),
             "/tokenizer_info": {"get": {"summary": "vLLM's: special tokens, chat template",
                                         "responses": {"200": {"description": "info"}}}},
             "/version": {"get": {"summary": "the server's version",
@@ -254,6 +278,13 @@ def spec() -> dict:
                     **chat_ext, **_anthropic_fields()}, ("messages", "max_tokens")),
                 "CountTokensRequest": _request(anthropic_api.COUNT_FIELDS, {
                     **chat_ext, **_anthropic_fields()}, ("messages",)),
+                "ResponsesRequest": _responses_request(chat_ext),
+                "TokenizeRequest": _tokenize_request(chat_ext),
+                "DetokenizeRequest": {
+                    "type": "object", "required": ["tokens"], "additionalProperties": False,
+                    "properties": {"model": {"type": "string"}, "tokens": {
+                        "type": "array", "items": {"type": "integer", "minimum": 0,
+                                                   "maximum": 2 ** 31 - 1}}}},
                 "UsageExtensions": usage,
             }},
         "security": [{"bearer": []}, {"apiKeyHeader": []}],
