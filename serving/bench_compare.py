@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 from serving.bench_serve import Trace
-from serving.flags import int_list
+from serving.flags import counts_per_level, int_list
 
 PEERS = ("hf", "hf-serve", "llama")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -361,12 +361,7 @@ def _llama_command(args, gguf: str, port: int, max_conc: int, ctx: int):
 
 def run(args) -> int:
     concurrencies = int_list(args.concurrency, "--concurrency")
-    counts = (int_list(args.num_requests, "--num-requests") if args.num_requests
-              else [max(4, c) for c in concurrencies])
-    if len(counts) == 1:
-        counts = counts * len(concurrencies)
-    if len(counts) != len(concurrencies):
-        raise ValueError("--num-requests: give one count, or one per --concurrency")
+    counts = counts_per_level(args.num_requests, concurrencies, lambda c: max(4, c))
     for flag in ("prompt_len", "output_len"):
         if getattr(args, flag) < 2:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 2")

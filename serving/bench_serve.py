@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.flags import int_list
+from serving.flags import counts_per_level, int_list
 
 
 def add_arguments(parser) -> None:
@@ -248,12 +248,7 @@ def run(args) -> int:
         if not args.rate > 0:
             raise ValueError(f"--rate must be > 0, got {args.rate}")
         concurrencies = [None]
-    counts = (int_list(args.num_requests, "--num-requests") if args.num_requests
-              else [max(8, 2 * (c or 8)) for c in concurrencies])
-    if len(counts) == 1:
-        counts = counts * len(concurrencies)
-    if len(counts) != len(concurrencies):
-        raise ValueError("--num-requests: give one count, or one per --concurrency")
+    counts = counts_per_level(args.num_requests, concurrencies, lambda c: max(8, 2 * (c or 8)))
     for flag in ("prompt_len", "output_len"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")

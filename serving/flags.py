@@ -14,6 +14,18 @@ def int_list(text: str, flag: str) -> list[int]:
     return values
 
 
+def counts_per_level(num_requests: str | None, levels: list, default) -> list[int]:
+    """--num-requests for a bench: one count for every --concurrency level, or one per
+    level; `default(level)` when the flag is absent."""
+    counts = (int_list(num_requests, "--num-requests") if num_requests
+              else [default(c) for c in levels])
+    if len(counts) == 1:
+        counts = counts * len(levels)
+    if len(counts) != len(levels):
+        raise ValueError("--num-requests: give one count, or one per --concurrency")
+    return counts
+
+
 def add_quantize_argument(parser) -> None:
     """--quantize (engine, serve, generate, bench decode); see docs/speed.md, "int8"."""
     parser.add_argument("--quantize", choices=("int8",), default=None,
