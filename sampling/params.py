@@ -74,7 +74,8 @@ BOUNDS = {
     "dynatemp_exponent": (0.0, 100.0, False, False, False),
     "mirostat_tau": (0.0, 100.0, False, False, False),
     "mirostat_eta": (0.0, 10.0, False, False, False),
-    "repetition_penalty": (0.0, 100.0, True, False, False),
+    # a floor, not just > 0: a subnormal penalty turns positive logits into inf
+    "repetition_penalty": (0.01, 100.0, False, False, False),
     "presence_penalty": (-2.0, 2.0, False, False, False),
     "frequency_penalty": (-2.0, 2.0, False, False, False),
     "penalty_window": (0, "context", False, False, True),
@@ -299,7 +300,7 @@ class SamplingParams:
         number("mirostat_eta", 0.0)
         self._validate_dynamic_top_p(number, token_id)
         self._validate_beam_search(number, flag)
-        number("repetition_penalty", 0.0, lo_open=True)
+        number("repetition_penalty", 0.01)
         number("presence_penalty", -2.0, 2.0)
         number("frequency_penalty", -2.0, 2.0)
         for name in ("repetition_penalty_scope", "presence_frequency_scope"):

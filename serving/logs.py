@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 
 FORMAT_ENV = "FLAXSERVE_LOG_FORMAT"
@@ -55,8 +56,16 @@ def line(component: str, msg: str, level: str = "info", **fields) -> str:
     return f"{_ts()} {level.upper()} {component}: {msg}{extra}"
 
 
+_WRITE = threading.Lock()
+
+
 def say(component: str, msg: str, level: str = "info", **fields) -> None:
-    print(line(component, msg, level, **fields), file=sys.stderr, flush=True)
+    # one write per line, under a lock: `print` writes the text and its newline apart, so
+    # two threads (warm-up in the background, the main thread) could join two lines in one
+    text = line(component, msg, level, **fields) + "\n"
+    with _WRITE:
+        sys.stderr.write(text)
+        sys.stderr.flush()
 
 
 class Formatter(logging.Formatter):
