@@ -124,7 +124,7 @@ def generate(engine, tokenizer, prompt_ids, sampling, seed: int, stop_ids=()):
     """Run one request to completion on `engine`; returns (token_ids, outputs per token)."""
     chunk = engine.prefill_buckets[-1]
     start = 0
-    while len(prompt_ids) - start > chunk:
+    while len(prompt_ids) - start > chunk and not sampling.deterministic:  # insert grids it
         engine.prefill_chunk(0, prompt_ids[start:start + chunk], start)
         start += chunk
     out = engine.insert(0, prompt_ids, start, sampling, seed).result()

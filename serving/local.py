@@ -216,7 +216,7 @@ class LocalModel:
                 if engine.steering:
                     engine.set_steering(slot, steer[i])
                 start, chunk = 0, engine.prefill_buckets[-1]
-                while len(ids) - start > chunk:
+                while len(ids) - start > chunk and not params[i].deterministic:  # insert grids it
                     engine.prefill_chunk(slot, ids[start:start + chunk], start)
                     start += chunk
                 mask = None

@@ -215,3 +215,22 @@ def test_engine_without_steering_refuses_it(local):
         Scheduler(engine).make_request("r", [1, 2], {}, steering=STEER)
     assert e.value.kind == INVALID_ARGUMENT and "--steering-vectors" in e.value.message
     assert from_value_error(ValueError(e.value.message)).param == "steering"
+
+
+def test_deterministic_is_bitwise_after_a_prefix_hit(env):
+    """The second identical `deterministic` request reuses the first one's prompt blocks
+    (cached_tokens > 0) and still gives its answer bitwise: the prompt is prefilled on a
+    fixed grid (DeviceEngine._grid_prefill), so resuming behind cached blocks runs the
+    same programs at the same positions."""
+    client = env[1]
+    prompt = "the quick brown fox jumps over the lazy dog " * 6    # several KV blocks
+    runs = [client.completions.create(
+        model="tiny", prompt=prompt, logprobs=3, max_tokens=6,
+        extra_body={"return_token_ids": True, "ignore_eos": True, "deterministic": True},
+        **{k: v for k, v in SAMPLED.items() if k != "max_tokens"}) for _ in range(2)]
+    cached = [r.usage.prompt_tokens_details.cached_tokens if r.usage.prompt_tokens_details
+              else 0 for r in runs]
+    assert cached[1] > cached[0] and cached[1] >= 16, cached
+    first, second = (r.choices[0] for r in runs)
+    assert _tokens(first) == _tokens(second)
+    assert first.logprobs.top_logprobs == second.logprobs.top_logprobs

@@ -443,11 +443,16 @@ class DeviceEngine:
         raise ValueError(f"chunk of {n} tokens exceeds the largest prefill bucket "
                          f"{self.prefill_buckets[-1]}")
 
-    def _chunk_args(self, slot: int, token_ids, start: int):
+    def _chunk_args(self, slot: int, token_ids, start: int, grid: bool = False):
+        """grid=True (a `deterministic` prompt, see `_grid_prefill`): a chunk of at most
+        `block_size` tokens at a grid line, run at one shape (bucket, whole cache)."""
         token_ids = np.asarray(token_ids, np.int32)
         n = len(token_ids)
         if n < 1:
             raise ValueError("a prefill chunk needs at least one token")
+        if grid and (n > self.block_size or start % self.block_size):
+            raise ValueError(f"a grid chunk is at most {self.block_size} tokens at a multiple "
+                             f"of {self.block_size}, got {n} at {start}")
         if start + n > self.max_len:
             raise ValueError(f"prompt of {start + n} tokens exceeds max_len {self.max_len}")
         if self.paged:
@@ -455,9 +460,9 @@ class DeviceEngine:
             if -(-(start + n) // self.block_size) > have:
                 raise ValueError(f"slot {slot} holds {have} blocks, too few for positions "
                                  f"up to {start + n}")
-        padded = np.zeros(self._bucket(n), np.int32)
+        padded = np.zeros(self._bucket(self.block_size if grid else n), np.int32)
         padded[:n] = token_ids
-        return padded, np.int32(start), np.int32(n), np.int32(slot), start == 0
+        return padded, np.int32(start), np.int32(n), np.int32(slot), start == 0 and not grid
 
     def set_blocks(self, slot: int, blocks) -> None:
         """Paged layout: slot's block table row (unused entries: the null block 0)."""
@@ -504,10 +509,39 @@ class DeviceEngine:
                                       donate_argnums=(0,))
         self.state = self._set_steer(self.state, np.int32(slot), vec)
 
-    def prefill_chunk(self, slot: int, token_ids, start: int) -> None:
-        """Write the KV of `token_ids` at positions start.. of `slot`; no sampling."""
+    def prefill_chunk(self, slot: int, token_ids, start: int,
+                      deterministic: bool = False) -> None:
+        """Write the KV of `token_ids` at positions start.. of `slot`; no sampling.
+        deterministic=True: on the fixed grid (`_grid_prefill`; start must be a grid line)."""
+        if deterministic:
+            token_ids = np.asarray(token_ids, np.int32)
+            last = self._grid_prefill(slot, token_ids, start)
+            self.state, _ = self._prefill(self.params, self.state, self._tables_arg(),
+                                          *self._chunk_args(slot, token_ids[last:],
+                                                            start + last, grid=True))
+            return
         self.state, _ = self._prefill(self.params, self.state, self._tables_arg(),
                                       *self._chunk_args(slot, token_ids, start))
+
+    def _grid_prefill(self, slot: int, token_ids, start: int) -> int:
+        """Batch-invariant prefill (a `deterministic` request) of token_ids at positions
+        start..: chunks of `block_size` tokens at multiples of `block_size`, each padded to
+        one bucket and attending the whole cache. A position's K/V then come from the same
+        program with the same inputs whether the prompt ran from 0 or resumed after cached
+        blocks (a prefix hit ends at a block boundary), and no matmul or attention
+        reduction changes shape with the prompt's length. Runs every chunk but the last;
+        returns the last one's offset in token_ids (the caller runs it: `insert` needs its
+        logits)."""
+        c = self.block_size
+        if start % c:
+            raise ValueError(f"a deterministic prefill starts at a multiple of {c}, got {start}")
+        off = 0
+        while len(token_ids) - off > c:
+            self.state, _ = self._prefill(self.params, self.state, self._tables_arg(),
+                                          *self._chunk_args(slot, token_ids[off:off + c],
+                                                            start + off, grid=True))
+            off += c
+        return off
 
     def insert(self, slot: int, prompt_ids, start: int, sampling: SamplingParams, seed: int,
                sample_index: int = 0, mask=None, prompt_len: int | None = None,
@@ -519,7 +553,11 @@ class DeviceEngine:
         are prompt_ids[prompt_len:] (see `_first_fn`); `carry`: its `sampler_carry` taken
         at preemption."""
         prompt_ids = np.asarray(prompt_ids, np.int32)
-        args = self._chunk_args(slot, prompt_ids[start:], start)
+        grid = bool(getattr(sampling, "deterministic", False))
+        if grid:   # from the grid line at or before start (a slot's own block: rewritten)
+            start -= start % self.block_size
+            start += self._grid_prefill(slot, prompt_ids[start:], start)
+        args = self._chunk_args(slot, prompt_ids[start:], start, grid=grid)
         prompt = np.zeros(self.max_len, np.int32)
         prompt[:len(prompt_ids)] = prompt_ids
         row = make_rows([sampling], self.vocab_size, [seed], [sample_index], self.eos_ids)

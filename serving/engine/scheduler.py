@@ -266,6 +266,8 @@ class Scheduler:
             if why is not None:
                 raise RequestError(INVALID_ARGUMENT, why)
         steer, key = self._steering(steering, params)
+        if params.deterministic:   # its KV comes from the grid prefill (DeviceEngine.
+            key = b"deterministic" + key   # _grid_prefill): shared with its own kind only
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         return EngineRequest(request_id=request_id, prompt_ids=ids, sampling=params, seed=seed,
                              skip_special_tokens=skip_special_tokens, grammar=grammar,
@@ -503,6 +505,11 @@ class Scheduler:
         return False
 
     def _release(self, slot: int, tokens: np.ndarray) -> None:
+        owner = self._owner[slot]
+        if owner is not None and owner.sampling.deterministic:
+            # generated tokens' KV came from decode steps, not the grid prefill a later
+            # deterministic prompt would run: cache the prompt's blocks only
+            tokens = tokens[:len(owner.state.prompt)]
         self.engine.release(slot)
         self._owner[slot] = None
         self._slot_tokens[slot] = tokens
@@ -824,12 +831,15 @@ class Scheduler:
             try:
                 target = st.slots[0]
                 remaining = len(st.prompt) - st.prefill_pos
+                det = st.request.sampling.deterministic
                 if remaining > self.largest_chunk:
                     cost = self.largest_chunk
+                    if det:                  # chunks on the grid (DeviceEngine._grid_prefill)
+                        cost -= cost % self.engine.block_size
                     if spent and spent + cost > self.prefill_budget:
                         break
                     chunk = st.prompt[st.prefill_pos:st.prefill_pos + cost]
-                    self.engine.prefill_chunk(target, chunk, st.prefill_pos)
+                    self.engine.prefill_chunk(target, chunk, st.prefill_pos, det)
                     st.prefill_pos += cost
                     self._slot_tokens[target] = np.asarray(st.prompt[:st.prefill_pos],
                                                            np.int32)
