@@ -94,6 +94,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     config: ModelConfig
     layer: int
+    paged_kernel: str | None = None    # see Decoder
+    interpret: bool = False
 
     @nn.compact
     def __call__(self, x, positions, rope, k_cache, v_cache, slot_ids, attend_len=None,
@@ -129,11 +131,28 @@ class Attention(nn.Module):
         else:
             # Paged: the same through each row's block table (model/paged_attention.py).
             tables = block_tables if slot_ids is None else block_tables[slot_ids]
-            k_cache = paged.write(k_cache, tables, positions, k)
-            v_cache = paged.write(v_cache, tables, positions, v)
-            n = paged.blocks_for(attend_len, k_cache.shape[1], tables.shape[1])
-            keys = paged.gather(k_cache, tables, n)
-            values = paged.gather(v_cache, tables, n)
+            hf = self.paged_kernel is not None          # the kernels' head-first pool
+            if k_cache.shape[0 if hf else 2] != kvh:
+                raise ValueError(f"paged pool {k_cache.shape} is not "
+                                 f"{'head-first' if hf else 'token-major'} for "
+                                 f"paged_kernel={self.paged_kernel!r} "
+                                 f"(model/paged_attention.py, init_paged_cache)")
+            k_cache = paged.write(k_cache, tables, positions, k, hf)
+            v_cache = paged.write(v_cache, tables, positions, v, hf)
+            bs = paged.block_size_of(k_cache, hf)
+            n = paged.blocks_for(attend_len, bs, tables.shape[1])
+            if hf and t == 1 and cfg.layer_window(self.layer) is None:
+                # a decode step: the Pallas kernel walks the tables (model/pallas_paged.py);
+                # rows that write nothing (idle) attend key 0 only, their output unused
+                from model.pallas_paged import decode_attention
+                pos = positions[:, 0]
+                lengths = jnp.where((pos >= 0) & (pos < paged.void_position(tables, bs)),
+                                    pos + 1, 1)
+                out = decode_attention(q[:, 0], k_cache, v_cache, tables[:, :n], lengths,
+                                       kernel=self.paged_kernel, interpret=self.interpret)
+                return self._project(out[:, None].astype(v_cache.dtype), b, t), k_cache, v_cache
+            keys = paged.gather(k_cache, tables, n, hf)
+            values = paged.gather(v_cache, tables, n, hf)
 
         scores = jnp.einsum("btkgh,bskh->bkgts", q, keys,
                             preferred_element_type=jnp.float32) / math.sqrt(hd)
@@ -145,13 +164,19 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, values)
+        return self._project(out, b, t), k_cache, v_cache
+
+    def _project(self, out, b, t):
+        """[B, T, kv_heads, q_per_kv, head_dim] -> [B, T, hidden] (the o projection)."""
+        cfg = self.config
+        kvh, g, hd = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
         o_w = _param(self, "o", (kvh, g, hd, cfg.hidden_size),
                      ("kv_heads", None, "head_dim", "embed"), cfg.dtype)
         y = out.reshape(b, t, -1) @ o_w.reshape(-1, cfg.hidden_size)
         if cfg.o_bias:
             y = y + _param(self, "o_bias", (cfg.hidden_size,), ("embed",), cfg.dtype,
                            nn.initializers.zeros)
-        return y, k_cache, v_cache
+        return y
 
 
 class MLP(nn.Module):
@@ -171,12 +196,15 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     config: ModelConfig
     layer: int
+    paged_kernel: str | None = None
+    interpret: bool = False
 
     @nn.compact
     def __call__(self, x, positions, rope, k_cache, v_cache, slot_ids, attend_len=None,
                  block_tables=None):
         cfg = self.config
-        h, k_cache, v_cache = Attention(cfg, self.layer, name="attn")(
+        h, k_cache, v_cache = Attention(cfg, self.layer, self.paged_kernel, self.interpret,
+                                        name="attn")(
             RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="attn_norm")(x), positions, rope,
             k_cache, v_cache, slot_ids, attend_len, block_tables)
         x = x + h
@@ -196,9 +224,15 @@ class Decoder(nn.Module):
     Logits are float32.
     steering [B, num_layers, hidden] (optional; model/steering.py): added to sequence b's
     residual stream after layer i at every position (zeros: no change, bitwise).
+    paged_kernel (model/pallas_paged.resolve_attention): None, the gather path; "gpu" or
+    "tpu", the pool is head-first ([kv_heads, num_blocks, block_size, head_dim]) and decode
+    calls (one token per row) attend through that Pallas kernel (in interpret mode with
+    `interpret`, for CPU tests); prefill chunks and sliding-window layers still gather.
     """
 
     config: ModelConfig
+    paged_kernel: str | None = None
+    interpret: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions, cache, slot_ids=None, logits_index=None,
@@ -211,7 +245,8 @@ class Decoder(nn.Module):
         new_cache = []
         for i in range(cfg.num_layers):
             k_cache, v_cache = cache[i]
-            x, k_cache, v_cache = DecoderLayer(cfg, i, name=f"layer_{i}")(
+            x, k_cache, v_cache = DecoderLayer(cfg, i, self.paged_kernel, self.interpret,
+                                               name=f"layer_{i}")(
                 x, positions, rope, k_cache, v_cache, slot_ids, attend_len, block_tables)
             if steering is not None:
                 x = x + steering[:, i, None, :].astype(x.dtype)
@@ -256,23 +291,26 @@ def init_params(config: ModelConfig, seed: int = 0):
 
 
 def init_paged_cache(config: ModelConfig, num_blocks: int, block_size: int,
-                     dtype=None) -> tuple:
-    """A zeroed paged KV pool: per layer (k, v) of [num_blocks, block_size, kv_heads, head_dim]."""
+                     dtype=None, head_first: bool = False) -> tuple:
+    """A zeroed paged KV pool: per layer (k, v) of [num_blocks, block_size, kv_heads, head_dim]
+    ([kv_heads, num_blocks, ...] with head_first, for the Pallas kernels)."""
     return paged.init_pool(config.num_layers, num_blocks, block_size, config.num_kv_heads,
-                           config.head_dim, dtype or config.dtype)
+                           config.head_dim, dtype or config.dtype, head_first)
 
 
 def forward(config: ModelConfig, params, cache, tokens, positions, slot_ids=None,
             logits_index=None, attend_len: int | None = None, block_tables=None,
-            steering=None):
+            steering=None, paged_kernel: str | None = None, interpret: bool = False):
     """Pure forward; jit it at the call site (with the cache donated).
 
     `attend_len` (static) limits attention to cache positions [0, attend_len): every real
     position of this call must be below it. None attends over the whole cache.
     `block_tables` [S, max_blocks] int32: `cache` is a paged pool (see `Decoder`).
     `steering` [B, num_layers, hidden]: per-sequence residual additions (see `Decoder`).
+    `paged_kernel`, `interpret`: the paged decode attention (see `Decoder`).
     `params` may hold int8 weights (model/quantize.py): they are dequantised here."""
     from model.quantize import dequantize_params
     params = dequantize_params(params, config.dtype)
-    return Decoder(config).apply({"params": params}, tokens, positions, cache, slot_ids,
+    return Decoder(config, paged_kernel, interpret).apply(
+        {"params": params}, tokens, positions, cache, slot_ids,
                                  logits_index, attend_len, block_tables, steering)

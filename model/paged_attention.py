@@ -13,6 +13,13 @@ flattened pool; a read gathers a row's first `n` blocks into a contiguous
 the dense cache. Positions at or past `max_blocks_per_seq * block_size` write nothing.
 Block 0 is the null block: unused table entries point at it, it is never allocated, and
 what it holds is never attended (masked by position).
+
+Two pool layouts, one per attention implementation: token-major `[num_blocks, block_size,
+kv_heads, head_dim]` for the gather path, head-first `[kv_heads, num_blocks, block_size,
+head_dim]` when decode runs the Pallas kernels (model/pallas_paged.py), which read the pool
+that way: storing it so saves a copy of the whole pool per layer per step. `head_first`
+says which; write, gather and copy_block agree on both, and gather always returns the
+token-major key axis the decoder's attention expects.
 """
 
 from __future__ import annotations
@@ -20,16 +27,33 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Logical axis names of a pool [num_blocks, block_size, kv_heads, head_dim].
+# Logical axis names of a pool [num_blocks, block_size, kv_heads, head_dim] (token-major)
+# and of a head-first one [kv_heads, num_blocks, block_size, head_dim].
 POOL_AXES = ("cache_blocks", None, "cache_heads", "head_dim")
+POOL_AXES_HEAD_FIRST = ("cache_heads", "cache_blocks", None, "head_dim")
 NULL_BLOCK = 0
 
 
+def pool_shape(num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+               head_first: bool = False) -> tuple[int, int, int, int]:
+    if head_first:
+        return (kv_heads, num_blocks, block_size, head_dim)
+    return (num_blocks, block_size, kv_heads, head_dim)
+
+
+def pool_axes(head_first: bool = False) -> tuple:
+    return POOL_AXES_HEAD_FIRST if head_first else POOL_AXES
+
+
 def init_pool(num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
-              head_dim: int, dtype) -> tuple:
-    """A zeroed pool: per layer a (k, v) pair of [num_blocks, block_size, kv_heads, head_dim]."""
-    shape = (num_blocks, block_size, kv_heads, head_dim)
+              head_dim: int, dtype, head_first: bool = False) -> tuple:
+    """A zeroed pool: per layer a (k, v) pair of `pool_shape(...)`."""
+    shape = pool_shape(num_blocks, block_size, kv_heads, head_dim, head_first)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers))
+
+
+def block_size_of(pool: jax.Array, head_first: bool = False) -> int:
+    return pool.shape[2 if head_first else 1]
 
 
 def void_position(tables: jax.Array, block_size: int) -> int:
@@ -37,23 +61,35 @@ def void_position(tables: jax.Array, block_size: int) -> int:
     return tables.shape[-1] * block_size
 
 
-def write(pool: jax.Array, tables: jax.Array, positions: jax.Array, new: jax.Array) -> jax.Array:
+def write(pool: jax.Array, tables: jax.Array, positions: jax.Array, new: jax.Array,
+          head_first: bool = False) -> jax.Array:
     """Scatter new [B, T, kv_heads, head_dim] at positions [B, T] of the B rows of tables
     [B, max_blocks]; positions outside [0, max_blocks * block_size) are dropped."""
-    num_blocks, bs = pool.shape[:2]
+    bs = block_size_of(pool, head_first)
+    num_blocks = pool.shape[1 if head_first else 0]
     valid = (positions >= 0) & (positions < void_position(tables, bs))
     p = jnp.where(valid, positions, 0)
     block = jnp.take_along_axis(tables, p // bs, axis=1)
     flat = jnp.where(valid, block * bs + p % bs, num_blocks * bs)
+    new = new.astype(pool.dtype)
+    if head_first:   # [kvh, NB * bs, hd], written at [:, flat]
+        kvh, hd = pool.shape[0], pool.shape[3]
+        pool_flat = pool.reshape(kvh, num_blocks * bs, hd)
+        pool_flat = pool_flat.at[:, flat].set(jnp.moveaxis(new, 2, 0), mode="drop")
+        return pool_flat.reshape(pool.shape)
     pool_flat = pool.reshape((num_blocks * bs,) + pool.shape[2:])
-    pool_flat = pool_flat.at[flat].set(new.astype(pool.dtype), mode="drop")
+    pool_flat = pool_flat.at[flat].set(new, mode="drop")
     return pool_flat.reshape(pool.shape)
 
 
-def gather(pool: jax.Array, tables: jax.Array, num_blocks: int | None = None) -> jax.Array:
+def gather(pool: jax.Array, tables: jax.Array, num_blocks: int | None = None,
+           head_first: bool = False) -> jax.Array:
     """The first `num_blocks` (static; None: all) blocks of each row of tables [B, max_blocks]
-    as one key axis: [B, num_blocks * block_size, kv_heads, head_dim]."""
+    as one key axis: [B, num_blocks * block_size, kv_heads, head_dim] (either layout)."""
     rows = tables if num_blocks is None else tables[:, :num_blocks]
+    if head_first:
+        out = jnp.moveaxis(pool[:, rows], 0, 3)        # [B, n, bs, kvh, hd]
+        return out.reshape((rows.shape[0], -1) + (pool.shape[0], pool.shape[3]))
     out = pool[rows]                                   # [B, n, bs, kvh, hd]
     return out.reshape((rows.shape[0], -1) + pool.shape[2:])
 
@@ -65,6 +101,8 @@ def blocks_for(length: int | None, block_size: int, max_blocks: int) -> int:
     return min(max_blocks, -(-length // block_size))
 
 
-def copy_block(pool: jax.Array, src, dst) -> jax.Array:
+def copy_block(pool: jax.Array, src, dst, head_first: bool = False) -> jax.Array:
     """Block dst := block src (a sequence forked mid-block gets its own copy of that block)."""
+    if head_first:
+        return pool.at[:, dst].set(pool[:, src])
     return pool.at[dst].set(pool[src])

@@ -2,13 +2,16 @@
 
 The pure-JAX gather path (model/paged_attention.py) gathers a row's blocks into one key
 axis; these kernels instead walk the block table inside the kernel, reading each block
-once, with an online softmax. They take the pool as [kv_heads, num_blocks, block_size,
-head_dim] (ours is [num_blocks, block_size, kv_heads, head_dim], so the wrapper moves the
-head axis first: a copy of the pool per call, which a pool stored head-first would
-avoid), one query token per row, and `lengths` = keys each row attends (position + 1); no
-sliding window. On CPU they run only in Pallas interpret mode, which is how the tests
-check them against the gather path; the decoder does not call them yet (see
-docs/kv-cache.md).
+once, with an online softmax. They read the pool head-first, [kv_heads, num_blocks,
+block_size, head_dim], so an engine that selects them stores its pool that way
+(`head_first=True` throughout model/paged_attention.py) and no copy is made per call; a
+caller holding a token-major pool may pass `head_first=False` and pay that copy. One query
+token per row, `lengths` = keys each row attends (position + 1); no sliding window.
+
+Which implementation runs is `resolve_attention`: "gather" everywhere, "pallas" the
+platform's kernel (GPU kernel on cuda/rocm, TPU kernel on tpu), "auto" the kernel on
+GPU/TPU and gather on CPU. On CPU a kernel runs only in Pallas interpret mode (tests): the
+GPU kernel, which its interpreter runs to float32 rounding of the gather path.
 """
 
 from __future__ import annotations
@@ -18,48 +21,98 @@ import math
 import jax
 import jax.numpy as jnp
 
+ATTENTION_CHOICES = ("auto", "gather", "pallas")
+KERNELS = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+
+
+def resolve_attention(choice: str, platform: str, interpret: bool = False,
+                      devices: int = 1) -> str | None:
+    """The paged decode kernel to run: None for the gather path, else "gpu" or "tpu".
+
+    `platform` is the devices' (jax.Device.platform: cpu, gpu/cuda/rocm, tpu); `devices`
+    how many the engine spans (a mesh). ValueError, naming the field, for a choice that
+    cannot run here."""
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"paged_attention must be one of {', '.join(ATTENTION_CHOICES)}, "
+                         f"got {choice!r}")
+    kernel = KERNELS.get(platform)
+    if choice == "gather" or (choice == "auto" and (kernel is None or devices > 1)):
+        return None
+    if devices > 1:
+        raise ValueError("paged_attention 'pallas' runs on one device only (the kernels "
+                         "are not partitioned over a mesh yet); use 'gather' or 'auto' "
+                         "with --mesh")
+    if kernel is None:
+        if not interpret:
+            raise ValueError(f"paged_attention 'pallas' needs a GPU or TPU (platform "
+                             f"{platform!r}); use 'gather' or 'auto' here")
+        return "gpu"         # interpreted on CPU: the GPU kernel (see the docstring)
+    return kernel
+
 
 def _head_first(pool: jax.Array) -> jax.Array:
     return jnp.moveaxis(pool, 2, 0)        # [NB, bs, kvh, hd] -> [kvh, NB, bs, hd]
 
 
+def _scaled(q: jax.Array) -> jax.Array:
+    """[B, kvh, g, hd] -> [B, kvh * g, hd] scaled by 1/sqrt(hd) (the kernels do not scale)."""
+    b, kvh, g, hd = q.shape
+    return (q.astype(jnp.float32) / math.sqrt(hd)).astype(q.dtype).reshape(b, kvh * g, hd)
+
+
 def gpu_decode_attention(q, k_pool, v_pool, tables, lengths, *, interpret: bool = False,
-                         pages_per_compute_block: int = 8):
+                         pages_per_compute_block: int = 8, head_first: bool = False):
     """q [B, kv_heads, q_per_kv, head_dim] -> [B, kv_heads, q_per_kv, head_dim], attending
     keys [0, lengths[b]) of row b's blocks (tables [B, max_blocks])."""
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
-    b, kvh, g, hd = q.shape
+    if not head_first:
+        k_pool, v_pool = _head_first(k_pool), _head_first(v_pool)
     cols = tables.shape[1]
     per = min(pages_per_compute_block, cols)
     pad = -cols % per
     tables = jnp.pad(tables, ((0, 0), (0, pad)))            # null blocks, never attended
-    q2 = (q.astype(jnp.float32) / math.sqrt(hd)).astype(q.dtype).reshape(b, kvh * g, hd)
-    out = paged_attention(q2, _head_first(k_pool), _head_first(v_pool), tables,
-                          lengths.astype(jnp.int32), block_h=16,
-                          pages_per_compute_block=per, k_splits=(cols + pad) // per,
-                          interpret=interpret)
-    return out.reshape(b, kvh, g, hd)
+    out = paged_attention(_scaled(q), k_pool, v_pool, tables, lengths.astype(jnp.int32),
+                          block_h=16, pages_per_compute_block=per,
+                          k_splits=(cols + pad) // per, interpret=interpret)
+    return out.reshape(q.shape)
 
 
-def tpu_decode_attention(q, k_pool, v_pool, tables, lengths, *, pages_per_compute_block=1):
+def tpu_decode_attention(q, k_pool, v_pool, tables, lengths, *, pages_per_compute_block=1,
+                         head_first: bool = False):
     """The same through the TPU kernel (jax.experimental.pallas.ops.tpu.paged_attention)."""
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
-    b, kvh, g, hd = q.shape
-    q2 = (q.astype(jnp.float32) / math.sqrt(hd)).astype(q.dtype).reshape(b, kvh * g, hd)
-    out = paged_attention(q2, _head_first(k_pool), _head_first(v_pool),
-                          lengths.astype(jnp.int32), tables,
-                          pages_per_compute_block=pages_per_compute_block)
-    return out.reshape(b, kvh, g, hd)
+    if not head_first:
+        k_pool, v_pool = _head_first(k_pool), _head_first(v_pool)
+    cols = tables.shape[1]
+    per = min(pages_per_compute_block, cols)
+    tables = jnp.pad(tables, ((0, 0), (0, -cols % per)))
+    out = paged_attention(_scaled(q), k_pool, v_pool, lengths.astype(jnp.int32), tables,
+                          pages_per_compute_block=per)
+    return out.reshape(q.shape)
 
 
-def gather_decode_attention(q, k_pool, v_pool, tables, lengths):
+def decode_attention(q, k_pool, v_pool, tables, lengths, *, kernel: str,
+                     interpret: bool = False):
+    """The decoder's entry: `kernel` from `resolve_attention` ("gpu" or "tpu"), head-first
+    pools; up to 8 blocks per compute block (the table is padded with null blocks)."""
+    if kernel == "gpu":
+        return gpu_decode_attention(q, k_pool, v_pool, tables, lengths, interpret=interpret,
+                                    head_first=True)
+    if kernel == "tpu":
+        return tpu_decode_attention(q, k_pool, v_pool, tables, lengths,
+                                    pages_per_compute_block=8, head_first=True)
+    raise ValueError(f"unknown paged attention kernel {kernel!r}")
+
+
+def gather_decode_attention(q, k_pool, v_pool, tables, lengths, head_first: bool = False):
     """The reference: the gather path's attention for one query token per row."""
     from model.paged_attention import gather
 
     hd = q.shape[-1]
-    keys, values = gather(k_pool, tables), gather(v_pool, tables)      # [B, S, kvh, hd]
+    keys = gather(k_pool, tables, head_first=head_first)            # [B, S, kvh, hd]
+    values = gather(v_pool, tables, head_first=head_first)
     scores = jnp.einsum("bkgh,bskh->bkgs", q, keys,
                         preferred_element_type=jnp.float32) / math.sqrt(hd)
     mask = jnp.arange(keys.shape[1])[None, :] < lengths[:, None]

@@ -64,6 +64,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="paged: tokens per block")
     parser.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                         help="paged: pool size, e.g. 1GiB (default: what dense would take)")
+    parser.add_argument("--paged-attention", choices=("auto", "gather", "pallas"), default=None,
+                        help="paged: decode attention (docs/kv-cache.md; default auto)")
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
                         help="also run with prompts sharing their first N tokens (and the "
                              "same load with unique prompts of the same length)")

@@ -106,6 +106,7 @@ def engine_command(args) -> list[str]:
                         ("--kv-layout", getattr(args, "kv_layout", None)),
                         ("--block-size", getattr(args, "block_size", None)),
                         ("--kv-cache-memory", getattr(args, "kv_cache_memory", None)),
+                        ("--paged-attention", getattr(args, "paged_attention", None)),
                         ("--dtype", getattr(args, "dtype", None)),
                         ("--quantize", getattr(args, "quantize", None)),
                         ("--compile-cache", getattr(args, "compile_cache", None)),

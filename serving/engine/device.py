@@ -228,7 +228,8 @@ class DeviceEngine:
     warm_run_tokens = 1 << 16
 
     def __init__(self, config: ModelConfig, params, *, max_slots: int, max_len: int,
-                 mesh=None, prefill_buckets: tuple[int, ...] | None = None,
+                 mesh=None, attention: str = "auto", interpret: bool = False,
+                 prefill_buckets: tuple[int, ...] | None = None,
                  num_top_logprobs: int = 20, eos_ids=(), kv_layout: str = "dense",
                  block_size: int = 16, num_blocks: int | None = None,
                  token_limit: int | None = None, steering: bool = False):
@@ -258,6 +259,17 @@ class DeviceEngine:
         self.mesh = mesh
         self.kv_layout = kv_layout
         self.paged = kv_layout == "paged"
+        # paged decode attention (model/pallas_paged.py): None, the gather path; "gpu" or
+        # "tpu", that Pallas kernel, over a head-first pool (interpret: on CPU, for tests)
+        from model.pallas_paged import ATTENTION_CHOICES, resolve_attention
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, "
+                             f"got {attention!r}")
+        devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+        self.paged_kernel = (resolve_attention(attention, devices[0].platform, interpret,
+                                               len(devices)) if self.paged else None)
+        self.interpret = interpret
+        self.attention = "pallas" if self.paged_kernel else "gather"
         # per-slot activation steering (model/steering.py): a [slots, layers, hidden] array
         # in the decode state, handed to every forward; off: the programs are unchanged
         self.steering = steering
@@ -307,7 +319,8 @@ class DeviceEngine:
     def _init_state(self) -> dict:
         s, length = self.max_slots, self.max_len
         if self.paged:
-            cache = init_paged_cache(self.config, self.num_blocks, self.block_size)
+            cache = init_paged_cache(self.config, self.num_blocks, self.block_size,
+                                     head_first=self.paged_kernel is not None)
         else:
             cache = init_cache(self.config, s, length)
         if self.mesh is not None:
@@ -330,16 +343,21 @@ class DeviceEngine:
 
     # -- jitted programs ---------------------------------------------------------------
 
+    def _forward(self, *args, **kw):
+        """model.decoder.forward with this engine's paged attention (kernel, pool layout)."""
+        return forward(self.config, *args, paged_kernel=self.paged_kernel,
+                       interpret=self.interpret, **kw)
+
     def _forward_step_fn(self, params, state, tables, attend_len, rows):
         """The model over slots [0, rows): logits [rows, V]."""
         active, pos = state["active"][:rows], state["pos"][:rows]
         write_pos = jnp.where(active, pos, self._void)  # inactive rows write nothing
         slot_ids = None if rows == self.max_slots else jnp.arange(rows)
-        logits, cache = forward(self.config, params, state["cache"],
-                                state["last"][:rows, None], write_pos[:, None],
-                                slot_ids=slot_ids, attend_len=attend_len,
-                                block_tables=tables if self.paged else None,
-                                steering=state["steer"][:rows] if self.steering else None)
+        logits, cache = self._forward(params, state["cache"],
+                                     state["last"][:rows, None], write_pos[:, None],
+                                     slot_ids=slot_ids, attend_len=attend_len,
+                                     block_tables=tables if self.paged else None,
+                                     steering=state["steer"][:rows] if self.steering else None)
         return dict(state, cache=cache), logits[:, 0]
 
     def _sample_step_fn(self, state, logits, mask_bits, custom, rows):
@@ -369,11 +387,12 @@ class DeviceEngine:
         idx = jnp.arange(n)
         positions = jnp.where(idx < true_len, start + idx, self._void)[None]
         # a fresh prompt (start 0) attends only to its own chunk
-        logits, cache = forward(self.config, params, state["cache"], tokens[None], positions,
-                                slot_ids=slot[None], logits_index=(true_len - 1)[None],
-                                attend_len=n if fresh else None,
-                                block_tables=tables if self.paged else None,
-                                steering=state["steer"][slot][None] if self.steering else None)
+        logits, cache = self._forward(params, state["cache"], tokens[None], positions,
+                                     slot_ids=slot[None], logits_index=(true_len - 1)[None],
+                                     attend_len=n if fresh else None,
+                                     block_tables=tables if self.paged else None,
+                                     steering=(state["steer"][slot][None] if self.steering
+                                               else None))
         return logits, dict(state, cache=cache)
 
     def _prefill_fn(self, params, state, tables, tokens, start, true_len, slot, fresh):
@@ -426,7 +445,8 @@ class DeviceEngine:
         return state, out
 
     def _copy_block_fn(self, state, src, dst):
-        cache = tuple((copy_block(k, src, dst), copy_block(v, src, dst))
+        hf = self.paged_kernel is not None
+        cache = tuple((copy_block(k, src, dst, hf), copy_block(v, src, dst, hf))
                       for k, v in state["cache"])
         return dict(state, cache=cache)
 

@@ -98,6 +98,12 @@ def add_kv_arguments(parser) -> None:
                         help="paged: the KV pool's size, e.g. 1GiB, 512MiB, or a fraction of "
                              "device memory such as 0.5 (default: room for every slot at "
                              "max-model-len, capped at 1GiB)")
+    parser.add_argument("--paged-attention", choices=("auto", "gather", "pallas"),
+                        default=None,
+                        help="paged: decode attention; pallas: the Pallas paged-attention "
+                             "kernel of the platform (GPU or TPU, one device); gather: the "
+                             "pure-JAX path; auto (default): pallas on a single GPU/TPU, "
+                             "gather on CPU and on a mesh")
 
 
 def kv_engine_args(args, config, max_slots: int, max_len: int) -> dict:
@@ -107,10 +113,14 @@ def kv_engine_args(args, config, max_slots: int, max_len: int) -> dict:
         if getattr(args, "kv_cache_memory", None):
             raise ValueError("--kv-cache-memory sizes the paged pool; it does not apply to "
                              "--kv-layout dense")
+        if getattr(args, "paged_attention", None):
+            raise ValueError("--paged-attention chooses the paged pool's attention; it does "
+                             "not apply to --kv-layout dense")
         return {"kv_layout": "dense"}
     from serving.engine.paged_kv import pool_args
-    return pool_args(config, max_slots, max_len, getattr(args, "block_size", 16),
-                     getattr(args, "kv_cache_memory", None))
+    return dict(pool_args(config, max_slots, max_len, getattr(args, "block_size", 16),
+                          getattr(args, "kv_cache_memory", None)),
+                attention=getattr(args, "paged_attention", None) or "auto")
 
 
 def load_steering(path: str | None, config) -> dict | None:
@@ -214,7 +224,9 @@ def run(args) -> int:
         pool = engine.num_blocks * engine.block_size * kv_bytes_per_token(config)
         _say(f"KV cache: paged, {engine.num_blocks} blocks of {engine.block_size} tokens "
              f"({pool / 2 ** 30:.2f} GiB; dense would take "
-             f"{max_slots * max_len * kv_bytes_per_token(config) / 2 ** 30:.2f} GiB)")
+             f"{max_slots * max_len * kv_bytes_per_token(config) / 2 ** 30:.2f} GiB); "
+             f"decode attention: {engine.attention}"
+             + (f" ({engine.paged_kernel} kernel)" if engine.paged_kernel else ""))
     t1 = time.monotonic()
     full = getattr(args, "warmup_only", False) or getattr(args, "full_warmup", False)
     from serving.logs import Progress
