@@ -323,3 +323,20 @@ def test_prompt_logprobs_are_the_models_scores(server, client):
     for lp in got:
         assert len(lp.top_ids) == 3 and lp.top_logprobs[0] >= lp.logprob
         assert (lp.rank == 1) == (lp.token_id == lp.top_ids[0])
+
+
+def test_stats_report_the_engines_memory(server, client):
+    """Stats carries the engine process's RSS and what its weights and KV cache take
+    (the server runs in this process: its RSS is ours)."""
+    from serving.proto import flaxserve_pb2 as pb
+    reply = client.stub.Stats(pb.StatsRequest(), timeout=10)
+    cfg = named_config("tiny", dtype="float32")
+    weights = sum(np.asarray(x).nbytes for x in
+                  __import__("jax").tree.leaves(init_params(cfg, seed=1)))
+    assert reply.weights_bytes == weights
+    engine = server.scheduler.engine     # the default paged pool: blocks x tokens x K and V
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    assert reply.kv_cache_bytes == engine.num_blocks * engine.block_size * per_token > 0
+    with open("/proc/self/statm") as f:
+        ours = int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
+    assert 0.5 * ours < reply.rss_bytes < 2 * ours

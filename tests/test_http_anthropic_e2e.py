@@ -6,6 +6,7 @@ mid-stream freeing its engine slot."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -129,6 +130,17 @@ def test_health_metrics_and_no_jax_in_workers(servers):
     for pid in pids:
         maps = Path(f"/proc/{pid}/maps").read_text()
         assert "jaxlib" not in maps and "xla_extension" not in maps
+    # memory: the engine's (its Stats call) and the answering worker's own, by pid
+    gauges = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith(("flaxserve_engine_", "flaxserve_http_worker_rss"))}
+    engine_rss = gauges["flaxserve_engine_rss_bytes"]
+    statm = Path(f"/proc/{servers.engine.pid}/statm").read_text().split()
+    assert 0.5 < engine_rss / (int(statm[1]) * os.sysconf("SC_PAGE_SIZE")) < 2
+    assert gauges["flaxserve_engine_weights_bytes"] > 0
+    assert gauges["flaxserve_engine_kv_cache_bytes"] > 0
+    workers = {int(k.split('worker="')[1].split('"')[0]): v for k, v in gauges.items()
+               if k.startswith("flaxserve_http_worker_rss_bytes{")}
+    assert workers and set(workers) <= set(pids) and min(workers.values()) > 10 * 2 ** 20
 
 
 def _engine_busy_slots(servers) -> float:

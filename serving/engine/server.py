@@ -147,6 +147,19 @@ def steering_entry(e: pb.SteeringEntry) -> dict:
     return d
 
 
+def memory_stats(engine) -> dict:
+    """The engine process's resident bytes, and the bytes of its weights and KV cache
+    (array sizes: fixed at start, so they are read once)."""
+    from serving.process import rss_mib
+    fixed = getattr(engine, "_memory_bytes", None)
+    if fixed is None:
+        import jax
+        size = lambda tree: sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+        fixed = engine._memory_bytes = {"weights_bytes": size(engine.params),
+                                        "kv_cache_bytes": size(engine.state["cache"])}
+    return {"rss_bytes": int(rss_mib() * 2 ** 20), **fixed}
+
+
 class FlaxServeServicer(pb_grpc.FlaxServeServicer):
     def __init__(self, scheduler: Scheduler, model_name: str, model_dir: str = "",
                  tokenizer=None):
@@ -241,7 +254,7 @@ class FlaxServeServicer(pb_grpc.FlaxServeServicer):
             eos_token_ids=sorted(self.scheduler.eos_ids))])
 
     def Stats(self, request, context):
-        return pb.StatsResponse(**self.scheduler.stats())
+        return pb.StatsResponse(**self.scheduler.stats(), **memory_stats(self.scheduler.engine))
 
 
 class EngineServer:

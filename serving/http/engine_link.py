@@ -176,10 +176,11 @@ class EngineLink:
     def stats(self) -> dict:
         from serving.proto import flaxserve_pb2 as pb
         reply = self.client.stub.Stats(pb.StatsRequest(), timeout=1.0)
-        from serving.http.metrics import KV_STATS
+        from serving.http.metrics import KV_STATS, MEMORY_STATS
         return {"queue_depth": reply.queue_depth, "slots_in_use": reply.slots_in_use,
                 "max_slots": reply.max_slots,
-                **({k: getattr(reply, k) for k in KV_STATS} if reply.kv_blocks_total else {})}
+                **({k: getattr(reply, k) for k in KV_STATS} if reply.kv_blocks_total else {}),
+                **({k: getattr(reply, k) for k in MEMORY_STATS} if reply.rss_bytes else {})}
 
     def generate(self, request: GenRequest, keepalive_s: float | None = None) -> GenStream:
         message = self.client.request(request.prompt_ids, request.sampling.to_dict(),

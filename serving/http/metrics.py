@@ -4,7 +4,8 @@ gunicorn runs several worker processes, so the metrics use prometheus_client's
 multiprocess mode when `PROMETHEUS_MULTIPROC_DIR` is set (`flaxserve http` sets it to a
 fresh directory): any worker answering `/metrics` reports the sum over all workers.
 Without it (a single process, tests of the app in process) they are per process.
-Queue depth and slots in use are the batch server's, read from it at scrape time.
+Queue depth, slots in use, the KV cache and the engine's memory are the batch server's,
+read from it at scrape time; each worker reports its own resident memory.
 """
 
 from __future__ import annotations
@@ -48,6 +49,18 @@ KV_STATS = {
 }
 KV_GAUGES = {k: Gauge(f"flaxserve_engine_{k}", doc, multiprocess_mode="mostrecent")
              for k, doc in KV_STATS.items()}
+# memory (docs/cli.md, start-up): the engine's, from its Stats call (summed over several
+# engines), and each front-end worker's own resident set (as of its last request or scrape)
+MEMORY_STATS = {
+    "rss_bytes": "resident memory of the engine process",
+    "weights_bytes": "bytes of the model's weights on the device",
+    "kv_cache_bytes": "bytes of the KV cache on the device",
+}
+MEMORY_GAUGES = {k: Gauge(f"flaxserve_engine_{k}", doc, multiprocess_mode="mostrecent")
+                 for k, doc in MEMORY_STATS.items()}
+WORKER_RSS = Gauge("flaxserve_http_worker_rss_bytes",
+                   "resident memory of each front-end worker process (label: its pid)",
+                   ["worker"], multiprocess_mode="livesum")
 # several engines (--engine repeated, serving/http/router.py): each one's state
 ENGINE_UP = Gauge("flaxserve_engine_up", "1 while the engine passes its health checks",
                   ["engine"], multiprocess_mode="mostrecent")
@@ -58,8 +71,14 @@ ENGINE_ROUTED = Counter("flaxserve_engine_routed_total",
                         ["engine", "reason"])
 
 
+def observe_worker_memory() -> None:
+    from serving.process import rss_mib
+    WORKER_RSS.labels(str(os.getpid())).set(rss_mib() * 2 ** 20)
+
+
 def observe_generation(start: float, first_token: float | None, end: float,
                        prompt_tokens: int, completion_tokens: int) -> None:
+    observe_worker_memory()
     PROMPT_TOKENS.inc(prompt_tokens)
     GENERATED_TOKENS.inc(completion_tokens)
     if first_token is not None:
@@ -77,12 +96,13 @@ def render(engine_stats: dict | None = None) -> tuple[bytes, str]:
             QUEUE_DEPTH.set(engine_stats["queue_depth"])
         if "slots_in_use" in engine_stats:
             SLOTS_IN_USE.set(engine_stats["slots_in_use"])
-        for key, gauge in KV_GAUGES.items():
+        for key, gauge in (*KV_GAUGES.items(), *MEMORY_GAUGES.items()):
             if key in engine_stats:
                 gauge.set(engine_stats[key])
         for e in engine_stats.get("engines", ()):
             ENGINE_UP.labels(e["engine"]).set(e["up"])
             ENGINE_INFLIGHT.labels(e["engine"]).set(e["inflight"])
+    observe_worker_memory()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
         registry = CollectorRegistry()
