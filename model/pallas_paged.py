@@ -25,18 +25,33 @@ ATTENTION_CHOICES = ("auto", "gather", "pallas")
 KERNELS = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
 
 
-def resolve_attention(choice: str, platform: str, interpret: bool = False,
-                      devices: int = 1) -> str | None:
+def unfit(kernel: str, block_size: int, head_dim: int) -> str | None:
+    """Why the compiled kernel cannot take these shapes (None: it can). Triton wants
+    power-of-two tiles of at least 16 (a tile is up to 8 blocks of keys x head_dim);
+    Mosaic (TPU) lanes of 128 and sublanes of 8."""
+    if kernel == "gpu" and (head_dim < 16 or head_dim & (head_dim - 1) or block_size < 16):
+        return (f"the GPU kernel needs head_dim a power of two >= 16 and block_size >= 16, "
+                f"got head_dim {head_dim}, block_size {block_size}")
+    if kernel == "tpu" and (head_dim % 128 or block_size % 8):
+        return (f"the TPU kernel needs head_dim a multiple of 128 and block_size of 8, "
+                f"got head_dim {head_dim}, block_size {block_size}")
+    return None
+
+
+def resolve_attention(choice: str, platform: str, interpret: bool = False, devices: int = 1,
+                      block_size: int = 16, head_dim: int = 128) -> str | None:
     """The paged decode kernel to run: None for the gather path, else "gpu" or "tpu".
 
     `platform` is the devices' (jax.Device.platform: cpu, gpu/cuda/rocm, tpu); `devices`
-    how many the engine spans (a mesh). ValueError, naming the field, for a choice that
-    cannot run here."""
+    how many the engine spans (a mesh). "auto" takes the kernel only where it runs as is
+    (one device, shapes it takes: `unfit`); "pallas" that cannot run here is a ValueError
+    saying why."""
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"paged_attention must be one of {', '.join(ATTENTION_CHOICES)}, "
                          f"got {choice!r}")
     kernel = KERNELS.get(platform)
-    if choice == "gather" or (choice == "auto" and (kernel is None or devices > 1)):
+    if choice == "gather" or (choice == "auto" and (
+            kernel is None or devices > 1 or unfit(kernel, block_size, head_dim))):
         return None
     if devices > 1:
         raise ValueError("paged_attention 'pallas' runs on one device only (the kernels "
@@ -47,6 +62,9 @@ def resolve_attention(choice: str, platform: str, interpret: bool = False,
             raise ValueError(f"paged_attention 'pallas' needs a GPU or TPU (platform "
                              f"{platform!r}); use 'gather' or 'auto' here")
         return "gpu"         # interpreted on CPU: the GPU kernel (see the docstring)
+    why = None if interpret else unfit(kernel, block_size, head_dim)
+    if why:
+        raise ValueError(f"paged_attention 'pallas': {why}; use 'gather' or 'auto'")
     return kernel
 
 
@@ -69,7 +87,7 @@ def gpu_decode_attention(q, k_pool, v_pool, tables, lengths, *, interpret: bool 
     if not head_first:
         k_pool, v_pool = _head_first(k_pool), _head_first(v_pool)
     cols = tables.shape[1]
-    per = min(pages_per_compute_block, cols)
+    per = min(pages_per_compute_block, 1 << (cols.bit_length() - 1))   # a power of two
     pad = -cols % per
     tables = jnp.pad(tables, ((0, 0), (0, pad)))            # null blocks, never attended
     out = paged_attention(_scaled(q), k_pool, v_pool, tables, lengths.astype(jnp.int32),

@@ -136,6 +136,10 @@ def test_auto_is_gather_on_cpu_and_pallas_needs_a_device():
     assert resolve_attention("auto", "gpu") == "gpu"
     assert resolve_attention("auto", "tpu") == "tpu"
     assert resolve_attention("auto", "gpu", devices=8) is None
+    assert resolve_attention("auto", "gpu", block_size=8) is None     # Triton tiles >= 16
+    assert resolve_attention("auto", "tpu", head_dim=64) is None      # Mosaic lanes of 128
+    with pytest.raises(ValueError, match="block_size >= 16"):
+        resolve_attention("pallas", "gpu", block_size=8)
     assert resolve_attention("pallas", "cpu", interpret=True) == "gpu"
     with pytest.raises(ValueError, match="needs a GPU or TPU"):
         resolve_attention("pallas", "cpu")
