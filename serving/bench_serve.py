@@ -62,6 +62,9 @@ def add_arguments(parser) -> None:
                         help="in-process engine: paged, dense, or both in turn: dense,paged "
                              "(default paged)")
     parser.add_argument("--block-size", type=int, default=16, help="paged: tokens per block")
+    parser.add_argument("--prefill-batch", type=int, default=16, metavar="N",
+                        help="in-process engine: fresh prompts prefilled in one program "
+                             "(1: one at a time, the unbatched path)")
     parser.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                         help="paged: pool size, e.g. 1GiB (default: what dense would take)")
     parser.add_argument("--paged-attention", choices=("auto", "gather", "pallas"), default=None,
@@ -240,7 +243,8 @@ def _start_engine(args, max_slots: int, max_len: int, layout: str = "dense"):
           + "), compiling ...", flush=True)
     server = start_in_process(config, params, max_slots=max_slots, max_len=max_len,
                               model_name=name, max_queue=4096,
-                              prefix_cache=bool(args.shared_prefix), kv=kv)
+                              prefix_cache=bool(args.shared_prefix), kv=kv,
+                              prefill_batch=args.prefill_batch)
     return server, name
 
 
@@ -325,7 +329,9 @@ def _run_target(args, concurrencies, counts, layout: str, labels: list) -> list[
                 r.update(kv_layout=layout, shared_prefix=n if shared else 0)
                 results.append(r)
         if server is not None:
-            stats = server.scheduler.stats()
+            stats = dict(server.scheduler.stats(),
+                         batched_prefills=server.scheduler.engine.batched_prefills,
+                         batched_prefill_prompts=server.scheduler.engine.batched_prompts)
             for r in results:
                 r["engine_stats"] = stats
     finally:

@@ -14,7 +14,9 @@ this class only runs compiled programs over a decode state that never leaves the
   request on a 32-slot engine costs a batch-1 step, not a batch-32 one. Only sampled ids,
   their logprobs and the top-N logprobs come back to the host.
 - Prompts run in power-of-two buckets (padding writes are dropped), so a new prompt
-  length never compiles anything once `warmup` has run.
+  length never compiles anything once `warmup` has run. With `prefill_batch` > 1,
+  `insert_many` prefills several fresh prompts in one [rows, bucket] program
+  (serving/engine/prefill_plan.py) and samples each first token as `insert` does.
 - Inactive slots still ride along in the fixed-shape batch, but write nothing: a released
   slot keeps its KV intact for the prefix cache.
 - KV layout (`kv_layout`): "dense" keeps one [max_slots, max_len] row per slot per layer;
@@ -232,7 +234,8 @@ class DeviceEngine:
                  prefill_buckets: tuple[int, ...] | None = None,
                  num_top_logprobs: int = 20, eos_ids=(), kv_layout: str = "dense",
                  block_size: int = 16, num_blocks: int | None = None,
-                 token_limit: int | None = None, steering: bool = False):
+                 token_limit: int | None = None, steering: bool = False,
+                 prefill_batch: int = 1):
         if kv_layout not in ("dense", "paged"):
             raise ValueError(f"kv_layout must be 'dense' or 'paged', got {kv_layout!r}")
         if kv_layout == "paged":
@@ -243,6 +246,8 @@ class DeviceEngine:
                                  f"{num_blocks}")
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        if prefill_batch < 1:
+            raise ValueError(f"prefill_batch must be >= 1, got {prefill_batch}")
         if not 2 <= max_len <= config.max_position_embeddings:
             raise ValueError(f"max_len must be in [2, {config.max_position_embeddings}] "
                              f"(the model's max_position_embeddings), got {max_len}")
@@ -307,6 +312,11 @@ class DeviceEngine:
         self._deterministic_slots: set[int] = set()
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnums=(7,))
         self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(7,))
+        # batched prefill of fresh prompts (insert_many): R rows from these buckets
+        from serving.engine.prefill_plan import row_buckets
+        self.prefill_rows = row_buckets(min(prefill_batch, max_slots))
+        self._prefill_many = jax.jit(self._prefill_many_fn, donate_argnums=(1,))
+        self.batched_prefills = self.batched_prompts = 0     # programs run, prompts in them
         # token masks (grammars, forced tokens) as packed bits; all ones when unconstrained
         self.mask_words = (self.vocab_size + 31) // 32
         self._ones = {}
@@ -400,6 +410,20 @@ class DeviceEngine:
         """One chunk into one slot; returns the logits of its last real token [1, V]."""
         return self._run_chunk(params, state, tables, tokens, start, true_len, slot,
                                fresh)[::-1]
+
+    def _prefill_many_fn(self, params, state, tables, tokens, lengths, slots):
+        """R fresh prompts [R, T] (row r: lengths[r] real tokens from position 0) into
+        slots [R]; returns R logits [1, V] of each row's last real token, each shaped as
+        `_prefill_fn`'s so the compiled first-token sampler (`_first`) takes them as is."""
+        rows, n = tokens.shape
+        idx = jnp.arange(n)[None]
+        positions = jnp.where(idx < lengths[:, None], idx, self._void)
+        # fresh prompts attend only to their own chunk, as in `_run_chunk`
+        logits, cache = self._forward(params, state["cache"], tokens, positions,
+                                     slot_ids=slots, logits_index=jnp.maximum(lengths - 1, 0),
+                                     attend_len=n, block_tables=tables if self.paged else None,
+                                     steering=state["steer"][slots] if self.steering else None)
+        return dict(state, cache=cache), tuple(logits[r:r + 1] for r in range(rows))
 
     def _unpack(self, bits):
         """[R, words] int32 -> bool [R, V]: bit t of word t // 32 allows token t."""
@@ -579,10 +603,17 @@ class DeviceEngine:
             start -= start % self.block_size
             start += self._grid_prefill(slot, prompt_ids[start:], start)
         args = self._chunk_args(slot, prompt_ids[start:], start, grid=grid)
+        self.state, logits = self._prefill(self.params, self.state, self._tables_arg(), *args)
+        return self._activate(slot, prompt_ids, logits, sampling, seed, sample_index, mask,
+                              prompt_len, carry)
+
+    def _activate(self, slot: int, prompt_ids, logits, sampling: SamplingParams, seed: int,
+                  sample_index: int, mask, prompt_len, carry) -> Pending:
+        """Sample `slot`'s first token from its prompt's last logits [1, V] (`_first`) and
+        make it live; `insert`'s second half, shared with `insert_many`."""
         prompt = np.zeros(self.max_len, np.int32)
         prompt[:len(prompt_ids)] = prompt_ids
         row = make_rows([sampling], self.vocab_size, [seed], [sample_index], self.eos_ids)
-        self.state, logits = self._prefill(self.params, self.state, self._tables_arg(), *args)
         custom = sampling.sampler_order is not None or sampling.temperature_last
         (self._custom_slots.add if custom else self._custom_slots.discard)(slot)
         (self._deterministic_slots.add if getattr(sampling, "deterministic", False)
@@ -597,6 +628,43 @@ class DeviceEngine:
         self._host_pos[slot] = len(prompt_ids)
         self._host_active[slot] = True
         return Pending(self, out)
+
+    def insert_many(self, items: list[dict]) -> list[Pending]:
+        """`insert` for several fresh prompts (each from position 0) at once: prompts of
+        similar bucketed length run as one [R, T] prefill program (serving/engine/
+        prefill_plan.py), then each row's first token is sampled as `insert` samples it.
+        A prompt left alone in its group takes `insert` itself (same numerics as one
+        prompt). Each item holds insert's arguments: slot, prompt_ids, sampling, seed and
+        optionally sample_index, mask, prompt_len, carry. Returns one Pending per item."""
+        from serving.engine.prefill_plan import plan
+        prompts = [np.asarray(it["prompt_ids"], np.int32) for it in items]
+        out: list[Pending | None] = [None] * len(items)
+        for group, rows, t in plan([len(p) for p in prompts], self.prefill_rows,
+                                   self.prefill_buckets):
+            if rows == 1:
+                it = items[group[0]]
+                out[group[0]] = self.insert(
+                    it["slot"], prompts[group[0]], 0, it["sampling"], it["seed"],
+                    it.get("sample_index", 0), it.get("mask"), it.get("prompt_len"),
+                    it.get("carry"))
+                continue
+            tokens = np.zeros((rows, t), np.int32)
+            lengths = np.zeros(rows, np.int32)         # padding rows: length 0, no writes
+            slots = np.full(rows, items[group[0]]["slot"], np.int32)
+            for r, i in enumerate(group):
+                self._chunk_args(items[i]["slot"], prompts[i], 0)    # the same checks
+                tokens[r, :len(prompts[i])] = prompts[i]
+                lengths[r], slots[r] = len(prompts[i]), items[i]["slot"]
+            self.state, logits = self._prefill_many(self.params, self.state,
+                                                    self._tables_arg(), tokens, lengths, slots)
+            self.batched_prefills += 1
+            self.batched_prompts += len(group)
+            for r, i in enumerate(group):
+                it = items[i]
+                out[i] = self._activate(it["slot"], prompts[i], logits[r], it["sampling"],
+                                        it["seed"], it.get("sample_index", 0), it.get("mask"),
+                                        it.get("prompt_len"), it.get("carry"))
+        return out
 
     def sampler_carry(self, slot: int) -> np.ndarray:
         """The slot's running sampler values that its tokens alone do not give back
@@ -674,6 +742,16 @@ class DeviceEngine:
             self.prefill_chunk(0, np.zeros(n, np.int32), 0)          # a fresh prompt
             n = min(b, self.max_len - 2)
             self.prefill_chunk(0, np.zeros(n, np.int32), 1)          # after a cached prefix
+        for rows in self.prefill_rows:    # batched prefill (insert_many), first tokens
+            say(f"warm-up: batched prefill of {rows} prompts, buckets "
+                f"{'/'.join(map(str, self.prefill_buckets))}")
+            for b in self.prefill_buckets:
+                item = dict(slot=0, prompt_ids=np.zeros(min(b, self.max_len - 1), np.int32),
+                            sampling=greedy, seed=0)
+                for pending in self.insert_many([item] * rows):
+                    pending.result()
+            self.release(0)
+        self.batched_prefills = self.batched_prompts = 0
         say("warm-up: first-token sampler")
         self.insert(0, np.zeros(1, np.int32), 0, greedy, 0).result()
         for rows in self.batch_buckets:
@@ -747,6 +825,14 @@ class DeviceEngine:
                 jobs.append((f"prefill {b}{'' if fresh else ' (cached prefix)'}",
                              lambda toks=toks, fresh=fresh: self._prefill.lower(
                                  params, state, tables, toks, i32, i32, i32, fresh)))
+        for rows in self.prefill_rows:
+            for b in self.prefill_buckets:
+                jobs.append((f"batched prefill {rows} x {b}",
+                             lambda b=b, rows=rows: self._prefill_many.lower(
+                                 params, state, tables,
+                                 jax.ShapeDtypeStruct((rows, b), jnp.int32),
+                                 jax.ShapeDtypeStruct((rows,), jnp.int32),
+                                 jax.ShapeDtypeStruct((rows,), jnp.int32))))
         words = self.mask_words
         for rows in self.batch_buckets:
             for b in self.attend_buckets:

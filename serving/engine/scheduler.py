@@ -2,7 +2,9 @@
 
 The device thread loops: free the slots of finished or cancelled samples; admit queued
 requests into free slots and run their prefill within a per-iteration token budget (long
-prompts in chunks, interleaved with decode steps); dispatch decode step N+1; only then read
+prompts in chunks, interleaved with decode steps; fresh one-sample prompts of the same
+iteration prefilled together when the engine batches prefill, DeviceEngine.insert_many);
+dispatch decode step N+1; only then read
 step N's tokens (JAX dispatch is async, so the device never waits for the host). Each step
 remembers which sample owned each slot when it was dispatched: a slot freed or refilled in
 between is never credited to the wrong request.
@@ -86,7 +88,12 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.largest_chunk = engine.prefill_buckets[-1]
-        self.prefill_budget = prefill_budget or self.largest_chunk
+        # batched prefill (DeviceEngine prefill_batch > 1): fresh prompts admitted in one
+        # iteration share prefill programs, and the default budget is 2048 tokens (vLLM's
+        # max_num_batched_tokens) so that a burst of requests fills them
+        self._batching = bool(getattr(engine, "prefill_rows", ()))
+        self.prefill_budget = prefill_budget or (max(self.largest_chunk, 2048) if self._batching
+                                                 else self.largest_chunk)
         self.prefix_cache = prefix_cache
         self.eos_ids = frozenset(engine.eos_ids if eos_ids is None else eos_ids)
         self.max_len = engine.max_len
@@ -824,6 +831,7 @@ class Scheduler:
         """Prefill work within the token budget; returns [(sample, insert Pending)]."""
         spent = 0
         inserted = []
+        batch = []           # fresh prompts set aside for one batched prefill
         while True:
             st = self._prefilling[0] if self._prefilling else self._next_admissible()
             if st is None or self._failed is not None:
@@ -851,14 +859,47 @@ class Scheduler:
                 if spent and spent + cost > self.prefill_budget:
                     break
                 spent += cost
-                inserted += self._insert(st)
+                # a fresh one-sample prompt waits for the batched prefill below
+                batchable = (self._batching and st.prefill_pos == 0 and len(st.samples) == 1
+                             and not det)
+                inserted += self._insert(st, batch if batchable else None)
             except Exception as e:
                 self._contain("prefilling or inserting", [st], e)
                 if self._failed is not None:
                     break
-        return inserted
+        return inserted + self._insert_batch(batch)
 
-    def _insert(self, st: RequestState) -> list:
+    def _insert_batch(self, batch: list) -> list:
+        """Dispatch the prompts `_insert` set aside in one go (DeviceEngine.insert_many:
+        similar lengths share one prefill program; one prompt alone runs `insert`)."""
+        if not batch or self._failed is not None:
+            states = [st for st, _, _ in batch]
+            for st in states:
+                self._fail_request(st, self._failed or "the engine stopped")
+            return []
+        try:
+            pendings = self.engine.insert_many([args for _, _, args in batch])
+        except Exception as e:
+            self._contain("prefilling or inserting", [st for st, _, _ in batch], e)
+            return []
+        return [self._inserted(st, sample, args["slot"], args["prompt_ids"], pending)
+                for (st, sample, args), pending in zip(batch, pendings)]
+
+    def _inserted(self, st: RequestState, sample: Sample, slot: int, prompt: np.ndarray,
+                  pending) -> tuple:
+        """Bookkeeping once a sample's insert is dispatched: it owns `slot` now."""
+        sample.slot = slot
+        self._owner[slot] = sample
+        self._slot_tokens[slot] = prompt
+        if self.kv is not None:
+            self.kv.filled(slot, prompt)
+            if st.parent is not None:
+                st.parent.slots[sample.index] = slot
+        return sample, pending
+
+    def _insert(self, st: RequestState, batch: list | None = None) -> list:
+        """Insert every sample of a prefilled request; `batch` (a fresh one-sample
+        request): set the insert aside in it for `_insert_batch` instead."""
         with self._lock:
             self._prefilling.remove(st)
         req, prompt = st.request, np.asarray(st.prompt, np.int32)
@@ -880,18 +921,15 @@ class Scheduler:
                 mask = all_ones(1, self.vocab_size)[0]
                 sample.constraint.fill(mask)
             # a resumed sample (st.parent set): its generated tokens end `prompt`
-            pending = self.engine.insert(
-                slot, prompt, start, sample.sampling, req.seed, sample_index=sample.key_index,
-                mask=mask, prompt_len=len(st.parent.prompt) if st.parent is not None else None,
-                carry=sample.carry if st.parent is not None else None)
-            sample.slot = slot
-            self._owner[slot] = sample
-            self._slot_tokens[slot] = prompt
-            if self.kv is not None:
-                self.kv.filled(slot, prompt)
-                if st.parent is not None:
-                    st.parent.slots[sample.index] = slot
-            out.append((sample, pending))
+            args = dict(sampling=sample.sampling, seed=req.seed, sample_index=sample.key_index,
+                        mask=mask,
+                        prompt_len=len(st.parent.prompt) if st.parent is not None else None,
+                        carry=sample.carry if st.parent is not None else None)
+            if batch is not None:
+                batch.append((st, sample, dict(args, slot=slot, prompt_ids=prompt)))
+                continue
+            pending = self.engine.insert(slot, prompt, start, **args)
+            out.append(self._inserted(st, sample, slot, prompt, pending))
         return out
 
     def _process_first(self, sample: Sample, pending) -> None:

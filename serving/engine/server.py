@@ -314,10 +314,12 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
                      max_queue: int = 256, prefix_cache: bool = True, eos_ids=None,
                      host: str = "127.0.0.1", port: int = 0, mesh=None,
                      progress=None, token: str | None = None,
-                     reflection: bool = False, kv: dict | None = None) -> EngineServer:
+                     reflection: bool = False, kv: dict | None = None,
+                     prefill_batch: int = 1) -> EngineServer:
     """Engine + scheduler + gRPC server in this process (notebooks, tests); warmed up.
     `kv`: DeviceEngine's KV layout arguments (kv_layout, block_size, num_blocks); None:
-    the default paged pool (serving/engine/paged_kv.py `pool_args`)."""
+    the default paged pool (serving/engine/paged_kv.py `pool_args`). `prefill_batch` > 1:
+    batched prefill of fresh prompts (DeviceEngine)."""
     from serving.engine.device import DeviceEngine
     from serving.engine.paged_kv import pool_args
 
@@ -330,7 +332,8 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
             eos_ids |= set(tokenizer.stop_ids)
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
                           prefill_buckets=prefill_buckets, eos_ids=tuple(sorted(eos_ids)),
-                          token_limit=tokenizer.vocab_size if tokenizer else None, **kv)
+                          token_limit=tokenizer.vocab_size if tokenizer else None,
+                          prefill_batch=prefill_batch, **kv)
     engine.warmup(progress)
     scheduler = Scheduler(engine, tokenizer, max_queue=max_queue, prefix_cache=prefix_cache)
     server = EngineServer(scheduler, model_name, model_dir, tokenizer, token=token,

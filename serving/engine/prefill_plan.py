@@ -1,0 +1,60 @@
+"""Batched prefill planning: which waiting prompts share one compiled prefill program.
+
+Prefilling each prompt on its own costs one program per prompt, so 32 requests arriving
+together wait for 32 programs before the last one sees a token. A batched prefill runs R
+prompts padded to one bucketed length T as a [R, T] batch (rows of a smaller length and
+padding rows write nothing). To keep the number of compiled programs small, R comes from a
+few row buckets (`row_buckets`) and T from the engine's prefill buckets, and `plan` groups
+prompts by bucket so padding stays low. Pure functions; the device calls are
+DeviceEngine.insert_many's.
+"""
+
+from __future__ import annotations
+
+
+def row_buckets(max_rows: int) -> tuple[int, ...]:
+    """Row counts a batched prefill program may have: 4, 16, ... below max_rows, then
+    max_rows (empty when max_rows < 2: batching off)."""
+    if max_rows < 2:
+        return ()
+    out, b = [], 4
+    while b < max_rows:
+        out.append(b)
+        b *= 4
+    return tuple(out) + (max_rows,)
+
+
+def bucket_of(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket holding n tokens."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"chunk of {n} tokens exceeds the largest prefill bucket {buckets[-1]}")
+
+
+def plan(lengths: list[int], rows: tuple[int, ...], buckets: tuple[int, ...]
+         ) -> list[tuple[list[int], int, int]]:
+    """Groups of prompt indices as (indices, R, T): R rows (1: the one-prompt path) of T
+    tokens. Prompts are grouped by their bucket, at most rows[-1] to a group; a prompt left
+    alone in its bucket joins the next larger bucket's group (it fits there), so only a
+    prompt alone at the top is prefilled on its own. Every index appears once, in order
+    within a group."""
+    if not rows:
+        return [([i], 1, bucket_of(n, buckets)) for i, n in enumerate(lengths)]
+    by_bucket: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_bucket.setdefault(bucket_of(n, buckets), []).append(i)
+    out, carry = [], []
+    for t in buckets:
+        members = carry + by_bucket.get(t, [])
+        carry = []
+        while len(members) > rows[-1]:
+            out.append((members[:rows[-1]], rows[-1], t))
+            members = members[rows[-1]:]
+        if len(members) == 1 and t != buckets[-1]:
+            carry = members
+        elif len(members) == 1:
+            out.append((members, 1, bucket_of(lengths[members[0]], buckets)))
+        elif members:
+            out.append((members, next(r for r in rows if r >= len(members)), t))
+    return out

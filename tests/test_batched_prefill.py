@@ -1,0 +1,144 @@
+"""Batched prefill (DeviceEngine.insert_many, prefill_batch > 1) against one prompt at a time.
+
+One tiny paged engine for the module (4 slots, blocks of 4 tokens, a small pool). The same
+prompts, of lengths that cross block boundaries, give the same
+greedy and seeded tokens and logprobs (1e-5) prefilled together as one by one: on the
+engine directly, and through the scheduler in a burst that mixes batched prompts with a
+prefix-cache hit, n = 2 and preemption (the pool is too small for the burst). Nothing
+compiles after warm-up.
+"""
+
+import numpy as np
+import pytest
+
+from model.config import named_config
+from model.decoder import init_params
+from sampling.params import SamplingParams
+from serving.engine.device import DeviceEngine, compile_count
+from serving.engine.prefill_plan import plan, row_buckets
+from serving.engine.requests import Failure, Usage
+from serving.engine.scheduler import Scheduler
+
+CFG = named_config("tiny", dtype="float32")
+PARAMS = init_params(CFG, seed=11)
+MAX_LEN, BUCKETS, BLOCK, SLOTS = 48, (32,), 4, 4
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = DeviceEngine(CFG, PARAMS, max_slots=SLOTS, max_len=MAX_LEN, prefill_buckets=BUCKETS,
+                       kv_layout="paged", block_size=BLOCK, num_blocks=20, prefill_batch=4)
+    eng.warmup()
+    eng.compiles_after_warmup = compile_count()
+    return eng
+
+
+def test_plan_groups_by_bucket_and_carries_a_lone_prompt_up():
+    assert row_buckets(1) == () and row_buckets(4) == (4,) and row_buckets(32) == (4, 16, 32)
+    # two short ones share an 8-bucket; the lone 20 has no larger bucket: alone
+    assert plan([3, 6, 20], (4,), (8, 32)) == [([0, 1], 4, 8), ([2], 1, 32)]
+    # a lone short prompt rides with the long ones
+    assert plan([3, 20, 30], (4,), (8, 32)) == [([0, 1, 2], 4, 32)]
+    assert plan([3] * 6, (4,), (8, 32)) == [([0, 1, 2, 3], 4, 8), ([4, 5], 4, 8)]
+    assert plan([5, 9], (), (8, 32)) == [([0], 1, 8), ([1], 1, 32)]
+
+
+PROMPTS = [np.random.default_rng(i).integers(1, CFG.vocab_size, n)
+           for i, n in enumerate((3, 6, 13, 20))]
+SAMPLING = [SamplingParams(temperature=0.0, logprobs=True, top_logprobs=5),
+            SamplingParams(temperature=0.9, top_k=20, logprobs=True, top_logprobs=5)] * 2
+
+
+def _engine_run(engine, batched):
+    first = 1
+    for s, p in enumerate(PROMPTS):          # the blocks its prompt and 6 tokens need
+        need = -(-(len(p) + 6) // BLOCK)
+        engine.set_blocks(s, list(range(first, first + need)))
+        first += need
+    items = [dict(slot=s, prompt_ids=p, sampling=SAMPLING[s], seed=7 + s)
+             for s, p in enumerate(PROMPTS)]
+    if batched:
+        pending = engine.insert_many(items)
+    else:
+        pending = [engine.insert(it["slot"], it["prompt_ids"], 0, it["sampling"], it["seed"])
+                   for it in items]
+    outs = [p.result() for p in pending]
+    tokens = [[int(o.tokens[0])] for o in outs]
+    tops = [[o.top_logprobs[0][:5]] for o in outs]
+    for _ in range(5):
+        o = engine.step().result()
+        for s in range(SLOTS):
+            tokens[s].append(int(o.tokens[s]))
+            tops[s].append(o.top_logprobs[s][:5])
+    for s in range(SLOTS):
+        engine.release(s)
+    return tokens, tops
+
+
+def test_insert_many_equals_one_at_a_time(engine):
+    before = engine.batched_prefills
+    alone = _engine_run(engine, batched=False)
+    assert engine.batched_prefills == before
+    together = _engine_run(engine, batched=True)
+    assert engine.batched_prefills == before + 1      # one [4, 32] program
+    assert together[0] == alone[0]
+    np.testing.assert_allclose(np.array(together[1]), np.array(alone[1]), atol=1e-5)
+    assert compile_count() == engine.compiles_after_warmup
+
+
+X = np.random.default_rng(50).integers(1, CFG.vocab_size, 8).tolist()   # two blocks
+R = np.random.default_rng(51)
+JOBS = [  # (prompt, sampling); H shares W's first two blocks
+    ("W", X + R.integers(1, CFG.vocab_size, 3).tolist(), {"temperature": 0.0}),
+    ("F1", R.integers(1, CFG.vocab_size, 6).tolist(), {"temperature": 0.8, "seed": 3}),
+    ("F2", R.integers(1, CFG.vocab_size, 5).tolist(), {"temperature": 0.0}),
+    ("H", X + R.integers(1, CFG.vocab_size, 9).tolist(), {"temperature": 0.0}),
+    ("F3", R.integers(1, CFG.vocab_size, 7).tolist(), {"temperature": 0.7, "seed": 5}),
+    ("N2", R.integers(1, CFG.vocab_size, 14).tolist(), {"temperature": 1.0, "seed": 9,
+                                                         "n": 2}),
+    ("F4", R.integers(1, CFG.vocab_size, 2).tolist(), {"temperature": 0.0}),
+]
+
+
+def _collect(handle):
+    n = handle.request.sampling.n
+    tokens, lps = [[] for _ in range(n)], [[] for _ in range(n)]
+    for ev in handle:
+        if isinstance(ev, Failure):
+            raise AssertionError(ev.message)
+        if isinstance(ev, Usage):
+            return tokens, lps, ev.cached_tokens
+        tokens[ev.index] += ev.token_ids
+        lps[ev.index] += [lp.logprob for lp in ev.logprobs]
+
+
+def _request(s, name, prompt, sampling):
+    return s.make_request(name, prompt, dict(sampling, max_tokens=16, ignore_eos=True,
+                                             logprobs=True))
+
+
+def test_a_burst_through_the_scheduler_equals_one_at_a_time(engine):
+    # one at a time: each request alone in the engine (the one-prompt path)
+    s = Scheduler(engine, max_queue=64, prefill_budget=20).start()
+    try:
+        alone = [_collect(s.submit(_request(s, *job))) for job in JOBS]
+    finally:
+        s.stop()
+    before = engine.batched_prefills, engine.batched_prompts
+    # a burst: everything queued before the device thread starts; the 20-token budget
+    # admits W and F1 (one program), then F2 and H (a hit on W's blocks), ...
+    s = Scheduler(engine, max_queue=64, prefill_budget=20)
+    handles = [s.submit(_request(s, *job)) for job in JOBS]
+    s.start()
+    try:
+        burst = [_collect(h) for h in handles]
+        stats = s.stats()
+    finally:
+        s.stop()
+    assert engine.batched_prefills > before[0], "no prompts were prefilled together"
+    assert stats["kv_preemptions"] > 0, stats
+    for (name, _, _), (t1, l1, c1), (t2, l2, c2) in zip(JOBS, burst, alone):
+        assert t1 == t2, name
+        np.testing.assert_allclose(np.array(l1), np.array(l2), atol=1e-5, err_msg=name)
+    assert alone[3][2] == 8 and burst[3][2] == 8      # H reused W's two blocks both times
+    assert compile_count() == engine.compiles_after_warmup
