@@ -234,3 +234,81 @@ def test_deterministic_is_bitwise_after_a_prefix_hit(env):
     first, second = (r.choices[0] for r in runs)
     assert _tokens(first) == _tokens(second)
     assert first.logprobs.top_logprobs == second.logprobs.top_logprobs
+
+
+MSGS = [{"role": "user", "content": "say hi"}]
+SEEDED = {"seed": 7, "ignore_eos": True}
+SAME_TWICE = [{"top_k": 4}, {"temperature": 0.0}, {"top_k": 4}]
+
+
+def _chat_text(client, **extra):
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=8,
+                                       temperature=1.0, extra_body={**SEEDED, **extra})
+    return r.choices[0].message.content
+
+
+def test_anthropic_messages_steering_and_variants(env):
+    """/v1/messages takes the chat route's `steering` and `variants` (extra_body with the
+    official SDK); variants come back as a `variants` array beside variant 0's message."""
+    import anthropic
+    servers, client = env[0], env[1]
+    claude = anthropic.Anthropic(base_url=servers.base_url, api_key=API_KEY, max_retries=0)
+
+    def create(**extra):
+        return claude.messages.create(model="tiny", max_tokens=8, messages=MSGS,
+                                      extra_body={"temperature": 1.0, **SEEDED, **extra})
+
+    steered = create(steering=STEER)
+    assert steered.content[0].text == _chat_text(client, steering=STEER)   # same prompt
+    assert steered.content[0].text != create().content[0].text
+    m = create(variants=SAME_TWICE)
+    vs = m.model_extra["variants"]
+    assert [v["variant"] for v in vs] == [0, 1, 2]
+    assert vs[0]["content"] == vs[2]["content"]                  # identical configurations
+    assert [b.model_dump(exclude_none=True) for b in m.content] == vs[0]["content"]
+    greedy = create(temperature=0.0)
+    assert vs[1]["content"][0]["text"] == greedy.content[0].text   # a variant = it alone
+    assert all(v["metrics"]["length"] == 8 and v["stop_reason"] == "max_tokens" for v in vs)
+    assert m.usage.output_tokens == 24
+    for extra, field in [({"variants": [{"top_p": 0.5}, {"top_p": 2.0}]}, "variants[1].top_p"),
+                         ({"variants": [{"temperature": 1.5}]}, "variants[0].temperature"),
+                         ({"steering": [{"layer": 9, "name": "v"}]}, "steering[0].layer"),
+                         ({"steering": {"layer": 0}}, "steering")]:
+        with pytest.raises(anthropic.BadRequestError) as e:
+            create(**extra)
+        assert e.value.body["error"]["type"] == "invalid_request_error"
+        assert field in e.value.body["error"]["message"], e.value.body
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(model="tiny", max_tokens=4, messages=MSGS, stream=True,
+                               extra_body={"variants": [{"top_k": 4}]})
+    assert "stream" in e.value.body["error"]["message"]
+
+
+def test_responses_steering_and_variants(env):
+    """/v1/responses passes `steering` and `variants` to the chat route's parser; the
+    response is variant 0's, with a `variants` array of every variant's output."""
+    import openai
+    client = env[1]
+
+    def create(**extra):
+        return client.responses.create(model="tiny", input=MSGS[0]["content"],
+                                       max_output_tokens=8, temperature=1.0,
+                                       extra_body={**SEEDED, **extra})
+
+    assert create(steering=STEER).output_text == _chat_text(client, steering=STEER)
+    r = create(variants=SAME_TWICE)
+    vs = r.model_extra["variants"]
+    text = [v["output"][-1]["content"][0]["text"] for v in vs]
+    assert text[0] == text[2] == r.output_text
+    assert text[1] == _chat_text(client, temperature=0.0)
+    assert [v["status"] for v in vs] == ["incomplete"] * 3          # max_output_tokens
+    assert all(v["metrics"]["length"] == 8 for v in vs) and r.usage.output_tokens == 24
+    for extra, param in [({"variants": [{"top_p": 2.0}]}, "variants[0].top_p"),
+                         ({"steering": [{"layer": 0, "name": "nope"}]}, "steering[0].name")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            create(**extra)
+        assert e.value.body["param"] == param, e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="tiny", input="hi", stream=True,
+                                extra_body={"variants": [{"top_k": 4}]})
+    assert e.value.body["param"] == "stream"

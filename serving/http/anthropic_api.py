@@ -12,6 +12,9 @@ Chat semantics: `tools` (`input_schema`), `tool_choice` auto / any / tool / none
 `<think>`; `budget_tokens` becomes the engine's `max_thinking_tokens`) or disabled,
 `thinking` blocks signed with an HMAC (serving.http.thinking_signature) and verified when
 they come back, `output_config.format` json_schema (and the `guided_*` extensions).
+Research fields (docs/research.md), parsed by the chat route's own code: `steering`, and
+`variants`, whose samples come back whole as a `variants` array next to variant 0's
+message (not streamed).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from serving.http.chat_output import (OutputParser, OutputSpec, make_spec, parse
 from serving.http.errors import bad_request
 from serving.http.limits import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from serving.http.generation import Choice, Delta, Final, GenRequest, ModelInfo, Usage
-from serving.http.openai_api import GUIDED, SAMPLING_FIELDS, _bool, _is_int, _sampling
+from serving.http.openai_api import (GUIDED, SAMPLING_FIELDS, _bool, _is_int, _research,
+                                     _sampling)
 from serving.http.prompt import (ChatOptions, check_context, fit_chat, render_chat,
                                  template_kwargs)
 from serving.http.tool_calls import arguments_object
@@ -36,7 +40,7 @@ ANTHROPIC_MAX_TEMPERATURE = 1.0
 MIN_THINKING_BUDGET = 1024
 IGNORED = {"metadata", "service_tier", "container", "mcp_servers", "context_management"}
 OWN = {"chat_template", "chat_template_kwargs", "skip_special_tokens",
-       "spaces_between_special_tokens", *GUIDED}
+       "spaces_between_special_tokens", *GUIDED, "variants", "steering"}
 MESSAGE_FIELDS = {"model", "messages", "system", "max_tokens", "stop_sequences", "stream",
                   "tools", "tool_choice", "thinking", "output_config"} | IGNORED | OWN | \
     SAMPLING_FIELDS
@@ -52,6 +56,11 @@ class AnthropicPlan:
     output: OutputSpec = field(default_factory=OutputSpec)
     secret: bytes = b""
     compacted_tokens: int = 0
+
+    @property
+    def samples(self) -> int:
+        """The generation's choices: one, or one per variant (docs/research.md)."""
+        return len(self.request.variants or ()) or 1
 
 
 def _text_blocks(content, where: str) -> str:
@@ -339,12 +348,27 @@ def parse_messages(body, info: ModelInfo, request_id: str | None = None,
         raise bad_request("n: the Messages API returns one message", "n")
     ids = prompt.ids
     check_context(len(ids), max_tokens, info.max_model_len)
+    research = _variants_here(_research(body, sampling, tok.vocab_size, stream), stream)
     rid = request_id or "msg_" + secrets.token_hex(12)
     req = GenRequest(rid, model, ids, sampling,
                      skip_special_tokens=skip and not spec.active,
                      spaces_between_special_tokens=_bool(body, "spaces_between_special_tokens",
-                                                         True))
+                                                         True), **research)
     return AnthropicPlan(req, model, stream, len(ids), spec, secret, prompt.compacted_tokens)
+
+
+def _variants_here(research: dict, stream: bool) -> dict:
+    """The Messages API's own rules for `variants`: answered whole, temperature <= 1."""
+    for i, v in enumerate(research.get("variants") or ()):
+        t = v.get("temperature")
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and \
+                t > ANTHROPIC_MAX_TEMPERATURE:
+            raise bad_request(f"variants[{i}].temperature: must be in [0, 1] on the Messages "
+                              f"API, got {t}", f"variants[{i}].temperature")
+    if stream and research.get("variants"):
+        raise bad_request("stream: `variants` are answered whole on the Messages API (a "
+                          "`variants` array); set stream to false", "stream")
+    return research
 
 
 def parse_count_tokens(body, info: ModelInfo) -> int:
@@ -377,7 +401,28 @@ def _extensions(plan: AnthropicPlan) -> dict:
     return {"compacted_tokens": plan.compacted_tokens} if plan.compacted_tokens else {}
 
 
-def message_response(plan: AnthropicPlan, choice: Choice, final: Final) -> dict:
+def message_response(plan: AnthropicPlan, choice: Choice, final: Final,
+                     variants: list[Choice] | None = None) -> dict:
+    """The message for `choice`. With `variants` (every variant's choice in order, `choice`
+    the first): a `variants` array of {variant, content, stop_reason, stop_sequence,
+    metrics} beside it; the message is variant 0's, its usage counts every variant."""
+    content, calls = _content(plan, choice)
+    extra = {}
+    if variants:
+        extra["variants"] = []
+        for i, c in enumerate(variants):
+            blocks, n = (content, calls) if i == 0 else _content(plan, c)
+            extra["variants"].append({"variant": i, "content": blocks,
+                                      "stop_reason": stop_reason(c, n),
+                                      "stop_sequence": c.stop_sequence, "metrics": c.metrics})
+    return {"id": plan.request.request_id, "type": "message", "role": "assistant",
+            "model": plan.model, "content": content,
+            "stop_reason": stop_reason(choice, calls), "stop_sequence": choice.stop_sequence,
+            "usage": usage_body(final.usage), **_extensions(plan), **extra}
+
+
+def _content(plan: AnthropicPlan, choice: Choice) -> tuple[list[dict], int]:
+    """A choice's content blocks (thinking, text, tool_use) and its tool-call count."""
     content: list[dict] = []
     calls = 0
     if plan.output.active:
@@ -394,10 +439,7 @@ def message_response(plan: AnthropicPlan, choice: Choice, final: Final) -> dict:
         calls = len(parsed.calls)
     else:
         content.append({"type": "text", "text": choice.text})
-    return {"id": plan.request.request_id, "type": "message", "role": "assistant",
-            "model": plan.model, "content": content,
-            "stop_reason": stop_reason(choice, calls), "stop_sequence": choice.stop_sequence,
-            "usage": usage_body(final.usage), **_extensions(plan)}
+    return content, calls
 
 
 class _Blocks:

@@ -383,10 +383,11 @@ class Messages:
         timed, stream = self.server.open(plan.request, req)
         if not plan.stream:
             try:
-                choices, final = accumulate((e for e in timed if e is not None), 1)
+                choices, final = accumulate((e for e in timed if e is not None), plan.samples)
             finally:
                 stream.cancel()
-            resp.media = anthropic_api.message_response(plan, choices[0], final)
+            resp.media = anthropic_api.message_response(
+                plan, choices[0], final, choices if plan.request.variants else None)
             return
 
         def frames():

@@ -148,7 +148,13 @@ def _anthropic_fields() -> dict:
                                     "budget_tokens": {
                                         "type": "integer",
                                         "minimum": anthropic_api.MIN_THINKING_BUDGET}}},
+        **_research_fields(),
     }
+
+
+def _research_fields() -> dict:
+    """`variants` and `steering` (docs/research.md), as the OpenAI routes take them."""
+    return {k: v for k, v in _openai_fields().items() if k in ("variants", "steering")}
 
 
 def _post(summary: str, schema_name: str, description: str = "") -> dict:
@@ -176,7 +182,8 @@ def _responses_request(chat_ext: dict) -> dict:
                                            "maximum": MAX_SEQUENCE}),
            "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20}),
            "temperature": _nullable({"type": "number", "minimum": 0,
-                                     "maximum": openai_api.OPENAI_MAX_TEMPERATURE})}
+                                     "maximum": openai_api.OPENAI_MAX_TEMPERATURE}),
+           **_research_fields()}
     return _request(fields, {**chat_ext, **own}, ("input",))
 
 

@@ -9,6 +9,10 @@ the Responses event sequence (response.created, output_item.added, content_part.
 output_text.delta, ..., response.completed). The non-streaming body is the builder's
 final response, so streamed and whole answers cannot disagree.
 
+Research fields (docs/research.md) pass to the chat route's parser: `steering`, and
+`variants`, answered whole: the response is variant 0's, with a `variants` array of every
+variant's output (`VariantsBuilder`; not streamed).
+
 Stateless by default (`store` defaults to false here: nothing is kept unless asked);
 `store: true` keeps the response and its conversation in `response_store`, which
 `previous_response_id`, GET and DELETE read.
@@ -33,7 +37,8 @@ OWN = {"model", "input", "instructions", "stream", "store", "previous_response_i
        "tool_choice", "parallel_tool_calls", "text", "reasoning", "max_output_tokens",
        "include", "truncation", "background", "conversation", "prompt", "top_logprobs"}
 # Ours (the chat route's extensions) that make sense here.
-EXTENSIONS = {"chat_template_kwargs", "max_thinking_tokens", "skip_special_tokens"}
+EXTENSIONS = {"chat_template_kwargs", "max_thinking_tokens", "skip_special_tokens",
+              "variants", "steering"}
 NOT_SAMPLING = {"logprobs", "top_logprobs", "max_tokens", "n", "best_of", "prompt_logprobs"}
 
 
@@ -284,8 +289,11 @@ def parse_responses(body, info, store=None) -> ResponsesPlan:
                    "response_format": "text.format", "reasoning_effort": "reasoning.effort",
                    "messages": "input", "logprobs": "include"}.get(e.param, e.param)
         raise
-    if plan.n != 1:
+    if plan.requests[0].sampling.n != 1:
         raise bad_request("`n`: a response has one output", "n")
+    if plan.requests[0].variants and plan.stream:
+        raise bad_request("`variants` are answered whole on /v1/responses (a `variants` "
+                          "array); set `stream` to false", "stream")
     plan.include_usage = True
     echo = {"instructions": instructions, "max_output_tokens": body.get("max_output_tokens"),
             "model": plan.model, "parallel_tool_calls": body.get("parallel_tool_calls", True),
@@ -487,12 +495,55 @@ class ResponseBuilder:
         return [msg]
 
 
+class VariantsBuilder:
+    """`variants` (not streamed): one `ResponseBuilder` per variant, each fed its own
+    choice; `response()` is variant 0's response with a `variants` array of {variant,
+    status, incomplete_details, output, metrics} for every variant (usage counts all)."""
+
+    def __init__(self, plan: ResponsesPlan, count: int):
+        self.builders = [ResponseBuilder(plan) for _ in range(count)]
+        self.metrics: list[dict | None] = [None] * count
+        self.seq = 0
+
+    def start(self) -> list:
+        return []
+
+    def feed(self, chunk: dict | None) -> list:
+        if chunk is not None:
+            if chunk.get("usage"):
+                self.builders[0].usage = chunk["usage"]
+            for choice in chunk.get("choices") or []:
+                if choice.get("metrics") is not None:
+                    self.metrics[choice["index"]] = choice["metrics"]
+                self.builders[choice["index"]].feed({"choices": [choice]})
+        return []
+
+    def end(self) -> list:
+        for b in self.builders:
+            b.end()
+        return []
+
+    def response(self, status: str | None = None) -> dict:
+        body = self.builders[0].response(status)
+        body["variants"] = []
+        for i, b in enumerate(self.builders):
+            r = b.response(status)
+            body["variants"].append({"variant": i, "status": r["status"],
+                                     "incomplete_details": r["incomplete_details"],
+                                     "output": r["output"], "metrics": self.metrics[i]})
+        return body
+
+    def messages(self) -> list[dict]:
+        return self.builders[0].messages()
+
+
 def events(plan: ResponsesPlan, engine_events: Iterable) -> tuple[ResponseBuilder, Iterator]:
     """The builder and the (event type, event) stream of one generation; `None` passes
     through (a keep-alive)."""
     from serving.http import openai_api
 
-    builder = ResponseBuilder(plan)
+    variants = plan.chat.requests[0].variants
+    builder = VariantsBuilder(plan, len(variants)) if variants else ResponseBuilder(plan)
 
     def run():
         yield from builder.start()
