@@ -39,19 +39,22 @@ def unfit(kernel: str, block_size: int, head_dim: int) -> str | None:
 
 
 def resolve_attention(choice: str, platform: str, interpret: bool = False, devices: int = 1,
-                      block_size: int = 16, head_dim: int = 128) -> str | None:
+                      block_size: int = 16, head_dim: int = 128,
+                      dtype: str = "bfloat16") -> str | None:
     """The paged decode kernel to run: None for the gather path, else "gpu" or "tpu".
 
     `platform` is the devices' (jax.Device.platform: cpu, gpu/cuda/rocm, tpu); `devices`
-    how many the engine spans (a mesh). "auto" takes the kernel only where it runs as is
-    (one device, shapes it takes: `unfit`); "pallas" that cannot run here is a ValueError
-    saying why."""
+    how many the engine spans (a mesh); `dtype` the pool's. "auto" takes the kernel only
+    where it runs as is (one device, shapes it takes: `unfit`) and loses nothing: not the
+    TPU kernel over a float32 pool, since it rounds the K/V it loads to bfloat16. "pallas"
+    that cannot run here is a ValueError saying why."""
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"paged_attention must be one of {', '.join(ATTENTION_CHOICES)}, "
                          f"got {choice!r}")
     kernel = KERNELS.get(platform)
     if choice == "gather" or (choice == "auto" and (
-            kernel is None or devices > 1 or unfit(kernel, block_size, head_dim))):
+            kernel is None or devices > 1 or unfit(kernel, block_size, head_dim)
+            or (kernel == "tpu" and dtype != "bfloat16"))):
         return None
     if devices > 1:
         raise ValueError("paged_attention 'pallas' runs on one device only (the kernels "
@@ -98,7 +101,9 @@ def gpu_decode_attention(q, k_pool, v_pool, tables, lengths, *, interpret: bool 
 
 def tpu_decode_attention(q, k_pool, v_pool, tables, lengths, *, pages_per_compute_block=1,
                          head_first: bool = False):
-    """The same through the TPU kernel (jax.experimental.pallas.ops.tpu.paged_attention)."""
+    """The same through the TPU kernel (jax.experimental.pallas.ops.tpu.paged_attention).
+    It rounds the K/V pages it loads to bfloat16 (its `_maybe_dequantize`), so over a
+    float32 pool it equals the gather path on bfloat16-rounded K/V, not on the pool."""
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
     if not head_first:

@@ -79,6 +79,26 @@ def test_decoder_pallas_decode_matches_gather():
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
 
 
+def test_tpu_kernel_is_the_gather_path_on_bfloat16_kv():
+    """The TPU kernel (its interpreter) over head-first float32 pools equals the gather path
+    on the K/V rounded to bfloat16, which it loads them as (hence auto skips it on float32)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from model.pallas_paged import decode_attention, gather_decode_attention
+    r = np.random.default_rng(2)
+    k, v = (jnp.asarray(r.normal(size=(2, 9, BLOCK, 16)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(r.normal(size=(2, 2, 2, 16)), jnp.float32)
+    tables = jnp.asarray([[3, 1, 7], [2, 5, 8]], jnp.int32)
+    lengths = jnp.asarray([1, 10], jnp.int32)
+    with pltpu.force_tpu_interpret_mode():
+        got = np.asarray(decode_attention(q, k, v, tables, lengths, kernel="tpu"))
+    kb, vb = (x.astype(jnp.bfloat16).astype(jnp.float32) for x in (k, v))
+    want = np.asarray(gather_decode_attention(q, kb, vb, tables, lengths, head_first=True))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(got - np.asarray(gather_decode_attention(q, k, v, tables, lengths,
+                                                           head_first=True))).max() > 1e-4
+
+
 def test_decoder_refuses_a_pool_of_the_other_layout():
     cache = init_paged_cache(CFG, NUM_BLOCKS, BLOCK)            # token-major
     tables = jnp.ones((1, 2), jnp.int32)
@@ -138,6 +158,8 @@ def test_auto_is_gather_on_cpu_and_pallas_needs_a_device():
     assert resolve_attention("auto", "gpu", devices=8) is None
     assert resolve_attention("auto", "gpu", block_size=8) is None     # Triton tiles >= 16
     assert resolve_attention("auto", "tpu", head_dim=64) is None      # Mosaic lanes of 128
+    assert resolve_attention("auto", "tpu", dtype="float32") is None  # rounds K/V to bf16
+    assert resolve_attention("pallas", "tpu", dtype="float32") == "tpu"
     with pytest.raises(ValueError, match="block_size >= 16"):
         resolve_attention("pallas", "gpu", block_size=8)
     assert resolve_attention("pallas", "cpu", interpret=True) == "gpu"

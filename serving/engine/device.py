@@ -272,7 +272,8 @@ class DeviceEngine:
                              f"got {attention!r}")
         devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
         self.paged_kernel = (resolve_attention(attention, devices[0].platform, interpret,
-                                               len(devices), block_size, config.head_dim)
+                                               len(devices), block_size, config.head_dim,
+                                               config.dtype)
                              if self.paged else None)
         self.interpret = interpret
         self.attention = "pallas" if self.paged_kernel else "gather"
