@@ -77,7 +77,11 @@ def add_arguments(parser) -> None:
                              "'' turns it off)")
     parser.add_argument("--prefill-budget", type=int, default=None,
                         help="prompt tokens prefilled per scheduler iteration "
-                             "(default: the largest prefill bucket)")
+                             "(default: the largest prefill bucket, at least 2048 with "
+                             "--prefill-batch > 1)")
+    parser.add_argument("--prefill-batch", type=int, default=None, metavar="N",
+                        help="fresh prompts prefilled together in one program, at most "
+                             "(batched prefill; 1: one program per prompt; default 16)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="turn the prefix cache off (on by default)")
     add_warmup_arguments(parser)
@@ -111,6 +115,7 @@ def engine_command(args) -> list[str]:
                         ("--quantize", getattr(args, "quantize", None)),
                         ("--compile-cache", getattr(args, "compile_cache", None)),
                         ("--prefill-budget", getattr(args, "prefill_budget", None)),
+                        ("--prefill-batch", getattr(args, "prefill_batch", None)),
                         ("--steering-vectors", getattr(args, "steering_vectors", None)
                          and os.path.abspath(args.steering_vectors))):
         if value is not None:

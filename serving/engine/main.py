@@ -42,7 +42,11 @@ def add_arguments(parser) -> None:
                         help="requests waiting for a slot before RESOURCE_EXHAUSTED")
     parser.add_argument("--prefill-budget", type=int, default=None,
                         help="prompt tokens prefilled per scheduler iteration "
-                             "(default: the largest prefill bucket)")
+                             "(default: the largest prefill bucket, at least 2048 with "
+                             "--prefill-batch > 1)")
+    parser.add_argument("--prefill-batch", type=int, default=16, metavar="N",
+                        help="fresh prompts prefilled together in one program, at most "
+                             "(batched prefill; 1: one program per prompt)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="turn the prefix cache off (on by default)")
     add_steering_arguments(parser)
@@ -167,7 +171,8 @@ def run(args) -> int:
     die_with_parent()             # started by `flaxserve serve`: never outlive it
     from serving import logs
     logs.set_format(getattr(args, "log_format", None))
-    for name in ("grpc_port", "max_slots", "max_model_len", "max_queue", "prefill_budget"):
+    for name in ("grpc_port", "max_slots", "max_model_len", "max_queue", "prefill_budget",
+                 "prefill_batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -215,7 +220,8 @@ def run(args) -> int:
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
                           eos_ids=tuple(sorted(eos_ids)),
                           token_limit=tokenizer.vocab_size if tokenizer else None,
-                          steering=vectors is not None, **kv)
+                          steering=vectors is not None, prefill_batch=args.prefill_batch,
+                          **kv)
     from serving.process import rss_mib, trim_memory
     _say(f"loaded in {time.monotonic() - t0:.1f} s: {max_slots} slots, max_model_len "
          f"{max_len}, prefill buckets {list(engine.prefill_buckets)}; RSS {rss_mib():.0f} MiB")
