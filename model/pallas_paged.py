@@ -45,16 +45,17 @@ def resolve_attention(choice: str, platform: str, interpret: bool = False, devic
 
     `platform` is the devices' (jax.Device.platform: cpu, gpu/cuda/rocm, tpu); `devices`
     how many the engine spans (a mesh); `dtype` the pool's. "auto" takes the kernel only
-    where it runs as is (one device, shapes it takes: `unfit`) and loses nothing: not the
-    TPU kernel over a float32 pool, since it rounds the K/V it loads to bfloat16. "pallas"
-    that cannot run here is a ValueError saying why."""
+    where it runs as is (one device, shapes it takes: `unfit`) and loses nothing, so not
+    for a float32 model: the TPU kernel rounds the K/V it loads to bfloat16, the GPU one
+    multiplies float32 at Triton's default precision (TF32 on NVIDIA). "pallas" that
+    cannot run here is a ValueError saying why."""
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"paged_attention must be one of {', '.join(ATTENTION_CHOICES)}, "
                          f"got {choice!r}")
     kernel = KERNELS.get(platform)
     if choice == "gather" or (choice == "auto" and (
             kernel is None or devices > 1 or unfit(kernel, block_size, head_dim)
-            or (kernel == "tpu" and dtype != "bfloat16"))):
+            or dtype == "float32")):
         return None
     if devices > 1:
         raise ValueError("paged_attention 'pallas' runs on one device only (the kernels "

@@ -159,6 +159,7 @@ def test_auto_is_gather_on_cpu_and_pallas_needs_a_device():
     assert resolve_attention("auto", "gpu", block_size=8) is None     # Triton tiles >= 16
     assert resolve_attention("auto", "tpu", head_dim=64) is None      # Mosaic lanes of 128
     assert resolve_attention("auto", "tpu", dtype="float32") is None  # rounds K/V to bf16
+    assert resolve_attention("auto", "gpu", dtype="float32") is None  # TF32 matmuls
     assert resolve_attention("pallas", "tpu", dtype="float32") == "tpu"
     with pytest.raises(ValueError, match="block_size >= 16"):
         resolve_attention("pallas", "gpu", block_size=8)
