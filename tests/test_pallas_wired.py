@@ -9,6 +9,7 @@ Tiny sizes: interpret mode runs the kernel's grid in Python.
 """
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +36,16 @@ def test_head_first_pool_writes_and_gathers_as_the_token_major_one():
     tables = jnp.asarray([[3, 1, 7, 0], [2, 5, 0, 0]], jnp.int32)
     positions = jnp.asarray([[0, 1, 2, 3, 4, 5, 16], [0, 1, 2, 3, 4, 99, -1]], jnp.int32)
     new = jnp.asarray(r.normal(size=(2, 7, 2, 16)), jnp.float32)
-    out = {}
-    for hf in (False, True):
+
+    @functools.partial(jax.jit, static_argnums=0)       # one program per layout
+    def roundtrip(hf):
         pool = paged.init_pool(1, 9, BLOCK, 2, 16, jnp.float32, hf)[0][0]
         pool = paged.write(pool, tables, positions, new, hf)
         pool = paged.copy_block(pool, 1, 8, hf)
         assert paged.block_size_of(pool, hf) == BLOCK
-        out[hf] = (np.asarray(paged.gather(pool, tables, 3, hf)),
-                   np.asarray(paged.gather(pool, jnp.asarray([[8]]), None, hf)))
+        return paged.gather(pool, tables, 3, hf), paged.gather(pool, jnp.asarray([[8]]), None, hf)
+
+    out = {hf: tuple(map(np.asarray, roundtrip(hf))) for hf in (False, True)}
     np.testing.assert_array_equal(out[True][0], out[False][0])
     np.testing.assert_array_equal(out[True][1], out[False][1])
     assert np.abs(out[True][0]).sum() > 0
