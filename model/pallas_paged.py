@@ -9,9 +9,11 @@ caller holding a token-major pool may pass `head_first=False` and pay that copy.
 token per row, `lengths` = keys each row attends (position + 1); no sliding window.
 
 Which implementation runs is `resolve_attention`: "gather" everywhere, "pallas" the
-platform's kernel (GPU kernel on cuda/rocm, TPU kernel on tpu), "auto" the kernel on
-GPU/TPU and gather on CPU. On CPU a kernel runs only in Pallas interpret mode (tests): the
-GPU kernel, which its interpreter runs to float32 rounding of the gather path.
+platform's kernel (GPU kernel on cuda/rocm, TPU kernel on tpu, one device), "auto" the
+kernel where it runs as is and loses no precision (one GPU/TPU, shapes it compiles, a
+16-bit model), else gather (so always on CPU). On CPU a kernel runs only in Pallas
+interpret mode (tests): the GPU kernel, which its interpreter runs to float32 rounding of
+the gather path.
 """
 
 from __future__ import annotations
