@@ -52,7 +52,8 @@ MAX_BEAMS = 16                    # beam width (best_of or n) with use_beam_sear
 # away from its default is an error there
 BEAM_SEARCH_FIELDS = {"use_beam_search", "length_penalty", "early_stopping", "n", "best_of",
                       "max_tokens", "stop_token_ids", "ignore_eos", "seed", "temperature",
-                      "include_stop_str_in_output", "dry_sequence_breaker_ids", "deterministic"}
+                      "include_stop_str_in_output", "dry_sequence_breaker_ids", "deterministic",
+                      "logprobs", "top_logprobs"}
 
 # Range of every numeric field: (low, high, low open, high open, integer). "vocab" and
 # "context" are the engine's vocabulary size and context length (MAX_VOCAB and

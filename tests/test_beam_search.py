@@ -1,5 +1,6 @@
 """Beam search equals transformers' `generate(num_beams=...)` on the same random weights:
-the returned beams' tokens, their order and their scores.
+the returned beams' tokens, their order and their scores, and with logprobs each token's
+logprob (transformers' transition scores).
 
 The stop id is a token the model actually produces early (found by a greedy run), so
 beams finish at different lengths and the finished-hypotheses bookkeeping is exercised,
@@ -71,11 +72,33 @@ def test_beams_equal_transformers(models, width, n, length_penalty, early_stoppi
     assert any(b.finish_reason == "stop" for b in ours) or length_penalty > 0
 
 
+def test_beam_logprobs_equal_transformers(models):
+    """With logprobs, each returned beam's per-token logprobs are transformers' transition
+    scores of that sequence (compute_transition_scores with its beam_indices)."""
+    hf, searcher, eos = models
+    sampling = SamplingParams.from_dict(dict(use_beam_search=True, n=2, best_of=3,
+                                             max_tokens=MAX_NEW, logprobs=True, top_logprobs=2))
+    ours = searcher.run(PROMPT, sampling)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([PROMPT]), num_beams=3, num_return_sequences=2,
+                          do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                          pad_token_id=eos, return_dict_in_generate=True, output_scores=True)
+        trans = hf.compute_transition_scores(out.sequences, out.scores, out.beam_indices)
+    for b, row in zip(ours, trans):
+        n = len(b.token_ids)
+        lps = [x[0] for x in b.logprobs]
+        np.testing.assert_allclose(lps, row[:n].numpy(), atol=1e-4)
+        assert sum(lps) == pytest.approx(b.cumulative_logprob, abs=1e-4)
+        for t, (lp, rank, ids, tops) in zip(b.token_ids, b.logprobs):
+            assert len(ids) == 2 and tops[0] >= tops[1] and tops[0] >= lp
+            assert (rank == 1) == (ids[0] == t)
+
+
 @pytest.mark.parametrize("fields,name", [
     ({"use_beam_search": True, "n": 17}, "n"),
     ({"use_beam_search": True, "top_p": 0.9}, "top_p"),
     ({"use_beam_search": True, "temperature": 0.7}, "temperature"),
-    ({"use_beam_search": True, "logprobs": True}, "logprobs"),
+    ({"use_beam_search": True, "logprobs_mode": "processed"}, "logprobs_mode"),
     ({"length_penalty": 0.5}, "length_penalty"),
     ({"use_beam_search": True, "length_penalty": float("nan")}, "length_penalty"),
 ])

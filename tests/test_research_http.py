@@ -312,3 +312,29 @@ def test_responses_steering_and_variants(env):
         client.responses.create(model="tiny", input="hi", stream=True,
                                 extra_body={"variants": [{"top_k": 4}]})
     assert e.value.body["param"] == "stream"
+
+
+def test_beam_search_logprobs(env):
+    """use_beam_search with logprobs: each beam's tokens carry their logprobs under the
+    model (summing to its cumulative_logprob) and top alternatives; one beam is greedy
+    decoding, logprobs included."""
+    client = env[1]
+    beams = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=6, n=2, logprobs=2,
+        extra_body={"use_beam_search": True, "best_of": 3, "ignore_eos": True})
+    assert len(beams.choices) == 2
+    for c in beams.choices:
+        lps = c.logprobs.token_logprobs
+        assert len(lps) == 6 and all(len(t) >= 1 for t in c.logprobs.top_logprobs)
+        assert math.isclose(sum(lps), c.model_extra["cumulative_logprob"], abs_tol=1e-4)
+    msgs = [{"role": "user", "content": "go"}]
+    one, greedy = (client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=6, logprobs=True, top_logprobs=2,
+        extra_body={"ignore_eos": True, **extra})
+        for extra in ({"use_beam_search": True}, {"temperature": 0.0}))
+    a, b = one.choices[0].logprobs.content, greedy.choices[0].logprobs.content
+    # (a token's `token` text depends on how the text was split into deltas: compare bytes)
+    assert [t.bytes for t in a] == [t.bytes for t in b] and len(a) == 6
+    np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b], atol=1e-5)
+    assert [[x.bytes for x in t.top_logprobs] for t in a] == \
+        [[x.bytes for x in t.top_logprobs] for t in b]

@@ -6,8 +6,9 @@ scheduler's device loop advances every running beam search by ONE beam step per 
 iteration, between its decode steps. So the device keeps a single owning thread, a long
 beam search never stalls the other requests, and the other requests never change a beam
 search's result (it shares nothing with them). When a search ends, its n beams go back as
-n complete `Delta`s (sample i = the i-th best beam: its tokens, text, finish reason and,
-in `metrics`, `beam_score` and `cumulative_logprob`), then the `Usage`. Not streamed.
+n complete `Delta`s (sample i = the i-th best beam: its tokens, text, finish reason, with
+`logprobs` each token's logprob / rank / top alternatives, and, in `metrics`, `beam_score`
+and `cumulative_logprob`), then the `Usage`. Not streamed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import time
 import traceback
 
 from serving.engine.requests import (INTERNAL, INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
-                                     UNAVAILABLE, Delta, Failure, Handle, RequestError, Usage)
+                                     UNAVAILABLE, Delta, Failure, Handle, RequestError,
+                                     TokenLogprob, Usage)
 
 MAX_RUNNING = 4       # beam searches advanced together; the rest wait in order
 
@@ -99,7 +101,9 @@ class BeamJobs:
             stop_id = b.token_ids[-1] if b.finish_reason == "stop" else None
             shown = b.token_ids if stop_id is None or p.include_stop_str_in_output else b.token_ids[:-1]
             text = tok.decode(shown, skip_special_tokens=req.skip_special_tokens) if tok else ""
-            handle.put(Delta(index=i, token_ids=list(b.token_ids), text=text,
+            lps = [TokenLogprob(t, lp, rank, ids, tops) for t, (lp, rank, ids, tops)
+                   in zip(b.token_ids, b.logprobs or ())]
+            handle.put(Delta(index=i, token_ids=list(b.token_ids), text=text, logprobs=lps,
                              finish_reason=b.finish_reason, stop_token_id=stop_id,
                              metrics={"beam_score": b.score,
                                       "cumulative_logprob": b.cumulative_logprob}))
