@@ -48,6 +48,8 @@ MAX_GUIDED_CHOICES = 1024
 MAX_GUIDED_CHARS = 1 << 16        # guided_regex / guided_grammar / each guided_choice
 MAX_SAMPLES = 128                 # n and best_of
 MAX_BEAMS = 16                    # beam width (best_of or n) with use_beam_search
+SPECULATIVE_METHODS = ("ngram", "draft", "none")   # `speculative.method`
+MAX_SPECULATIVE_TOKENS = 16       # `speculative.num_tokens`: drafts per verify
 # fields that may be set with use_beam_search (serving/beam_search.py); any other field
 # away from its default is an error there
 BEAM_SEARCH_FIELDS = {"use_beam_search", "length_penalty", "early_stopping", "n", "best_of",
@@ -158,6 +160,9 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool = False
+    # exact speculative decoding in the batch server (serving/engine/spec_jobs.py):
+    # {"method": "ngram" | "draft" | "none", "num_tokens": K}; None: the server's default
+    speculative: dict | None = None
     # -- penalties ----------------------------------------------------------------------------
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -237,6 +242,8 @@ class SamplingParams:
             values["top_p_reset_ids"] = [values["top_p_reset_ids"]]   # TensorRT-LLM: one id
         if isinstance(values.get("bad_words"), str):
             values["bad_words"] = [values["bad_words"]]
+        if "speculative" in d and d["speculative"] is None:
+            values["speculative"] = {"method": "none"}     # an explicit null opts out
         return cls(**values).validate(vocab_size, max_len)
 
     def to_dict(self) -> dict:
@@ -389,7 +396,27 @@ class SamplingParams:
         from sampling.registry import validate_processors
         validate_processors(self.logits_processors)
         self._validate_guided(token_id)
+        self._validate_speculative()
         return self
+
+    def _validate_speculative(self) -> None:
+        spec = self.speculative
+        if spec is None:
+            return
+        if not isinstance(spec, dict):
+            raise _err("speculative", "an object {method, num_tokens} or null", spec)
+        unknown = sorted(str(k) for k in set(spec) - {"method", "num_tokens"})
+        if unknown:
+            raise ValueError(f"speculative: unknown field(s) {', '.join(unknown)} (expected "
+                             "method, num_tokens)")
+        method = spec.get("method", "ngram")
+        if method not in SPECULATIVE_METHODS:
+            raise _err("speculative.method", f"one of {', '.join(SPECULATIVE_METHODS)}", method)
+        k = spec.get("num_tokens")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int)
+                              or not 1 <= k <= MAX_SPECULATIVE_TOKENS):
+            raise _err("speculative.num_tokens", f"an integer in [1, {MAX_SPECULATIVE_TOKENS}]",
+                       k)
 
     def _validate_bounds(self, vocab_size: int | None, max_len: int | None) -> None:
         """Type and range of every numeric field of BOUNDS (None where it may be None)."""

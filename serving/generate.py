@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 # Fields handled by dedicated flags of this command rather than the generic ones.
-_OWN_FLAGS = {"max_tokens", "seed", "logprobs", "top_logprobs", "n", "best_of"}
+_OWN_FLAGS = {"max_tokens", "seed", "logprobs", "top_logprobs", "n", "best_of", "speculative"}
 
 
 def _field_type(field):

@@ -68,6 +68,8 @@ def add_arguments(parser) -> None:
                                      add_warmup_arguments)
     add_kv_arguments(parser)
     add_steering_arguments(parser)
+    from serving.engine import spec_jobs
+    spec_jobs.add_arguments(parser)      # passed on to the engine
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
     from serving.flags import add_quantize_argument
     add_quantize_argument(parser)
@@ -116,6 +118,10 @@ def engine_command(args) -> list[str]:
                         ("--compile-cache", getattr(args, "compile_cache", None)),
                         ("--prefill-budget", getattr(args, "prefill_budget", None)),
                         ("--prefill-batch", getattr(args, "prefill_batch", None)),
+                        ("--speculative", getattr(args, "speculative", None)),
+                        ("--draft-model", getattr(args, "draft_model", None)),
+                        ("--speculative-max-batch", getattr(args, "speculative_max_batch", None)),
+                        ("--speculative-max-jobs", getattr(args, "speculative_max_jobs", None)),
                         ("--steering-vectors", getattr(args, "steering_vectors", None)
                          and os.path.abspath(args.steering_vectors))):
         if value is not None:

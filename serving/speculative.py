@@ -55,6 +55,7 @@ _SUPPORTED = {
     "length_penalty", "early_stopping", "repetition_penalty_scope",
     "presence_frequency_scope", "penalty_window", "dry_base", "dry_allowed_length",
     "dry_penalty_last_n", "dry_sequence_breakers", "dry_sequence_breaker_ids",
+    "speculative",     # the request's own choice of method (serving/engine/spec_jobs.py)
 }
 
 
@@ -173,6 +174,18 @@ class SpeculativeDecoder:
                  stop_check=None) -> SpeculativeResult:
         """One sequence to completion. `stop_check(token_ids) -> bool` (optional) ends it
         early (stop strings); `stop_ids` end it unless `ignore_eos`."""
+        result = SpeculativeResult()
+        for _ in self.steps(prompt_ids, sampling, seed, stop_ids, stop_check, result):
+            pass
+        return result
+
+    def steps(self, prompt_ids, sampling: SamplingParams, seed: int = 0, stop_ids=(),
+              stop_check=None, result: SpeculativeResult | None = None):
+        """`generate` one target pass at a time: a generator that yields after the prompt
+        (the first token) and after each verify, with the tokens so far in `result`
+        (`result.finish_reason` set on the last). The batch server steps it once per
+        scheduler iteration (serving/engine/spec_jobs.py)."""
+        result = SpeculativeResult() if result is None else result
         sampling.validate(self.vocab_size)
         check_supported(sampling)
         prompt = np.asarray(prompt_ids, np.int32).reshape(-1)
@@ -188,7 +201,6 @@ class SpeculativeDecoder:
         rows = jax.tree.map(jnp.asarray, make_rows([sampling] * (k + 1), self.vocab_size,
                                                    [seed] * (k + 1), [0] * (k + 1)))
         rows1 = jax.tree.map(lambda x: x[:1], rows)
-        result = SpeculativeResult()
         t0 = time.perf_counter()
         self.cache, logits = self._prefill_into(self.config, self.params, self.cache, prompt)
         if self.method == "draft":
@@ -208,6 +220,8 @@ class SpeculativeDecoder:
             return result.finish_reason is not None
 
         done = emit(int(token), lp)
+        result.seconds = time.perf_counter() - t0
+        yield
         while not done:
             pos = n + len(result.token_ids) - 1           # where `last` is written
             last = history[-1]
@@ -239,8 +253,8 @@ class SpeculativeDecoder:
                 if emit(int(tok), logprob):
                     done = True
                     break
-        result.seconds = time.perf_counter() - t0
-        return result
+            result.seconds = time.perf_counter() - t0
+            yield
 
 
 # -- jitted programs (module level, so decoders of the same shapes share compilations) --------

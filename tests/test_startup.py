@@ -4,7 +4,8 @@
 The engine serves once the programs a first request needs are compiled and compiles the
 rest on a thread; the first request here has a prompt longer than the smallest prefill
 bucket, so it needs a program the background thread may not have reached yet, and must
-still be answered. The figures are printed (`pytest -s`), never asserted: speed is for
+still be answered. The figures (and `flaxserve generate`'s cold and warm wall times, and
+the memory gauges of /metrics) are printed (`pytest -s`), never asserted: speed is for
 benchmarks.
 """
 
@@ -58,9 +59,24 @@ def _launch_and_ask(cache_dir, log_path) -> tuple[float, float, str, float]:
             assert reply.usage.prompt_tokens > 16 and reply.usage.completion_tokens >= 1
             short = client.completions.create(model="default", prompt="Hi", max_tokens=2)
             assert short.usage.completion_tokens >= 1
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+                memory = _memory(r.read().decode())
         finally:
             _stop(proc)
-    return healthy, answered, log_path.read_text(), launched
+    return healthy, answered, log_path.read_text() + memory, launched
+
+
+def _memory(metrics: str) -> str:
+    """The memory gauges of /metrics, as one log-like line (MiB)."""
+    values = {}
+    for line in metrics.splitlines():
+        for name in ("engine_rss_bytes", "engine_weights_bytes", "engine_kv_cache_bytes",
+                     "http_worker_rss_bytes"):
+            if line.startswith(f"flaxserve_{name}"):
+                values[name] = float(line.split()[-1]) / 2 ** 20
+    assert values.get("engine_rss_bytes", 0) > 0 and values.get("http_worker_rss_bytes", 0) > 0
+    return "\nmemory (MiB): " + ", ".join(f"{k.replace('_bytes', '')} {v:.1f}"
+                                         for k, v in values.items())
 
 
 # (name, a log line's text) for the timeline: when each start-up step finished
@@ -104,13 +120,24 @@ def test_cold_then_warm_start(tmp_path):
     done_at = next((i for i, l in enumerate(lines) if _all_compiled(l)), len(lines))
     background_busy = answered_at < done_at
     warm_health, warm, warm_log, warm_t0 = _launch_and_ask(cache, tmp_path / "warm.log")
+    generate_s = []      # `flaxserve generate` (in process, its own programs): cold, warm
+    for _ in range(2):
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "serving.cli", "generate", "--model",
+                              "default", "--prompt", PROMPT, "--max-tokens", "2",
+                              "--temperature", "0", "--compile-cache", str(cache)],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        generate_s.append(time.monotonic() - t0)
+        assert out.returncode == 0 and out.stdout.strip(), out.stderr[-3000:]
     import os
     print(f"\nstart-up (4 slots, max-model-len 512; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, figures vary): "
           f"cold {cold:.1f} s to the first answer ({cold_health:.1f} s to /health), "
           f"warm restart {warm:.1f} s ({warm_health:.1f} s to /health); background "
-          f"compilation still running when the first answer came: {background_busy}"
-          f"\n  cold: {_timeline(log, cold_t0)}\n  warm: {_timeline(warm_log, warm_t0)}")
+          f"compilation still running when the first answer came: {background_busy}; "
+          f"`generate` (2 tokens) cold {generate_s[0]:.1f} s, warm {generate_s[1]:.1f} s"
+          f"\n  cold: {_timeline(log, cold_t0)}\n  warm: {_timeline(warm_log, warm_t0)}"
+          f"{warm_log[warm_log.rindex(chr(10) + 'memory'):]}")
 
 
 @pytest.mark.parametrize("layout", ["dense", "paged"])

@@ -853,6 +853,10 @@ class DeviceEngine:
             jobs.append(("block copy", lambda: self._copy_block.lower(state, i32, i32)))
         else:
             jobs.append(("slot copy", lambda: self._copy.lower(state, i32, i32)))
+        # a new prompt of any length needs its fresh prefill first; a cached prefix (a
+        # second turn, a long prompt's later chunks) comes later (stable: small first)
+        jobs.sort(key=lambda job: 2 if "cached prefix" in job[0] else
+                  0 if job[0].startswith("prefill ") else 1)
         return jobs
 
     def _compile_rest(self, jobs, say) -> None:

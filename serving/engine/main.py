@@ -65,6 +65,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds running requests get to finish on shutdown")
     add_warmup_arguments(parser)
+    from serving.engine import spec_jobs
+    spec_jobs.add_arguments(parser)      # --speculative, --draft-model (docs/speed.md)
     from serving.engine import multihost
     multihost.add_arguments(parser)
     from serving.logs import add_arguments as add_log_arguments
@@ -217,6 +219,8 @@ def run(args) -> int:
         eos_ids |= set(tokenizer.stop_ids)
     kv = kv_engine_args(args, config, max_slots, max_len)
     vectors = load_steering(getattr(args, "steering_vectors", None), config)
+    from serving.engine.spec_jobs import config_from_args
+    speculative = config_from_args(args, dtype=args.dtype)
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
                           eos_ids=tuple(sorted(eos_ids)),
                           token_limit=tokenizer.vocab_size if tokenizer else None,
@@ -258,7 +262,8 @@ def run(args) -> int:
 
     scheduler = Scheduler(engine, tokenizer, max_queue=args.max_queue,
                           prefill_budget=args.prefill_budget,
-                          prefix_cache=not args.no_prefix_cache, steering_vectors=vectors)
+                          prefix_cache=not args.no_prefix_cache, steering_vectors=vectors,
+                          speculative=speculative)
     from checkpoints.resolve import served_name
     name = args.served_model_name or served_name(args.model, model_dir)
     server = EngineServer(scheduler, name, model_dir, tokenizer, token=token,

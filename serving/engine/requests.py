@@ -68,6 +68,9 @@ class Usage:
     ttft: float
     seed: int
     prompt_logprobs: list[TokenLogprob] | None = None   # prompt tokens 1.., when asked
+    # ran speculative decoding (serving/engine/spec_jobs.py): method, num_tokens,
+    # draft_tokens, accepted_tokens, verify_steps
+    speculative: dict | None = None
 
 
 @dataclass
@@ -92,6 +95,8 @@ class EngineRequest:
     # its digest (keys the prefix cache: a steered prompt's KV differs)
     steering: object = None
     steering_key: bytes = b""
+    # (method, K) when it may run speculative decoding (serving/engine/spec_jobs.py)
+    speculative: tuple | None = None
 
 
 class Handle:
@@ -172,6 +177,7 @@ class RequestState:
     # paged KV: the recompute of one preempted sample of `parent` (prompt = the parent's
     # prompt + that sample's tokens so far); it runs the prefill, the parent reports
     parent: "RequestState | None" = None
+    speculative: dict | None = None  # device thread: a speculative job's counts (spec_jobs.py)
 
     @property
     def cancelled(self) -> bool:

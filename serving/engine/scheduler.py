@@ -81,7 +81,7 @@ class Scheduler:
 
     def __init__(self, engine, tokenizer=None, *, max_queue: int = 256,
                  prefill_budget: int | None = None, prefix_cache: bool = True,
-                 eos_ids=None, steering_vectors: dict | None = None):
+                 eos_ids=None, steering_vectors: dict | None = None, speculative=None):
         self.engine = engine
         # activation steering (model/steering.py): vectors registered by name at start
         self.steering_vectors = dict(steering_vectors or {})
@@ -131,6 +131,8 @@ class Scheduler:
         self._resume: collections.deque[RequestState] = collections.deque()
         from serving.engine.beam_jobs import BeamJobs
         self.beams = BeamJobs(self)      # use_beam_search requests (serving/beam_search.py)
+        from serving.engine.spec_jobs import SpecJobs
+        self.spec = SpecJobs(self, speculative)   # speculative decoding (spec_jobs.SpecConfig)
         self._preempted_this_iter = False
         self.requests_finished = 0
         self.tokens_generated = 0
@@ -173,7 +175,8 @@ class Scheduler:
 
     def _busy(self) -> bool:
         with self._lock:
-            return bool(self._queue or self._prefilling or self._running or self.beams)
+            return bool(self._queue or self._prefilling or self._running or self.beams
+                        or self.spec)
 
     def _wake(self) -> None:
         self._wake_event.set()
@@ -185,7 +188,8 @@ class Scheduler:
                     "max_slots": self.engine.max_slots,
                     "requests_finished": self.requests_finished,
                     "tokens_generated": self.tokens_generated,
-                    **(self.kv.stats() if self.kv is not None else {})}
+                    **(self.kv.stats() if self.kv is not None else {}),
+                    **self.spec.stats()}
 
     # -- admission (any thread) ---------------------------------------------------------------
 
@@ -276,9 +280,11 @@ class Scheduler:
         if params.deterministic:   # its KV comes from the grid prefill (DeviceEngine.
             key = b"deterministic" + key   # _grid_prefill): shared with its own kind only
         seed = params.seed if params.seed is not None else secrets.randbits(63)
+        speculative = self.spec.choose(params, configs, steer)   # serving/engine/spec_jobs.py
         return EngineRequest(request_id=request_id, prompt_ids=ids, sampling=params, seed=seed,
                              skip_special_tokens=skip_special_tokens, grammar=grammar,
-                             variants=configs, steering=steer, steering_key=key)
+                             variants=configs, steering=steer, steering_key=key,
+                             speculative=speculative)
 
     def _variants(self, params: SamplingParams, variants) -> list[SamplingParams]:
         """Paired variants (sampling/variants.py): the request's params with each variant's
@@ -333,6 +339,10 @@ class Scheduler:
         """Queue a validated request; RESOURCE_EXHAUSTED when the queue is full."""
         if request.sampling.use_beam_search:
             return self.beams.submit(request)
+        if request.speculative is not None:   # a job, unless busy (then the batched path)
+            handle = self.spec.submit(request)
+            if handle is not None:
+                return handle
         handle = Handle(request, wake=self._wake)
         state = RequestState(request=request, handle=handle, prompt=list(request.prompt_ids))
         n = request.sampling.n
@@ -375,6 +385,8 @@ class Scheduler:
             inserted = [] if self._preempted_this_iter else self._admit_and_prefill()
             if self.beams:
                 self.beams.step()       # one step of each running beam search
+            if self.spec:
+                self.spec.step()        # one verify of each speculative job
             dispatched = None
             owners = list(self._owner)
             if any(o is not None and not o.device_done and o.constraint is not None
@@ -403,7 +415,8 @@ class Scheduler:
             inflight = dispatched
             if self.kv is not None:
                 self._requeue_preempted()
-            if inflight is None and not inserted and not self._prefilling and not self.beams:
+            if (inflight is None and not inserted and not self._prefilling and not self.beams
+                    and not self.spec):
                 self._wake_event.wait(IDLE_WAIT_S)
         if inflight is not None:
             inflight[0].result()
@@ -421,6 +434,7 @@ class Scheduler:
 
     def _fail_all(self, kind: str, message: str) -> None:
         self.beams.fail_all(kind, message)
+        self.spec.fail_all(kind, message)
         with self._lock:
             states = list(self._queue) + list(self._prefilling) + list(self._resume)
             self._queue.clear()
@@ -1086,7 +1100,8 @@ class Scheduler:
                 cached_tokens=st.cached_tokens, gpu_seconds=st.gpu_seconds,
                 queue_time=((st.admitted or now) - req.arrival),
                 ttft=((st.first_token or now) - req.arrival), seed=seed,
-                prompt_logprobs=st.prompt_logprobs))
+                prompt_logprobs=st.prompt_logprobs,
+                speculative=dict(st.speculative) if st.speculative else None))
 
     def _close(self, st: RequestState, final) -> None:
         if st.closed:

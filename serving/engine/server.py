@@ -132,7 +132,9 @@ def usage_message(u: rq.Usage) -> pb.Usage:
                     prompt_logprobs=[pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                                                      rank=lp.rank, top_ids=lp.top_ids,
                                                      top_logprobs=lp.top_logprobs)
-                                     for lp in u.prompt_logprobs or ()])
+                                     for lp in u.prompt_logprobs or ()],
+                    speculative=(pb.SpeculativeUsage(**u.speculative) if u.speculative
+                                 else None))
 
 
 def steering_entry(e: pb.SteeringEntry) -> dict:
@@ -315,11 +317,12 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
                      host: str = "127.0.0.1", port: int = 0, mesh=None,
                      progress=None, token: str | None = None,
                      reflection: bool = False, kv: dict | None = None,
-                     prefill_batch: int = 1) -> EngineServer:
+                     prefill_batch: int = 1, speculative=None) -> EngineServer:
     """Engine + scheduler + gRPC server in this process (notebooks, tests); warmed up.
     `kv`: DeviceEngine's KV layout arguments (kv_layout, block_size, num_blocks); None:
     the default paged pool (serving/engine/paged_kv.py `pool_args`). `prefill_batch` > 1:
-    batched prefill of fresh prompts (DeviceEngine)."""
+    batched prefill of fresh prompts (DeviceEngine). `speculative`: a
+    serving/engine/spec_jobs.py SpecConfig (None: only requests that ask speculate)."""
     from serving.engine.device import DeviceEngine
     from serving.engine.paged_kv import pool_args
 
@@ -335,7 +338,8 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
                           token_limit=tokenizer.vocab_size if tokenizer else None,
                           prefill_batch=prefill_batch, **kv)
     engine.warmup(progress)
-    scheduler = Scheduler(engine, tokenizer, max_queue=max_queue, prefix_cache=prefix_cache)
+    scheduler = Scheduler(engine, tokenizer, max_queue=max_queue, prefix_cache=prefix_cache,
+                          speculative=speculative)
     server = EngineServer(scheduler, model_name, model_dir, tokenizer, token=token,
                           reflection=reflection)
     server.start(host, port)

@@ -30,7 +30,7 @@ from serving.http.errors import bad_request
 from serving.http.limits import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from serving.http.generation import Choice, Delta, Final, GenRequest, ModelInfo, Usage
 from serving.http.openai_api import (GUIDED, SAMPLING_FIELDS, _bool, _is_int, _research,
-                                     _sampling)
+                                     _sampling, speculative_usage)
 from serving.http.prompt import (ChatOptions, check_context, fit_chat, render_chat,
                                  template_kwargs)
 from serving.http.tool_calls import arguments_object
@@ -390,7 +390,8 @@ def stop_reason(c: Choice | Delta, tool_calls: int = 0) -> str:
 def usage_body(u: Usage) -> dict:
     return {"input_tokens": u.prompt_tokens - u.cached_tokens, "output_tokens":
             u.completion_tokens, "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": u.cached_tokens, "gpu_seconds": round(u.gpu_seconds, 6)}
+            "cache_read_input_tokens": u.cached_tokens, "gpu_seconds": round(u.gpu_seconds, 6),
+            **speculative_usage([u])}
 
 
 def _tool_id() -> str:

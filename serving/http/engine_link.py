@@ -176,9 +176,9 @@ class EngineLink:
     def stats(self) -> dict:
         from serving.proto import flaxserve_pb2 as pb
         reply = self.client.stub.Stats(pb.StatsRequest(), timeout=1.0)
-        from serving.http.metrics import KV_STATS, MEMORY_STATS
+        from serving.http.metrics import KV_STATS, MEMORY_STATS, SPEC_STATS
         return {"queue_depth": reply.queue_depth, "slots_in_use": reply.slots_in_use,
-                "max_slots": reply.max_slots,
+                "max_slots": reply.max_slots, **{k: getattr(reply, k) for k in SPEC_STATS},
                 **({k: getattr(reply, k) for k in KV_STATS} if reply.kv_blocks_total else {}),
                 **({k: getattr(reply, k) for k in MEMORY_STATS} if reply.rss_bytes else {})}
 
@@ -246,8 +246,15 @@ class EngineLink:
                                   [entry(t, v) for t, v in zip(lp.top_ids, lp.top_logprobs)],
                                   lp.rank)
                         for lp in u.prompt_logprobs]
+                spec = None
+                if u.HasField("speculative"):       # serving/engine/spec_jobs.py
+                    s = u.speculative
+                    spec = {"method": s.method, "num_tokens": s.num_tokens,
+                            "draft_tokens": s.draft_tokens,
+                            "accepted_tokens": s.accepted_tokens,
+                            "verify_steps": s.verify_steps}
                 events.append(Final(Usage(u.prompt_tokens, u.completion_tokens,
-                                          u.cached_tokens, u.gpu_seconds), seed=u.seed,
+                                          u.cached_tokens, u.gpu_seconds, spec), seed=u.seed,
                                     prompt_logprobs=prompt_lps))
             return events
 

@@ -65,6 +65,9 @@ class Usage:
     completion_tokens: int
     cached_tokens: int = 0
     gpu_seconds: float = 0.0
+    # ran speculative decoding: method, num_tokens, draft_tokens, accepted_tokens,
+    # verify_steps (serving/engine/spec_jobs.py)
+    speculative: dict | None = None
 
 
 @dataclass

@@ -58,6 +58,17 @@ MEMORY_STATS = {
 }
 MEMORY_GAUGES = {k: Gauge(f"flaxserve_engine_{k}", doc, multiprocess_mode="mostrecent")
                  for k, doc in MEMORY_STATS.items()}
+# speculative decoding (serving/engine/spec_jobs.py; docs/speed.md), totals since start
+SPEC_STATS = {
+    "spec_requests": "requests that ran speculative decoding",
+    "spec_draft_tokens": "draft tokens verified by speculative decoding",
+    "spec_accepted_tokens": "draft tokens accepted by speculative decoding",
+    "spec_acceptance_rate": "accepted / verified draft tokens",
+    "spec_fallbacks": "speculative requests that ran batched (engine busy or job cap)",
+    "spec_running": "speculative jobs running",
+}
+SPEC_GAUGES = {k: Gauge(f"flaxserve_engine_{k}", doc, multiprocess_mode="mostrecent")
+               for k, doc in SPEC_STATS.items()}
 WORKER_RSS = Gauge("flaxserve_http_worker_rss_bytes",
                    "resident memory of each front-end worker process (label: its pid)",
                    ["worker"], multiprocess_mode="livesum")
@@ -96,7 +107,7 @@ def render(engine_stats: dict | None = None) -> tuple[bytes, str]:
             QUEUE_DEPTH.set(engine_stats["queue_depth"])
         if "slots_in_use" in engine_stats:
             SLOTS_IN_USE.set(engine_stats["slots_in_use"])
-        for key, gauge in (*KV_GAUGES.items(), *MEMORY_GAUGES.items()):
+        for key, gauge in (*KV_GAUGES.items(), *MEMORY_GAUGES.items(), *SPEC_GAUGES.items()):
             if key in engine_stats:
                 gauge.set(engine_stats[key])
         for e in engine_stats.get("engines", ()):

@@ -660,7 +660,22 @@ def usage_body(usages: Iterable[Usage], reasoning_tokens: int = 0) -> dict:
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in usages)},
             "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
-            "gpu_seconds": round(sum(u.gpu_seconds for u in usages), 6)}
+            "gpu_seconds": round(sum(u.gpu_seconds for u in usages), 6),
+            **speculative_usage(usages)}
+
+
+def speculative_usage(usages) -> dict:
+    """`usage.speculative` when a prompt ran speculative decoding (docs/speed.md): the
+    draft tokens verified and accepted, summed over the prompts that ran it."""
+    ran = [u.speculative for u in usages if getattr(u, "speculative", None)]
+    if not ran:
+        return {}
+    drafted = sum(s["draft_tokens"] for s in ran)
+    accepted = sum(s["accepted_tokens"] for s in ran)
+    return {"speculative": {"method": ran[0]["method"], "num_tokens": ran[0]["num_tokens"],
+                            "draft_tokens": drafted, "accepted_tokens": accepted,
+                            "acceptance_rate": round(accepted / drafted, 6) if drafted else 0.0,
+                            "verify_steps": sum(s["verify_steps"] for s in ran)}}
 
 
 def _content_tokens(plan: OpenAIPlan, tokens: list, finish: str | None) -> list:

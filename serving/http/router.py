@@ -283,13 +283,16 @@ class EngineSet:
             except Exception:   # noqa: BLE001 - a down engine just adds nothing
                 continue
             for k, v in one.items():
-                if k != "kv_block_usage" and k != "prefix_cache_hit_rate":
+                if k not in ("kv_block_usage", "prefix_cache_hit_rate", "spec_acceptance_rate"):
                     total[k] = total.get(k, 0) + v
         if total.get("kv_blocks_total"):
             total["kv_block_usage"] = total["kv_blocks_in_use"] / total["kv_blocks_total"]
         if total.get("prefix_cache_queried_tokens"):
             total["prefix_cache_hit_rate"] = (total["prefix_cache_hit_tokens"]
                                               / total["prefix_cache_queried_tokens"])
+        if total.get("spec_draft_tokens"):
+            total["spec_acceptance_rate"] = (total["spec_accepted_tokens"]
+                                             / total["spec_draft_tokens"])
         total["engines"] = self.engine_stats()
         return total
 
