@@ -4,7 +4,7 @@ Same requests on a dense engine and on paged engines (an ample pool, a pool so s
 that running samples are preempted and recomputed): greedy and seeded tokens identical,
 logprobs within 1e-5, across prompt lengths that cross block boundaries and chunked
 prefill, with prefix-cache hits (reported as cached_tokens), n > 1, and nothing compiled
-after warm-up. The same on a simulated 8-device mesh (KV heads sharded) in a subprocess.
+after warm-up. The same on a simulated 4-device mesh (KV heads sharded) in a subprocess.
 """
 
 import os
@@ -210,10 +210,10 @@ MESH_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     import jax
-    assert jax.device_count() == 8, jax.devices()
+    assert jax.device_count() == 4, jax.devices()
     from model import sharding
     from tests import test_paged_kv as t
-    mesh = sharding.make_mesh("data=4,model=2")
+    mesh = sharding.make_mesh("data=2,model=2")
     dense = t.make("dense")
     want = t.run(dense, t.JOBS + t.HITS)
     dense.stop(1)
@@ -228,8 +228,8 @@ MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_paged_on_an_8_device_mesh_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+def test_paged_on_a_4_device_mesh_matches_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", MESH_SCRIPT.format(root=ROOT)], env=env,
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -253,31 +253,6 @@ def test_bench_serve_compares_layouts_and_shared_prefix():
     assert runs[("paged", 32)]["cached_tokens_min_after_first"] >= 32
     assert runs[("paged", 0)]["cached_tokens_min_after_first"] == 0
     assert out["tokens_per_s_paged_vs_dense"] > 0
-
-
-def test_pallas_paged_kernels_in_interpret_mode_match_the_gather_path():
-    """JAX's Pallas paged-attention kernels on our block tables, run on CPU in interpret
-    mode: the GPU kernel matches the gather path to float32 rounding; the TPU kernel in
-    its interpreter agrees only to ~8e-3 (not explained yet; not bf16 rounding of q, k, v
-    alone), hence the wider bound until it runs on a TPU."""
-    import jax.numpy as jnp
-    from jax.experimental.pallas import tpu as pltpu
-
-    from model.pallas_paged import (gather_decode_attention, gpu_decode_attention,
-                                    tpu_decode_attention)
-    r = np.random.default_rng(0)
-    nb, bs, kvh, g, hd, b, mb = 20, 16, 2, 2, 128, 3, 6
-    k, v = (jnp.asarray(r.normal(size=(nb, bs, kvh, hd)), jnp.float32) for _ in range(2))
-    q = jnp.asarray(r.normal(size=(b, kvh, g, hd)), jnp.float32)
-    tables = jnp.asarray(r.permutation(np.arange(1, nb))[:b * mb].reshape(b, mb), jnp.int32)
-    lengths = jnp.asarray([1, 33, 96], jnp.int32)
-    want = np.asarray(gather_decode_attention(q, k, v, tables, lengths))
-    got = gpu_decode_attention(q, k, v, tables, lengths, interpret=True,
-                               pages_per_compute_block=2)
-    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
-    with pltpu.force_tpu_interpret_mode():
-        got = tpu_decode_attention(q, k, v, tables, lengths, pages_per_compute_block=2)
-    np.testing.assert_allclose(np.asarray(got), want, atol=2e-2)
 
 
 def test_grammars_on_a_preempting_pool_match_dense():
