@@ -42,7 +42,7 @@ def engine():
                         block_size=16, num_blocks=16 * 4 + 2, prefill_buckets=(16, 64))
 
 
-def _run(engine, jobs, slot_of_target, prefix_hit=False):
+def _run(engine, jobs, slot_of_target, prefix_hit=None):
     """jobs: [(prompt, params)], the target first; returns the target's per-step outputs."""
     bs = engine.block_size
     slots = list(range(len(jobs)))
@@ -52,10 +52,13 @@ def _run(engine, jobs, slot_of_target, prefix_hit=False):
     outs = []
     for k, (slot, (prompt, params)) in enumerate(zip(order, jobs)):
         start = 0
-        if prefix_hit and k == 0:   # an earlier deterministic request wrote its first block
-            engine.insert(slot, prompt[:bs], 0, params, seed=99).result()
+        if prefix_hit == "request" and k == 0:   # an earlier deterministic request wrote
+            engine.insert(slot, prompt[:bs], 0, params, seed=99).result()   # its first block
             engine.release(slot)
             start = bs
+        elif prefix_hit == "chunk" and k == 0:   # the scheduler's chunks of a long prompt
+            engine.prefill_chunk(slot, prompt[:2 * bs], 0, deterministic=True)
+            start = 2 * bs
         out = engine.insert(slot, prompt, start, params, seed=1234 + k * (k > 0)).result()
         if k == 0:
             outs.append(_row(out, 0))
@@ -86,6 +89,43 @@ def test_alone_equals_after_a_prefix_hit(engine):
     rng = np.random.default_rng(0)
     target = (rng.integers(1, 32000, size=37), TARGET)
     alone = _run(engine, [target], 0)
-    hit = _run(engine, [target] + _others(rng, 15), 9, prefix_hit=True)
+    hit = _run(engine, [target] + _others(rng, 15), 9, prefix_hit="request")
     diffs = [i for i, (a, b) in enumerate(zip(alone, hit)) if a != b]
     assert not diffs, f"steps {diffs} differ with a prefix hit"
+    chunked = _run(engine, [target], 3, prefix_hit="chunk")
+    diffs = [i for i, (a, b) in enumerate(zip(alone, chunked)) if a != b]
+    assert not diffs, f"steps {diffs} differ after a chunked prefill"
+
+
+def test_scheduler_dense_prefix_hit_and_chunks():
+    """Through the scheduler, dense KV (whose prefix cache reuses any common length), tiny
+    model, one slot, one 16-token bucket so a long prompt goes in chunks between steps: a
+    `deterministic` request sent cold, then behind another prompt sharing its first 20
+    tokens (reused from 16, the grid line), gives bitwise the same tokens and logprobs."""
+    from serving.engine.requests import Failure, Usage
+    from serving.engine.scheduler import Scheduler
+    cfg = named_config("tiny", dtype="float32")
+    engine = DeviceEngine(cfg, init_params(cfg, seed=3), max_slots=1, max_len=48,
+                          prefill_buckets=(16,))
+    rng = np.random.default_rng(1)
+    other = rng.integers(1, cfg.vocab_size, 24).tolist()
+    prompt = other[:20] + rng.integers(1, cfg.vocab_size, 20).tolist()
+    params = {"temperature": 0.9, "seed": 4, "max_tokens": 3, "ignore_eos": True,
+              "logprobs": True, "top_logprobs": 3, "deterministic": True}
+    s = Scheduler(engine).start()
+    try:
+        runs = []
+        for i, p in enumerate([prompt, other, prompt]):
+            got = []
+            for ev in s.submit(s.make_request(f"r{i}", p, dict(params))):
+                assert not isinstance(ev, Failure), ev.message
+                if isinstance(ev, Usage):
+                    got.append(ev.cached_tokens)
+                    break
+                got += [(lp.token_id, lp.logprob, tuple(lp.top_logprobs)) for lp in ev.logprobs]
+            runs.append(got)
+    finally:
+        s.stop()
+    cold, hit = runs[0], runs[2]
+    assert cold[-1] == 0 and hit[-1] == 16         # cached_tokens: down to the grid line
+    assert hit[:-1] == cold[:-1] and len(cold) == 4

@@ -626,6 +626,8 @@ class Scheduler:
         key = st.request.steering_key
         length, src = self._best_prefix(prompt, key) if self.prefix_cache else (0, -1)
         length = min(length, len(prompt) - 1)
+        if st.request.sampling.deterministic:   # its prefill starts on the grid
+            length -= length % self.engine.block_size
         with self._lock:
             # reuse a free slot in place only when the prompt extends all it holds (or no
             # other slot is free); otherwise copy, so its longer cached sequence survives
@@ -857,7 +859,8 @@ class Scheduler:
                 if remaining > self.largest_chunk:
                     cost = self.largest_chunk
                     if det:                  # chunks on the grid (DeviceEngine._grid_prefill)
-                        cost -= cost % self.engine.block_size
+                        cost = max(cost - cost % self.engine.block_size,
+                                   self.engine.block_size)
                     if spent and spent + cost > self.prefill_budget:
                         break
                     chunk = st.prompt[st.prefill_pos:st.prefill_pos + cost]
