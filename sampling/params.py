@@ -499,7 +499,8 @@ class SamplingParams:
                        "model's own log-probabilities)", self.temperature)
         defaults = SamplingParams()
         for f in dataclasses.fields(self):
-            if f.name in BEAM_SEARCH_FIELDS:
+            if f.name in BEAM_SEARCH_FIELDS or (   # an explicit speculative null opts out
+                    f.name == "speculative" and self.speculative == {"method": "none"}):
                 continue
             if getattr(self, f.name) != getattr(defaults, f.name):
                 raise _err(f.name, "left at its default with use_beam_search (beam search "
