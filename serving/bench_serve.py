@@ -134,7 +134,10 @@ class HttpTarget:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = self.session()
-        body = {"model": self.model, "prompt": prompt, "stream": self.stream, **sampling}
+        # the token ids in each chunk count its tokens: a chunk carries every token that
+        # was ready when the front end wrote it (several when it fell behind)
+        body = {"model": self.model, "prompt": prompt, "stream": self.stream,
+                **({"return_token_ids": True} if self.stream else {}), **sampling}
         with session.post(self.url + "/v1/completions", json=body, headers=self.headers,
                           stream=self.stream, timeout=3600) as r:
             if r.status_code != 200:
@@ -146,8 +149,9 @@ class HttpTarget:
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 for choice in json.loads(line[6:]).get("choices", []):
-                    if choice.get("text"):
-                        trace.add(1)
+                    count = len(choice.get("token_ids") or ())
+                    if count or choice.get("text"):
+                        trace.add(count or 1)
 
     def close(self) -> None:
         pass

@@ -125,6 +125,38 @@ def delta_message(d: rq.Delta, n_per_variant: int | None = None) -> pb.Delta:
         stop_token_id=-1 if d.stop_token_id is None else d.stop_token_id)
 
 
+def merge(a: rq.Delta, b: rq.Delta) -> rq.Delta | None:
+    """`b` appended to `a` as one delta, when one message can carry both: the same sample,
+    neither the sample's last delta, no logprobs (a message's text goes with its last
+    token, so per-token texts would be lost) and no metrics. None otherwise."""
+    if (a.index != b.index or a.finish_reason is not None or b.finish_reason is not None
+            or a.logprobs or b.logprobs or a.metrics is not None or b.metrics is not None):
+        return None
+    return rq.Delta(a.index, a.token_ids + b.token_ids, a.text + b.text)
+
+
+def coalesce(events, handle):
+    """`events`, with the deltas already queued behind a delta merged into it: whatever
+    the engine produced while the last message was being sent goes out as one message, so
+    a slow consumer (a loaded front end, a slow network) costs fewer messages, not a
+    growing backlog. A consumer that keeps up sees one message per token, as before."""
+    for event in events:
+        while isinstance(event, rq.Delta):
+            try:
+                following = handle.get(timeout=0)
+            except queue.Empty:
+                break
+            merged = merge(event, following) if isinstance(following, rq.Delta) else None
+            if merged is None:
+                yield event
+                event = following
+            else:
+                event = merged
+        yield event
+        if isinstance(event, (rq.Usage, rq.Failure)):
+            return
+
+
 def usage_message(u: rq.Usage) -> pb.Usage:
     return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                     cached_tokens=u.cached_tokens, gpu_seconds=u.gpu_seconds,
@@ -213,7 +245,7 @@ class FlaxServeServicer(pb_grpc.FlaxServeServicer):
         except rq.RequestError as e:
             context.abort(STATUS[e.kind], e.message)
         context.add_callback(handle.cancel)
-        for event in self._events(handle, context):
+        for event in coalesce(self._events(handle, context), handle):
             if isinstance(event, rq.Delta):
                 yield pb.GenerateResponse(request_id=request_id, delta=delta_message(
                     event, req.sampling.n if req.variants else None))

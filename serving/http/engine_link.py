@@ -20,7 +20,7 @@ import grpc
 
 from serving.http import admission
 from serving.http.errors import APIError, from_value_error
-from serving.http.generation import GenRequest
+from serving.http.generation import Delta, GenRequest
 
 _END = object()
 HEALTH_INTERVAL_S = 0.25
@@ -105,12 +105,34 @@ class GenStream:
     def __iter__(self):
         item = self._pending
         while item is not _END:
+            if isinstance(item, Delta):
+                item = self._coalesce(item)
+                if isinstance(item, tuple):          # a delta, then what could not join it
+                    item, following = item
+                    yield item
+                    item = following
+                    self._raise_if_error(item)
+                    continue
             yield item                   # None: nothing came for keepalive_s seconds
             try:
                 item = self._queue.get(timeout=self._keepalive_s)
             except queue.Empty:
                 item = None
             self._raise_if_error(item)
+
+    def _coalesce(self, delta: Delta):
+        """`delta` with the deltas already queued behind it joined to it (one protocol chunk
+        and one socket write for what arrived while the last one was written), or
+        (delta, the next item) when that item cannot join it."""
+        while True:
+            try:
+                following = self._queue.get_nowait()
+            except queue.Empty:
+                return delta
+            joined = join(delta, following) if isinstance(following, Delta) else None
+            if joined is None:
+                return delta, following
+            delta = joined
 
     def cancel(self) -> None:
         if not self._cancelled:
@@ -262,6 +284,16 @@ class EngineLink:
 
     # token id -> its exact bytes; the app sets it from the model's tokenizer
     token_bytes = None
+
+
+def join(a: Delta, b: Delta) -> Delta | None:
+    """`b` appended to `a` (their tokens keep their own texts and logprobs), or None when
+    they are two chunks: another sample, or either one ends its sample or has metrics (the
+    last chunk of a sample stays alone, as when the reader keeps up)."""
+    if (a.index != b.index or a.finish_reason is not None or b.finish_reason is not None
+            or a.metrics is not None or b.metrics is not None):
+        return None
+    return Delta(a.index, a.text + b.text, a.tokens + b.tokens)
 
 
 def steering_fields(e: dict) -> dict:
