@@ -42,6 +42,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt", default=None, help="a prompt instead of the passage")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--serving", action="store_true",
+                        help="through the batch server instead (an in-process engine over "
+                             "gRPC, concurrency 1): requests with speculative {method, K} vs "
+                             "speculative null (serving/engine/spec_jobs.py)")
 
 
 def _prompt(args, tokenizer, vocab_size: int) -> list[int]:
@@ -99,6 +103,8 @@ def run(args) -> int:
     if args.method == "draft" and not args.draft_model:
         raise ValueError("--method draft needs --draft-model")
     prompt = _prompt(args, tokenizer, config.vocab_size)
+    if getattr(args, "serving", False):
+        return _run_serving(args, name, config, params, tokenizer, prompt, draft, ks)
     stop_ids = set(config.eos_token_ids) | set(tokenizer.stop_ids if tokenizer else ())
     greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     max_len = cache_len(config, len(prompt), args.max_tokens, max(ks))
@@ -149,4 +155,63 @@ def run(args) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"text: {result['text'][:300]!r}")
+    return 0
+
+
+def _run_serving(args, name, config, params, tokenizer, prompt, draft, ks) -> int:
+    """`--serving`: the same comparison through the batch server (gRPC, one request at a
+    time): each request's tokens/s, prefill included, best of two after a warm-up."""
+    from serving.client import EngineClient
+    from serving.engine.server import start_in_process
+    from serving.engine.spec_jobs import SpecConfig
+    from serving.speculative import cache_len
+
+    max_len = cache_len(config, len(prompt), args.max_tokens, max(ks))
+    buckets = tuple(b for b in (32, 64, 128, 256, 512, 1024, 2048) if b <= max_len)
+    srv = start_in_process(config, params, max_slots=2, max_len=max_len, tokenizer=tokenizer,
+                           prefill_buckets=buckets, prefix_cache=False,
+                           speculative=SpecConfig(draft=draft if draft[0] is not None
+                                                  else None))
+    client = EngineClient(f"127.0.0.1:{srv.port}")
+    greedy = {"temperature": 0.0, "max_tokens": args.max_tokens}
+    try:
+        def request(spec):
+            g = client.generate(prompt, dict(greedy, speculative=spec))
+            return g.choices[0].token_ids, g.choices[0].text, g.usage
+        (plain, text, _), plain_s = _timed(lambda: request(None))
+        result = {"model": name, "method": args.method, "prompt_tokens": len(prompt),
+                  "serving": True, "plain": {"tokens": len(plain), "seconds": plain_s,
+                                             "request_tokens_s": len(plain) / plain_s},
+                  "runs": []}
+        if not args.json:
+            print(f"model {name}, prompt {len(prompt)} tokens, greedy, through the batch "
+                  f"server (gRPC, concurrency 1)")
+            print(f"plain:       {len(plain):4d} tokens in {plain_s:6.2f} s = "
+                  f"{len(plain) / plain_s:7.1f} tokens/s", flush=True)
+        for k in ks:
+            (toks, spec_text, usage), s = _timed(
+                lambda: request({"method": args.method, "num_tokens": k}))
+            u = usage.speculative
+            rate = u.accepted_tokens / u.draft_tokens if u.draft_tokens else 0.0
+            entry = {"num_tokens": k, "tokens": len(toks), "seconds": s,
+                     "request_tokens_s": len(toks) / s,
+                     "speedup": (len(toks) / s) / (len(plain) / plain_s),
+                     "identical": toks == plain and spec_text == text,
+                     "acceptance_rate": rate, "ran_speculative": usage.HasField("speculative"),
+                     "tokens_per_target_pass": len(toks) / (u.verify_steps + 1)}
+            result["runs"].append(entry)
+            if not args.json:
+                print(f"{args.method} K={k:<2}:  {len(toks):4d} tokens in {s:6.2f} s = "
+                      f"{entry['request_tokens_s']:7.1f} tokens/s  {entry['speedup']:.2f}x  "
+                      f"identical text: {'yes' if entry['identical'] else 'NO'}  acceptance "
+                      f"{100 * rate:.0f}%  {entry['tokens_per_target_pass']:.2f} tokens per "
+                      f"target pass", flush=True)
+        result["text"] = text
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"text: {text[:300]!r}")
+    finally:
+        client.close()
+        srv.stop(grace_s=5)
     return 0

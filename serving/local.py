@@ -162,6 +162,10 @@ class LocalModel:
             raise ValueError("params: one SamplingParams per prompt (or one for all)")
         for p in params:
             p.validate(self.config.vocab_size)
+            if p.speculative is not None and p.speculative.get("method", "ngram") != "none":
+                raise ValueError("speculative: LocalModel.generate runs the batched path; "
+                                 "use generate_speculative(prompts, params, method, "
+                                 "num_tokens)")
         seeds = list(seeds) if seeds is not None else [
             p.seed if p.seed is not None else secrets.randbits(63) for p in params]
         # entropy is free to ask for here, and the analysis helpers use it
