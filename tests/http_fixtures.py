@@ -140,7 +140,7 @@ def _wait(check, proc: subprocess.Popen, what: str, timeout_s: float) -> None:
             raise RuntimeError(f"{what} exited with status {proc.returncode}")
         if check():
             return
-        time.sleep(0.3)
+        time.sleep(0.05)
     raise RuntimeError(f"{what} did not come up within {timeout_s} s")
 
 
@@ -175,7 +175,8 @@ class Servers:
         self.http = None
         try:
             self.link = EngineLink(f"127.0.0.1:{self.grpc_port}")
-            _wait(self.link.healthy, self.engine, "flaxserve engine", 300)
+            # the front end starts with the engine (it answers 503 until the engine is up),
+            # as `flaxserve serve` does: its start-up overlaps the engine's
             cmd = [sys.executable, "-m", "serving.http.main", "--engine",
                    f"127.0.0.1:{self.grpc_port}", "--port", str(self.port), "--workers", "1",
                    *http_args]
@@ -185,6 +186,7 @@ class Servers:
                 cmd += ["--api-key", k]
             self.http = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=self.log,
                                          stderr=subprocess.STDOUT)
+            _wait(self.link.healthy, self.engine, "flaxserve engine", 300)
             _wait(self._http_up, self.http, "flaxserve http", 60)
         except BaseException:
             self.close()
