@@ -212,6 +212,13 @@ def test_openai_sdk_extra_body_usage_metrics_and_a_400(http):
                                           messages=[{"role": "user", "content": PROMPT}],
                                           extra_body=body)
     assert chat.usage.model_extra["speculative"]["draft_tokens"] >= 0
+    import anthropic
+    claude = anthropic.Anthropic(base_url=http, api_key=API_KEY, max_retries=0)
+    msg = claude.messages.create(model="tiny", max_tokens=6,
+                                 messages=[{"role": "user", "content": PROMPT}],
+                                 extra_body={"temperature": 0.0, **body})
+    s = msg.usage.model_extra["speculative"]
+    assert s["num_tokens"] == 3 and 0 <= s["accepted_tokens"] <= s["draft_tokens"]
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(**kw, extra_body={"speculative": {"num_tokens": 99}})
     assert "speculative.num_tokens" in str(err.value)
