@@ -167,6 +167,28 @@ def _percentiles(values: list[float]) -> dict:
             "p99": float(np.percentile(a, 99))}
 
 
+def run_clients(count: int, concurrency: int, one) -> float:
+    """Fixed concurrency: `concurrency` clients call one(i) for i in range(count), each
+    taking the next i when its last call ends; the wall seconds. one() must not raise."""
+    cursor, lock = iter(range(count)), threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                i = next(cursor, None)
+            if i is None:
+                return
+            one(i)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def run_load(target, prompts: list[list[int]], sampling: dict, *, concurrency: int | None,
              rate: float | None, seed: int) -> dict:
     """Send every prompt (fixed concurrency or Poisson arrivals); figures of the run."""

@@ -30,3 +30,28 @@ def test_bench_compare_prints_every_figure_and_skips_missing_peers():
         assert ratio.count("x") >= 4 and "bytes/token 1.00x" in ratio   # same float32 weights
     assert "hf-serve: skipped:" in proc.stdout and "llama: skipped:" in proc.stdout
     assert "load average" in proc.stdout
+
+
+def test_llama_gguf_flag_errors_name_the_flag(tmp_path, monkeypatch):
+    """--llama-gguf: a missing file, or f32 with no llama.cpp sources for the converter,
+    is a ValueError naming the flag (pure: nothing runs)."""
+    import argparse
+
+    import pytest
+
+    from serving import bench_compare, bench_peers
+    parser = argparse.ArgumentParser()
+    bench_compare.add_arguments(parser)
+    monkeypatch.delenv("FLAXSERVE_LLAMA_SRC", raising=False)
+    monkeypatch.setenv("FLAXSERVE_MODELS", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))            # no llama-server to look beside
+    with pytest.raises(ValueError, match="--llama-gguf: no such file"):
+        bench_compare.run(parser.parse_args(["--config", "tiny", "--llama-gguf",
+                                             str(tmp_path / "nope.gguf")]))
+    args = parser.parse_args(["--llama-gguf", "f32"])
+    with pytest.raises(ValueError, match="--llama-src"):
+        bench_peers.llama_gguf(args, str(tmp_path / "m.gguf"), print)
+    args = parser.parse_args(["--llama-gguf", str(tmp_path / "m.gguf")])
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert bench_peers.llama_gguf(args, "other.gguf", print) == str(tmp_path / "m.gguf")
+    assert bench_peers.llama_gguf(parser.parse_args([]), "own.gguf", print) == "own.gguf"
