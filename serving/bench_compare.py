@@ -21,14 +21,15 @@ How each peer runs, and the server/client pieces both sides use, are in bench_pe
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 
 import numpy as np
 
-from serving.bench_peers import (LLAMA_PRECISIONS, TextHttpTarget, free_port, run_peer,
-                                 run_traced, server)
+from serving.bench_peers import (LLAMA_PRECISIONS, TextHttpTarget, free_port, llama_label,
+                                 run_peer, run_traced, server)
 from serving.flags import counts_per_level, int_list
 
 PEERS = ("hf", "hf-serve", "llama")
@@ -61,10 +62,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--llama-python", default=None, metavar="PATH",
                         help="a python with llama_cpp[server] (default: this one, if it "
                              "has it)")
-    parser.add_argument("--llama-gguf", default=None, metavar="PATH|f32|f16",
-                        help="the GGUF llama.cpp runs (default: the model's own): a path, "
-                             "or f32/f16: the float32 weights we run, converted once by "
-                             "llama.cpp's convert_hf_to_gguf.py (equal bytes per token)")
+    parser.add_argument("--llama-gguf", default=None, metavar="own|f32|f16|PATH,...",
+                        help="the GGUFs llama.cpp runs, one server each (default: own, "
+                             "the model's): f32/f16 are the float32 weights we run, "
+                             "converted once by llama.cpp's convert_hf_to_gguf.py (equal "
+                             "bytes per token); a path is any GGUF")
     parser.add_argument("--llama-src", default=None, metavar="DIR",
                         help="llama.cpp's source tree, for --llama-gguf f32/f16 (default: "
                              "$FLAXSERVE_LLAMA_SRC, else a folder above llama-server)")
@@ -127,9 +129,11 @@ def run(args) -> int:
     bad = [p for p in peers if p not in PEERS]
     if bad:
         raise ValueError(f"--peers: unknown {bad}, expected some of {list(PEERS)}")
-    g = args.llama_gguf
-    if g and g not in LLAMA_PRECISIONS and not os.path.isfile(g):
-        raise ValueError(f"--llama-gguf: no such file {g!r} (or one of {list(LLAMA_PRECISIONS)})")
+    llama_choices = [c.strip() or "own" for c in (args.llama_gguf or "own").split(",")]
+    for g in llama_choices:
+        if g != "own" and g not in LLAMA_PRECISIONS and not os.path.isfile(g):
+            raise ValueError(f"--llama-gguf: no such file {g!r} (or one of own, "
+                             f"{', '.join(LLAMA_PRECISIONS)})")
     say = (lambda m: print(f"bench compare: {m}", file=sys.stderr, flush=True))
     load_before = os.getloadavg()
 
@@ -146,9 +150,10 @@ def run(args) -> int:
     if us == "http" and args.config:
         raise ValueError("--us http needs --model (a config has no tokenizer)")
 
-    if args.llama_gguf in LLAMA_PRECISIONS and not (source or "").endswith(".gguf"):
+    if (set(llama_choices) & set(LLAMA_PRECISIONS) and "llama" in peers
+            and not (source or "").endswith(".gguf")):
         raise ValueError("--llama-gguf f32/f16 converts a .gguf model's weights: give a path")
-    result = {"model": name, "llama_gguf": args.llama_gguf,
+    result = {"model": name, "llama_gguf": {},
               "prompt_len": args.prompt_len, "output_len": args.output_len,
               "concurrency": concurrencies, "us": us, "quantize": args.quantize,
               "runs": {}, "bytes_per_token": {}, "skipped": {}, "ratios": {}}
@@ -214,9 +219,13 @@ def run(args) -> int:
     _say_figures(say, "flaxserve", result["runs"]["flaxserve"])
 
     # -- peers
-    for peer in peers:
+    todo = [(p, args) for p in peers if p != "llama"]
+    if "llama" in peers:                # one llama.cpp server per --llama-gguf choice
+        todo += [(llama_label(c), argparse.Namespace(**{**vars(args), "llama_gguf": c}))
+                 for c in llama_choices]
+    for peer, peer_args in todo:
         try:
-            figures = run_peer(peer, args, hf_model, source, ids, texts, concurrencies,
+            figures = run_peer(peer, peer_args, hf_model, source, ids, texts, concurrencies,
                                 counts, max_len, result, say)
         except Exception as e:   # a peer failing is reported, and the others still run
             figures = None
@@ -283,8 +292,8 @@ def format_report(r: dict) -> str:
             lines.append(f"us/{peer} at concurrency {x['concurrency']}: tokens/s "
                          f"{f(x['tokens_s'], '.2f')}x, TTFT p50 {f(x['ttft_p50'], '.2f')}x, "
                          f"TPOT p50 {f(x['tpot_p50'], '.2f')}x{byte_ratio}")
-    if "llama" in r["runs"]:
-        lines.append(f"llama.cpp ran {r['llama_gguf']}")
+    for peer, gguf in r["llama_gguf"].items():
+        lines.append(f"{peer}: llama.cpp on {gguf}")
     for peer, why in r["skipped"].items():
         lines.append(f"{peer}: skipped: {why}")
     la = r["load_average"]

@@ -280,12 +280,21 @@ def llama_src(args) -> str | None:
     return None
 
 
+def llama_label(choice: str) -> str:
+    """The report's name for llama.cpp on one --llama-gguf choice."""
+    if choice == "own":
+        return "llama"
+    if choice in LLAMA_PRECISIONS:
+        return f"llama-{choice}"
+    return "llama-" + os.path.splitext(os.path.basename(choice))[0][:16]
+
+
 def llama_gguf(args, source: str, say) -> str:
-    """The GGUF llama.cpp runs: the model's own (--llama-gguf unset), a path, or f32/f16:
+    """The GGUF llama.cpp runs: the model's own (unset or `own`), a path, or f32/f16:
     the float32 dir transformers serve gets, written back out by llama.cpp's own converter
     (once, into the model cache), so both sides read the same bytes per token."""
     want = args.llama_gguf
-    if not want:
+    if not want or want == "own":
         return source
     if want not in LLAMA_PRECISIONS:
         if not os.path.isfile(want):
@@ -351,7 +360,7 @@ def run_peer(peer, args, hf_model, source, ids, texts, concurrencies, counts, ma
         with server(cmd, port, args.server_timeout, "hf-serve") as url:
             target = TextHttpTarget(url, args.output_len)
             return run_traced(target.send, texts, concurrencies, counts)
-    # llama
+    # llama (peer: its label, llama or llama-f32, ...)
     if not (os.path.isfile(source) and source.endswith(".gguf")):
         skipped[peer] = "llama.cpp needs a .gguf model"
         return None
@@ -362,8 +371,8 @@ def run_peer(peer, args, hf_model, source, ids, texts, concurrencies, counts, ma
         skipped[peer] = ("no llama.cpp: neither `llama-server` on PATH (--llama-server) nor "
                          "a python with llama_cpp.server (--llama-python)")
         return None
-    result["bytes_per_token"]["llama"] = weight_bytes_gguf(gguf)
-    result["llama_gguf"] = os.path.basename(gguf)
+    result["bytes_per_token"][peer] = weight_bytes_gguf(gguf)
+    result["llama_gguf"][peer] = os.path.basename(gguf)
     say(f"llama.cpp ({os.path.basename(cmd[0])}) on {os.path.basename(gguf)} ...")
     with server(cmd, port, args.server_timeout, "llama") as url:
         target = TextHttpTarget(url, args.output_len)

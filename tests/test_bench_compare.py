@@ -47,7 +47,7 @@ def test_llama_gguf_flag_errors_name_the_flag(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))            # no llama-server to look beside
     with pytest.raises(ValueError, match="--llama-gguf: no such file"):
         bench_compare.run(parser.parse_args(["--config", "tiny", "--llama-gguf",
-                                             str(tmp_path / "nope.gguf")]))
+                                             "own," + str(tmp_path / "nope.gguf")]))
     args = parser.parse_args(["--llama-gguf", "f32"])
     with pytest.raises(ValueError, match="--llama-src"):
         bench_peers.llama_gguf(args, str(tmp_path / "m.gguf"), print)
@@ -55,3 +55,5 @@ def test_llama_gguf_flag_errors_name_the_flag(tmp_path, monkeypatch):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     assert bench_peers.llama_gguf(args, "other.gguf", print) == str(tmp_path / "m.gguf")
     assert bench_peers.llama_gguf(parser.parse_args([]), "own.gguf", print) == "own.gguf"
+    assert [bench_peers.llama_label(c) for c in ("own", "f32", "/a/b.gguf")] == \
+        ["llama", "llama-f32", "llama-b"]
