@@ -247,7 +247,10 @@ class SamplingParams:
         return cls(**values).validate(vocab_size, max_len)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["speculative"] is None:      # unset (the server's default), not an explicit
+            del d["speculative"]          # null (which opts out): from_dict round-trips it
+        return d
 
     @property
     def greedy(self) -> bool:

@@ -208,6 +208,10 @@ def test_openai_sdk_extra_body_usage_metrics_and_a_400(http):
     s = spec.usage.model_extra["speculative"]
     assert s["method"] == "ngram" and 0 <= s["accepted_tokens"] <= s["draft_tokens"]
     assert "speculative" not in (plain.usage.model_extra or {})
+    # the server default (--speculative ngram:3) reaches a request that does not say
+    default = client.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert default.choices[0].text == plain.choices[0].text
+    assert default.usage.model_extra["speculative"]["num_tokens"] == 3
     chat = client.chat.completions.create(model="tiny", max_tokens=6, temperature=0.0,
                                           messages=[{"role": "user", "content": PROMPT}],
                                           extra_body=body)

@@ -220,7 +220,7 @@ def _sampling(body: dict, overrides: dict, vocab_size: int | None,
             except ValueError as e:
                 raise from_value_error(e) from None
     d.update(overrides)
-    d = {k: v for k, v in d.items() if v is not None}
+    d = {k: v for k, v in d.items() if v is not None or k == "speculative"}   # null: off
     t = d.get("temperature")
     if isinstance(t, (int, float)) and not isinstance(t, bool) and t > OPENAI_MAX_TEMPERATURE:
         raise bad_request(f"`temperature` must be in [0, {OPENAI_MAX_TEMPERATURE}] on the "
