@@ -40,23 +40,19 @@ sample draws the same tokens as if it had never stopped.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import queue
-import secrets
 import threading
 import time
 import traceback
 
 import numpy as np
 
-from sampling.bad_words import resolve_bad_words
-from sampling.params import SamplingParams
-from serving.engine.requests import (INTERNAL, INVALID_ARGUMENT,
-                                     RESOURCE_EXHAUSTED, UNAVAILABLE, Delta, EngineRequest,
+from serving.engine.requests import (INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, EngineRequest,
                                      Failure, Handle, RequestError, RequestState, Sample,
-                                     TokenLogprob, Usage)
-from serving.engine.stops import StopStrings
+                                     TokenLogprob)
+from serving.engine.request_checks import RequestChecks
+from serving.engine.text_thread import TextThread
 
 log = logging.getLogger("flaxserve.engine")
 
@@ -76,7 +72,7 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return m if eq.all() else int(np.argmin(eq))
 
 
-class Scheduler:
+class Scheduler(RequestChecks, TextThread):
     """Admission queue + slots + the device loop. `submit` from any thread."""
 
     def __init__(self, engine, tokenizer=None, *, max_queue: int = 256,
@@ -192,148 +188,6 @@ class Scheduler:
                     **self.spec.stats()}
 
     # -- admission (any thread) ---------------------------------------------------------------
-
-    def make_request(self, request_id: str, prompt_ids, sampling: dict | SamplingParams,
-                     skip_special_tokens: bool = True,
-                     truncate_prompt_tokens: int | None = None, variants=None,
-                     steering=None) -> EngineRequest:
-        """Validate everything a request carries; RequestError(INVALID_ARGUMENT) names the field."""
-        try:
-            params = (sampling if isinstance(sampling, SamplingParams)
-                      else SamplingParams.from_dict(dict(sampling or {}), self.vocab_size,
-                                                    self.max_len))
-            params.validate(self.vocab_size, self.max_len)   # windows bounded by the context
-            if params.bad_words:        # strings -> token sequences (gRPC, in process)
-                if self.tokenizer is None:
-                    raise ValueError("bad_words: this engine has no tokenizer; send "
-                                     "bad_words_ids")
-                params = resolve_bad_words(params, self.tokenizer.encode)
-        except (ValueError, TypeError) as e:
-            raise RequestError(INVALID_ARGUMENT, f"sampling: {e}") from None
-        ids = [int(t) for t in prompt_ids]
-        if truncate_prompt_tokens is not None:
-            if truncate_prompt_tokens < 1:
-                raise RequestError(INVALID_ARGUMENT, "truncate_prompt_tokens must be >= 1, got "
-                                   f"{truncate_prompt_tokens}")
-            ids = ids[-truncate_prompt_tokens:]
-        if not ids:
-            raise RequestError(INVALID_ARGUMENT, "prompt_ids must hold at least one token")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError(INVALID_ARGUMENT, f"prompt_ids must be token ids in "
-                               f"[0, {self.vocab_size}), got {bad[0]}")
-        if len(ids) + 1 > self.max_len:
-            raise RequestError(INVALID_ARGUMENT, f"prompt_ids: the prompt has {len(ids)} tokens; "
-                               f"with at least 1 to generate it exceeds max_model_len "
-                               f"{self.max_len} (use truncate_prompt_tokens to keep the last N)")
-        if params.use_beam_search:       # its own loop and cache: serving/engine/beam_jobs.py
-            if variants is not None or steering not in (None, []):
-                raise RequestError(INVALID_ARGUMENT, "use_beam_search: not combined with "
-                                   "variants or steering")
-            seed = params.seed if params.seed is not None else secrets.randbits(63)
-            return EngineRequest(request_id=request_id, prompt_ids=ids, sampling=params,
-                                 seed=seed, skip_special_tokens=skip_special_tokens)
-        if self.kv is not None:
-            total = (None if params.max_tokens is None
-                     else min(len(ids) + params.max_tokens, self.max_len))
-            why = self.kv.never_fits(len(ids), params.n, total)
-            if why is not None:
-                raise RequestError(INVALID_ARGUMENT, why)
-        if params.n > self.engine.max_slots:
-            raise RequestError(INVALID_ARGUMENT, f"n must be <= {self.engine.max_slots} (the "
-                               f"engine's slots), got {params.n}")
-        if params.best_of is not None and params.best_of != params.n:
-            raise RequestError(INVALID_ARGUMENT, "best_of: only best_of == n is supported, got "
-                               f"best_of={params.best_of}, n={params.n}")
-        if params.top_logprobs > self.engine.num_top_logprobs:
-            raise RequestError(INVALID_ARGUMENT, f"top_logprobs must be <= "
-                               f"{self.engine.num_top_logprobs}, got {params.top_logprobs}")
-        if params.stop and self.tokenizer is None:
-            raise RequestError(INVALID_ARGUMENT, "stop: this engine has no tokenizer to match "
-                               "stop strings (use stop_token_ids)")
-        grammar = None
-        if params.thinking_end_ids and self.grammar is None:
-            raise RequestError(INVALID_ARGUMENT, "thinking_end_ids: this engine has no "
-                               "tokenizer")
-        if params.guided is not None:
-            if self.grammar is None:
-                raise RequestError(INVALID_ARGUMENT, f"{params.guided}: this engine has no "
-                                   "tokenizer to constrain decoding with")
-            try:
-                grammar = self.grammar.check(params)
-            except ValueError as e:
-                raise RequestError(INVALID_ARGUMENT, str(e)) from None
-        configs = self._variants(params, variants) if variants is not None else None
-        samples = params.n * (len(configs) if configs else 1)
-        if configs and samples > self.engine.max_slots:
-            raise RequestError(INVALID_ARGUMENT, f"variants: {len(configs)} variants x n="
-                               f"{params.n} samples must be <= {self.engine.max_slots} (the "
-                               f"engine's slots)")
-        if configs and self.kv is not None:
-            longest = max((c.max_tokens for c in configs), default=None,
-                          key=lambda m: float("inf") if m is None else m)
-            why = self.kv.never_fits(len(ids), samples, None if longest is None
-                                     else min(len(ids) + longest, self.max_len))
-            if why is not None:
-                raise RequestError(INVALID_ARGUMENT, why)
-        steer, key = self._steering(steering, params)
-        if params.deterministic:   # its KV comes from the grid prefill (DeviceEngine.
-            key = b"deterministic" + key   # _grid_prefill): shared with its own kind only
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        speculative = self.spec.choose(params, configs, steer)   # serving/engine/spec_jobs.py
-        return EngineRequest(request_id=request_id, prompt_ids=ids, sampling=params, seed=seed,
-                             skip_special_tokens=skip_special_tokens, grammar=grammar,
-                             variants=configs, steering=steer, steering_key=key,
-                             speculative=speculative)
-
-    def _variants(self, params: SamplingParams, variants) -> list[SamplingParams]:
-        """Paired variants (sampling/variants.py): the request's params with each variant's
-        overrides; a variant may not change the request's constraint."""
-        from sampling import variants as pv
-        from sampling.grammar import GUIDED_FIELDS
-        for i, v in enumerate(variants if isinstance(variants, list) else []):
-            bad = [k for k in (v if isinstance(v, dict) else ())
-                   if k in GUIDED_FIELDS or k == "thinking_end_ids"]
-            if bad:
-                raise RequestError(INVALID_ARGUMENT, f"variants[{i}].{bad[0]}: set "
-                                   "constraints on the request, not per variant")
-        base = {k: v for k, v in params.to_dict().items() if k not in ("n", "seed")}
-        try:
-            configs = pv.expand(base, variants, self.vocab_size)
-            out = []
-            for i, c in enumerate(configs):
-                c.validate(self.vocab_size, self.max_len)
-                if c.bad_words and self.tokenizer is not None:
-                    c = resolve_bad_words(c, self.tokenizer.encode)
-                elif c.bad_words:
-                    raise ValueError(f"variants[{i}].bad_words: this engine has no tokenizer")
-                if c.stop and self.tokenizer is None:
-                    raise ValueError(f"variants[{i}].stop: this engine has no tokenizer")
-                out.append(dataclasses.replace(c, return_entropy=True))
-        except (ValueError, TypeError) as e:
-            raise RequestError(INVALID_ARGUMENT, str(e)) from None
-        return out
-
-    def _steering(self, spec, params: SamplingParams):
-        """A request's steering entries -> ([layers, hidden] array or None, its digest)."""
-        if spec is None or spec == []:
-            return None, b""
-        if not getattr(self.engine, "steering", False):
-            raise RequestError(INVALID_ARGUMENT, "steering: this engine was started without "
-                               "steering (start it with --steering-vectors FILE.npz)")
-        if params.prompt_logprobs is not None:
-            raise RequestError(INVALID_ARGUMENT, "prompt_logprobs: not available with "
-                               "steering (the scoring pass runs the unsteered model)")
-        from model.steering import steering_array
-        cfg = self.engine.config
-        try:
-            arr = steering_array(spec, cfg.num_layers, cfg.hidden_size, self.steering_vectors)
-        except (ValueError, TypeError) as e:
-            raise RequestError(INVALID_ARGUMENT, str(e)) from None
-        if arr is None:
-            return None, b""
-        import hashlib
-        return arr, hashlib.blake2b(arr.tobytes(), digest_size=16).digest()
 
     def submit(self, request: EngineRequest) -> Handle:
         """Queue a validated request; RESOURCE_EXHAUSTED when the queue is full."""
@@ -1025,86 +879,6 @@ class Scheduler:
             sample.device_done = True
         self.tokens_generated += 1
         self._detok_q.put(("token", sample, token, lp, finish, stop_id))
-
-    # -- the detokenize thread ------------------------------------------------------------------
-
-    def _detok_main(self) -> None:
-        while True:
-            item = self._detok_q.get()
-            if item is None:
-                return
-            try:
-                self._detok_one(item)
-            except Exception as e:  # never leave a request hanging
-                log.error("detokenize failed:\n%s", traceback.format_exc())
-                st = item[1] if item[0] == "fail" else item[1].state
-                self._close(st, Failure(INTERNAL, f"detokenize failed: {e}"))
-
-    def _sample_text_state(self, sample: Sample) -> None:
-        if sample.stops is None:
-            req = sample.state.request
-            sample.stops = StopStrings(sample.sampling.stop,
-                                       sample.sampling.include_stop_str_in_output)
-            if self.tokenizer is not None:
-                from checkpoints.detokenizer import IncrementalDetokenizer
-                sample.detok = IncrementalDetokenizer(self.tokenizer, sample.state.prompt,
-                                                      req.skip_special_tokens)
-
-    def _detok_one(self, item) -> None:
-        kind = item[0]
-        if kind == "fail":
-            self._close(item[1], item[2])
-            return
-        sample = item[1]
-        st = sample.state
-        if sample.text_done or st.closed:
-            return
-        self._sample_text_state(sample)
-        if kind == "end":
-            self._finish_sample(sample, Delta(sample.index, [], finish_reason=item[2]))
-            return
-        _, _, token, lp, finish, stop_id = item
-        sample.completion_tokens += 1
-        piece = sample.detok.add(token) if sample.detok is not None else ""
-        text = sample.stops.feed(piece)
-        delta = Delta(sample.index, [token], text, [lp] if lp is not None else [])
-        if sample.stops.matched is None and finish is not None:
-            if sample.detok is not None:
-                delta.text += sample.stops.feed(sample.detok.flush())
-            if sample.stops.matched is None:
-                delta.text += sample.stops.flush()
-        if sample.stops.matched is not None:
-            delta.finish_reason, delta.stop_sequence = "stop", sample.stops.matched
-        elif finish is not None:
-            delta.finish_reason, delta.stop_token_id = finish, stop_id
-        if delta.finish_reason is None:
-            st.handle.put(delta)
-        else:
-            self._finish_sample(sample, delta)
-
-    def _finish_sample(self, sample: Sample, delta: Delta) -> None:
-        st = sample.state
-        sample.text_done = True
-        self._wake()                      # the device thread frees the slot
-        if st.request.variants is not None:
-            from sampling.variants import metrics
-            c = sample.completion_tokens  # the tokens it reported (the device may be ahead)
-            delta.metrics = metrics(sample.tokens[:c], sample.raw_logprobs[:c],
-                                    sample.entropies[:c])
-        st.handle.put(delta)
-        st.finished_samples += 1
-        if st.finished_samples == len(st.samples):
-            now = time.monotonic()
-            req = st.request
-            seed = req.seed if req.seed < 2 ** 63 else req.seed - 2 ** 64
-            self._close(st, Usage(
-                prompt_tokens=len(st.prompt),
-                completion_tokens=sum(s.completion_tokens for s in st.samples),
-                cached_tokens=st.cached_tokens, gpu_seconds=st.gpu_seconds,
-                queue_time=((st.admitted or now) - req.arrival),
-                ttft=((st.first_token or now) - req.arrival), seed=seed,
-                prompt_logprobs=st.prompt_logprobs,
-                speculative=dict(st.speculative) if st.speculative else None))
 
     def _close(self, st: RequestState, final) -> None:
         if st.closed:
