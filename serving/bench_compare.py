@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -120,6 +122,18 @@ def grpc_runner(server_port: int, output_len: int):
 
 
 def run(args) -> int:
+    """The command; a SIGTERM (e.g. `timeout`) exits through the finally blocks, so the
+    servers it started stop too."""
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run(args) -> int:
     concurrencies = int_list(args.concurrency, "--concurrency")
     counts = counts_per_level(args.num_requests, concurrencies, lambda c: max(4, c))
     for flag in ("prompt_len", "output_len"):
