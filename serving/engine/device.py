@@ -844,8 +844,12 @@ class DeviceEngine:
                 fwd = self._forward_step.lower(params, state, tables, self.attend_buckets[0],
                                                rows)
                 out = fwd.out_info[1]     # placed as the compiled forward places its logits
-                logits = jax.ShapeDtypeStruct(out.shape, out.dtype,
-                                              sharding=fwd.compile().output_shardings[1])
+                # jit's outputs are committed only when an input was: uncommitted params
+                # and state (init_params, tests) give uncommitted logits, lowered unplaced
+                placed = (fwd.compile().output_shardings[1] if self.mesh is not None or any(
+                    getattr(x, "_committed", True) for x in jax.tree.leaves(
+                        (self.params, self.state))) else None)
+                logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=placed)
                 return self._sample_step.lower(
                     state, logits, jax.ShapeDtypeStruct((rows, words), jnp.int32), False, rows)
             jobs.append((f"sampler {rows} slots", sampler))
