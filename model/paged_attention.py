@@ -7,8 +7,8 @@ follows the tokens in use, and full blocks can be shared by sequences with the s
 prefix (serving/engine/block_manager.py decides who owns what; nothing here knows).
 
 This is the pure-JAX gather path: the reference, and the path on CPU. A write scatters
-each token's K/V to `table[pos // block_size] * block_size + pos % block_size` of the
-flattened pool; a read gathers a row's first `n` blocks into a contiguous
+each token's K/V to block `table[pos // block_size]`, offset `pos % block_size` of the
+4-D pool (never a reshaped view: XLA would copy the pool around it); a read gathers a row's first `n` blocks into a contiguous
 `[n * block_size]` key axis, where key j is position j, so attention masks exactly as in
 the dense cache. Positions at or past `max_blocks_per_seq * block_size` write nothing.
 Block 0 is the null block: unused table entries point at it, it is never allocated, and
@@ -70,17 +70,15 @@ def write(pool: jax.Array, tables: jax.Array, positions: jax.Array, new: jax.Arr
     valid = (positions >= 0) & (positions < void_position(tables, bs))
     p = jnp.where(valid, positions, 0)
     block = jnp.take_along_axis(tables, p // bs, axis=1)
-    flat = jnp.where(valid, block * bs + p % bs, num_blocks * bs)
+    # (block, offset) into the 4-D pool itself: no reshape of the pool, so XLA updates it
+    # in place (a flattened-pool scatter made XLA:CPU copy the whole pool per layer per
+    # step). A dropped write points past the last block.
+    block = jnp.where(valid, block, num_blocks)
+    offset = p % bs
     new = new.astype(pool.dtype)
-    if head_first:   # [kvh, NB * bs, hd], written at [:, flat]
-        kvh, hd = pool.shape[0], pool.shape[3]
-        pool_flat = pool.reshape(kvh, num_blocks * bs, hd)
-        pool_flat = pool_flat.at[:, flat].set(jnp.moveaxis(new, 2, 0), mode="drop")
-        return pool_flat.reshape(pool.shape)
-    pool_flat = pool.reshape((num_blocks * bs,) + pool.shape[2:])
-    pool_flat = pool_flat.at[flat].set(new, mode="drop")
-    return pool_flat.reshape(pool.shape)
-
+    if head_first:   # pool[:, block, offset] is [kvh, B, T, hd]
+        return pool.at[:, block, offset].set(jnp.moveaxis(new, 2, 0), mode="drop")
+    return pool.at[block, offset].set(new, mode="drop")
 
 def gather(pool: jax.Array, tables: jax.Array, num_blocks: int | None = None,
            head_first: bool = False) -> jax.Array:
