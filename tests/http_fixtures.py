@@ -46,6 +46,16 @@ def build_tokenizer(vocab_size: int = 300):
     return fast
 
 
+def health_ok(base_url: str) -> bool:
+    """True once the HTTP front end at base_url answers /health with 200."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(base_url + "/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -193,12 +203,7 @@ class Servers:
             raise
 
     def _http_up(self) -> bool:
-        import urllib.request
-        try:
-            with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return health_ok(self.base_url)
 
     def worker_pids(self) -> list[int]:
         pids = []

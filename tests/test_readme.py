@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.http_fixtures import ROOT, _env, _stop, _wait, free_port
+from tests.http_fixtures import ROOT, _env, _stop, _wait, free_port, health_ok
 
 pytestmark = pytest.mark.timeout(600)
 README = (ROOT / "README.md").read_text()
@@ -37,14 +37,8 @@ def server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--port", str(port),
                              "--grpc-port", str(grpc_port)], cwd=ROOT, env=_env(),
                             stdout=log, stderr=subprocess.STDOUT)
-    import urllib.request
 
-    def up():
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+    up = lambda: health_ok(f"http://127.0.0.1:{port}")
     try:
         _wait(up, proc, "flaxserve serve", 500)
         yield port

@@ -15,12 +15,11 @@ import sys
 import jsonschema
 import pytest
 
-from tests.http_fixtures import ROOT, _env, _stop, _wait, free_port
+from tests.http_fixtures import ROOT, _env, _stop, _wait, free_port, health_ok
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_gguf, tmp_path_factory):
-    import urllib.request
     port, grpc_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("smollm2") / "serve.log"
     log = open(log_path, "w")
@@ -30,12 +29,7 @@ def server(smollm2_gguf, tmp_path_factory):
          "--max-model-len", "512"],
         cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
 
-    def up() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+    up = lambda: health_ok(f"http://127.0.0.1:{port}")
     try:
         try:
             _wait(up, proc, "flaxserve serve --model smollm2", 600)

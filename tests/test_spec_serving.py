@@ -18,7 +18,7 @@ import time
 import grpc
 import pytest
 
-from tests.http_fixtures import API_KEY, ROOT, _env, _stop, _wait, free_port
+from tests.http_fixtures import API_KEY, ROOT, _env, _stop, _wait, free_port, health_ok
 
 GREEDY = {"temperature": 0.0, "max_tokens": 24, "ignore_eos": True}
 OFF = {"speculative": None}                       # opt out of the server default
@@ -180,13 +180,7 @@ def http(engine, tmp_path_factory):
                              "--served-model-name", "tiny", "--api-key", API_KEY],
                             cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
 
-    def up() -> bool:
-        import urllib.request
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+    up = lambda: health_ok(f"http://127.0.0.1:{port}")
     try:
         _wait(up, proc, "flaxserve http", 60)
         yield f"http://127.0.0.1:{port}"
