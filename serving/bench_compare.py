@@ -221,9 +221,11 @@ def _run(args) -> int:
             srv.stop(grace_s=5)
     else:
         port = free_port()
+        # --full-warmup: measured once every program is compiled, not while a background
+        # compile shares the cores with the requests (and makes some of them wait)
         cmd = [sys.executable, "-m", "serving.cli", "serve", "--model", name, "--port", str(port),
                "--grpc-port", str(free_port()), "--max-slots", str(max(concurrencies)),
-               "--max-model-len", str(max_len), "--dtype", "float32"]
+               "--max-model-len", str(max_len), "--dtype", "float32", "--full-warmup"]
         if args.quantize:
             cmd += ["--quantize", args.quantize]
         with server(cmd, port, args.server_timeout, "flaxserve") as url:
