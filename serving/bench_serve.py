@@ -202,23 +202,10 @@ def run_load(target, prompts: list[list[int]], sampling: dict, *, concurrency: i
         except Exception as e:  # counted and reported, never silently dropped
             trace.error = f"{type(e).__name__}: {e}"
 
-    t0 = time.perf_counter()
     if rate is None:
-        cursor = iter(range(len(prompts)))
-        lock = threading.Lock()
-
-        def client():
-            while True:
-                with lock:
-                    i = next(cursor, None)
-                if i is None:
-                    return
-                one(i)
-
-        threads = [threading.Thread(target=client) for _ in range(concurrency)]
-        for t in threads:
-            t.start()
+        wall = run_clients(len(prompts), concurrency, one)
     else:
+        t0 = time.perf_counter()
         rng = np.random.default_rng(seed)
         threads = []
         for i in range(len(prompts)):
@@ -226,9 +213,9 @@ def run_load(target, prompts: list[list[int]], sampling: dict, *, concurrency: i
             t.start()
             threads.append(t)
             time.sleep(rng.exponential(1.0 / rate))
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
 
     done = [t for t in traces if t is not None and t.error is None and t.tokens > 0]
     errors = [t.error for t in traces if t is not None and t.error is not None]
