@@ -326,7 +326,7 @@ def test_max_tokens_over_the_context_ends_at_its_edge(client):
 
 
 def test_strict_max_tokens_restores_the_400():
-    from serving.http import openai_api
+    from serving.http import openai_chat_request
     from serving.http.errors import APIError
     from serving.http.generation import ModelInfo
     from serving.http.main import add_arguments, settings_from_args
@@ -349,11 +349,11 @@ def test_strict_max_tokens_restores_the_400():
                          strict_max_tokens=strict)
         if strict:
             with pytest.raises(APIError) as e:
-                openai_api.parse_chat(dict(body), info)
+                openai_chat_request.parse_chat(dict(body), info)
             assert (e.value.status, e.value.param, e.value.code) == (
                 400, "max_tokens", "context_length_exceeded")
         else:
-            plan = openai_api.parse_chat(dict(body), info)
+            plan = openai_chat_request.parse_chat(dict(body), info)
             room = CONTEXT - len(plan.requests[0].prompt_ids)
             assert plan.requests[0].sampling.max_tokens == room == plan.max_tokens[0]
 

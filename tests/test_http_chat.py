@@ -11,7 +11,8 @@ import random
 import jsonschema
 import pytest
 
-from serving.http import anthropic_api, openai_api, thinking_signature
+from serving.http import anthropic_api, openai_shapes, thinking_signature
+from serving.http.openai_chat_request import parse_chat
 from serving.http.chat_output import OutputSpec, parse_whole
 from serving.http.errors import APIError
 from serving.http.generation import Delta, Final, ModelInfo, TokenInfo, Usage, accumulate
@@ -108,8 +109,8 @@ def test_malformed_tool_call_is_content_and_parallel_off_keeps_one():
 # ---- templates: thinking, tools, errors -------------------------------------------------------------
 
 def test_enable_thinking_opens_or_closes_the_block(info):
-    on = openai_api.parse_chat(chat(chat_template_kwargs={"enable_thinking": True}), info)
-    off = openai_api.parse_chat(chat(chat_template_kwargs={"enable_thinking": False}), info)
+    on = parse_chat(chat(chat_template_kwargs={"enable_thinking": True}), info)
+    off = parse_chat(chat(chat_template_kwargs={"enable_thinking": False}), info)
     assert on.prompt_texts[0].endswith("<|im_start|>assistant\n<think>\n")
     assert off.prompt_texts[0].endswith("<think>\n\n</think>\n\n")
     assert on.output.thinking_open and not off.output.thinking_open
@@ -119,7 +120,7 @@ def test_enable_thinking_opens_or_closes_the_block(info):
 
 
 def test_tools_and_history_reach_the_template(info):
-    plan = openai_api.parse_chat(chat(tools=[WEATHER], messages=[
+    plan = parse_chat(chat(tools=[WEATHER], messages=[
         {"role": "user", "content": "weather?"},
         {"role": "assistant", "content": None, "reasoning_content": "use the tool",
          "tool_calls": [{"id": "call_1", "type": "function", "function": {
@@ -137,7 +138,7 @@ def test_template_errors_are_400_naming_the_template(info):
     for template, param in (("{% for x in %}", "chat_template"),
                             ("{{ raise_exception('no') }}", "messages")):
         with pytest.raises(APIError) as e:
-            openai_api.parse_chat(chat(chat_template=template), info)
+            parse_chat(chat(chat_template=template), info)
         assert (e.value.status, e.value.param) == (400, param)
 
 
@@ -147,7 +148,7 @@ def _stream_body(plan, events):
     """Chunks accumulated as an SDK does (strings concatenated, tool calls by index)."""
     msg = {"content": "", "reasoning_content": "", "tool_calls": {}}
     reason = None
-    for c in openai_api.chat_stream(plan, events):
+    for c in openai_shapes.chat_stream(plan, events):
         validate_openai(c, "CreateChatCompletionStreamResponse")
         for ch in c["choices"]:
             d = ch["delta"]
@@ -165,10 +166,10 @@ def _stream_body(plan, events):
 
 def test_openai_tool_calls_and_reasoning_streamed_equal_whole(info):
     tok = info.tokenizer
-    plan = openai_api.parse_chat(chat(tools=[WEATHER]), info)
+    plan = parse_chat(chat(tools=[WEATHER]), info)
     plan.output.thinking_open = False
     choices, final = accumulate(_events(tok, OUTPUT), 1)
-    body = openai_api.chat_response(plan, choices, final)
+    body = openai_shapes.chat_response(plan, choices, final)
     validate_openai(body, "CreateChatCompletionResponse")
     c = body["choices"][0]
     assert c["finish_reason"] == "tool_calls"
@@ -192,9 +193,9 @@ def test_openai_tool_calls_and_reasoning_streamed_equal_whole(info):
 
 def test_openai_length_wins_and_no_tools_is_plain_text(info):
     tok = info.tokenizer
-    plan = openai_api.parse_chat(chat(tools=[WEATHER], tool_choice="none"), info)
+    plan = parse_chat(chat(tools=[WEATHER], tool_choice="none"), info)
     choices, final = accumulate(_events(tok, "<tool_call>\n{\"name\"", "length"), 1)
-    c = openai_api.chat_response(plan, choices, final)["choices"][0]
+    c = openai_shapes.chat_response(plan, choices, final)["choices"][0]
     assert c["finish_reason"] == "length" and "tool_calls" not in c["message"]
 
 
@@ -252,10 +253,10 @@ def test_anthropic_thinking_tool_use_and_signature_round_trip(info):
 # ---- request mapping: forced calls, structured outputs, context -------------------------------------
 
 def test_forced_tool_call_is_a_grammar(info):
-    plan = openai_api.parse_chat(chat(tools=[WEATHER], tool_choice="required"), info)
+    plan = parse_chat(chat(tools=[WEATHER], tool_choice="required"), info)
     grammar = plan.requests[0].sampling.guided_grammar
     assert "<tool_call>" in grammar and '"const": "get_weather"' in grammar
-    named = openai_api.parse_chat(chat(tools=[WEATHER], tool_choice={
+    named = parse_chat(chat(tools=[WEATHER], tool_choice={
         "type": "function", "function": {"name": "get_weather"}}), info)
     assert named.named_tool and named.requests[0].sampling.guided_grammar
     a = anthropic_api.parse_messages({"model": "default", "max_tokens": 50, "tools": [
@@ -266,12 +267,12 @@ def test_forced_tool_call_is_a_grammar(info):
 
 def test_response_formats_map_to_guided_fields(info):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
-    p = openai_api.parse_chat(chat(response_format={"type": "json_schema", "json_schema": {
+    p = parse_chat(chat(response_format={"type": "json_schema", "json_schema": {
         "name": "x", "schema": schema, "strict": True}}), info)
     assert p.requests[0].sampling.guided_json == schema
-    p = openai_api.parse_chat(chat(response_format={"type": "json_object"}), info)
+    p = parse_chat(chat(response_format={"type": "json_object"}), info)
     assert p.requests[0].sampling.guided_json_object is True
-    p = openai_api.parse_chat(chat(guided_choice=["yes", "no"]), info)
+    p = parse_chat(chat(guided_choice=["yes", "no"]), info)
     assert p.requests[0].sampling.guided_choice == ["yes", "no"]
     a = anthropic_api.parse_messages({"model": "default", "max_tokens": 50, "output_config": {
         "format": {"type": "json_schema", "schema": schema}},
@@ -281,8 +282,8 @@ def test_response_formats_map_to_guided_fields(info):
 
 def test_forced_call_with_response_format_is_400(info):
     with pytest.raises(APIError) as e:
-        openai_api.parse_chat(chat(tools=[WEATHER], tool_choice="required",
-                                   response_format={"type": "json_object"}), info)
+        parse_chat(chat(tools=[WEATHER], tool_choice="required",
+                        response_format={"type": "json_object"}), info)
     assert e.value.param == "tool_choice"
 
 
@@ -294,20 +295,20 @@ def test_auto_compact_drops_oldest_turns(info):
                  {"role": "assistant", "content": f"answer {k} " + "words " * 8}]
     long.append({"role": "user", "content": "last question"})
     with pytest.raises(APIError) as e:
-        openai_api.parse_chat(chat(messages=long, max_tokens=10), small)
+        parse_chat(chat(messages=long, max_tokens=10), small)
     assert e.value.code == "context_length_exceeded"
-    plan = openai_api.parse_chat(chat(messages=long, max_tokens=10,
-                                      chat_template_kwargs={"auto_compact": True}), small)
+    plan = parse_chat(chat(messages=long, max_tokens=10,
+                           chat_template_kwargs={"auto_compact": True}), small)
     ids = plan.requests[0].prompt_ids
     assert len(ids) + 10 <= 120 and plan.compacted_tokens > 0
-    full = len(info.tokenizer.encode(openai_api.parse_chat(chat(messages=long), info)
+    full = len(info.tokenizer.encode(parse_chat(chat(messages=long), info)
                                      .prompt_texts[0], add_special_tokens=False))
     assert plan.compacted_tokens == full - len(ids)
     text = plan.prompt_texts[0]
     assert text.startswith("<|im_start|>system\nbe brief") and "last question" in text
     assert "question 0" not in text
     choices, final = accumulate(_events(info.tokenizer, "ok"), 1)
-    assert openai_api.chat_response(plan, choices, final)["compacted_tokens"] == \
+    assert openai_shapes.chat_response(plan, choices, final)["compacted_tokens"] == \
         plan.compacted_tokens
     jsonschema.validate(plan.compacted_tokens, {"type": "integer", "minimum": 1})
 
@@ -341,10 +342,10 @@ def test_stop_token_text_moves_to_the_token_before_it():
     from types import SimpleNamespace
     plan = SimpleNamespace(stop_ids=frozenset({2}))
     toks = [TokenInfo(5, "X"), TokenInfo(6, "Y"), TokenInfo(7, ""), TokenInfo(2, "\ufffd")]
-    kept = openai_api._content_tokens(plan, toks, "stop")
+    kept = openai_shapes._content_tokens(plan, toks, "stop")
     assert [t.id for t in kept] == [5, 6, 7] and "".join(t.text for t in kept) == "XY\ufffd"
     plain = [TokenInfo(5, "X"), TokenInfo(2, "")]
-    assert [t.id for t in openai_api._content_tokens(plan, plain, "stop")] == [5]
-    assert openai_api._content_tokens(plan, plain, "length") == plain
+    assert [t.id for t in openai_shapes._content_tokens(plan, plain, "stop")] == [5]
+    assert openai_shapes._content_tokens(plan, plain, "length") == plain
     alone = [TokenInfo(2, "\ufffd")]            # a stream chunk of the stop token alone
-    assert openai_api._content_tokens(plan, alone, "stop") == alone
+    assert openai_shapes._content_tokens(plan, alone, "stop") == alone

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from serving.http import anthropic_api, openai_api, sse
+from serving.http import anthropic_api, openai_shapes, sse
+from serving.http.openai_chat_request import parse_chat
+from serving.http.openai_completion_request import parse_completion
 from serving.http.auth import KeyChecker, load_keys, presented_key
 from serving.http.errors import APIError, anthropic_body, from_value_error, openai_body
 from serving.http.generation import (Delta, Final, ModelInfo, TokenInfo, TopEntry, Usage,
@@ -39,10 +41,10 @@ def chat(**kw):
 # ---- OpenAI request validation ----------------------------------------------------------------
 
 def test_chat_prompt_is_the_rendered_template(hf_tok, info):
-    plan = openai_api.parse_chat(chat(messages=[
+    plan = parse_chat(chat(messages=[
         {"role": "developer", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "hello"},
-                                     {"type": "text", "text": "world"}]}]), info)
+                          {"type": "text", "text": "world"}]}]), info)
     expected = hf_tok.apply_chat_template(
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello\nworld"}],
         add_generation_prompt=True, tokenize=False)
@@ -51,7 +53,7 @@ def test_chat_prompt_is_the_rendered_template(hf_tok, info):
 
 
 def test_chat_maps_every_sampling_extension(info):
-    plan = openai_api.parse_chat(chat(
+    plan = parse_chat(chat(
         temperature=0.7, top_p=0.9, top_k=5, min_p=0.05, repetition_penalty=1.1,
         presence_penalty=0.5, frequency_penalty=-0.5, min_tokens=2, max_completion_tokens=9,
         max_tokens=100, stop="world", stop_token_ids=[1], include_stop_str_in_output=True,
@@ -131,7 +133,7 @@ def test_chat_maps_every_sampling_extension(info):
 ])
 def test_chat_bad_field_is_400_naming_param(info, patch, param):
     with pytest.raises(APIError) as e:
-        openai_api.parse_chat(chat(**patch), info)
+        parse_chat(chat(**patch), info)
     assert e.value.status == 400
     assert e.value.param == param, e.value.message
     body = openai_body(e.value)["error"]
@@ -140,9 +142,9 @@ def test_chat_bad_field_is_400_naming_param(info, patch, param):
 
 
 def test_accepted_harmless_values(info):
-    openai_api.parse_chat(chat(tools=[], tool_choice="none", response_format={"type": "text"},
-                               parallel_tool_calls=True), info)
-    plan = openai_api.parse_chat(chat(messages=[
+    parse_chat(chat(tools=[], tool_choice="none", response_format={"type": "text"},
+                    parallel_tool_calls=True), info)
+    plan = parse_chat(chat(messages=[
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function",
@@ -154,14 +156,14 @@ def test_accepted_harmless_values(info):
 
 def test_unknown_model_is_404(info):
     with pytest.raises(APIError) as e:
-        openai_api.parse_chat(chat(model="gpt-4"), info)
+        parse_chat(chat(model="gpt-4"), info)
     assert e.value.status == 404 and e.value.param == "model"
     assert openai_body(e.value)["error"]["code"] == "model_not_found"
     assert anthropic_body(e.value)["error"]["type"] == "not_found_error"
 
 
 def test_continue_final_message_continues_the_text(info):
-    plan = openai_api.parse_chat(chat(
+    plan = parse_chat(chat(
         messages=[{"role": "user", "content": "hi"},
                   {"role": "assistant", "content": "hello wor"}],
         add_generation_prompt=False, continue_final_message=True, echo=True), info)
@@ -172,7 +174,7 @@ def test_continue_final_message_continues_the_text(info):
 def test_template_is_sandboxed(info):
     evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(APIError) as e:
-        openai_api.parse_chat(chat(chat_template=evil), info)
+        parse_chat(chat(chat_template=evil), info)
     assert e.value.status == 400 and e.value.param == "chat_template"
 
 
@@ -180,10 +182,10 @@ def test_completion_prompt_forms(hf_tok, info):
     ids = hf_tok.encode("hello world", add_special_tokens=False)
     for prompt, count in (("hello world", 1), (["hello", "world"], 2), (ids, 1),
                           ([ids, ids[:2]], 2)):
-        plan = openai_api.parse_completion({"model": "tiny", "prompt": prompt}, info)
+        plan = parse_completion({"model": "tiny", "prompt": prompt}, info)
         assert len(plan.requests) == count
         assert plan.requests[0].sampling.max_tokens == 16
-    plan = openai_api.parse_completion({"model": "tiny", "prompt": ids, "logprobs": 2}, info)
+    plan = parse_completion({"model": "tiny", "prompt": ids, "logprobs": 2}, info)
     assert plan.requests[0].prompt_ids == ids and plan.requests[0].sampling.top_logprobs == 2
 
 
@@ -199,7 +201,7 @@ def test_completion_prompt_forms(hf_tok, info):
 ])
 def test_completion_bad_field(info, patch, param):
     with pytest.raises(APIError) as e:
-        openai_api.parse_completion({"model": "tiny", "prompt": "hi", **patch}, info)
+        parse_completion({"model": "tiny", "prompt": "hi", **patch}, info)
     assert (e.value.status, e.value.param) == (400, param)
 
 
@@ -233,10 +235,10 @@ def _events(hf_tok, texts: list[str], reasons: list[str]):
 
 
 def test_chat_response_shape_and_logprobs(hf_tok, info):
-    plan = openai_api.parse_chat(chat(n=2, logprobs=True, top_logprobs=2), info)
+    plan = parse_chat(chat(n=2, logprobs=True, top_logprobs=2), info)
     texts = ["hello 日本語 world", "the fox"]
     choices, final = accumulate(_events(hf_tok, texts, ["length", "stop"]), 2)
-    body = openai_api.chat_response(plan, choices, final)
+    body = openai_shapes.chat_response(plan, choices, final)
     validate(body, "CreateChatCompletionResponse")
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
     for c, text in zip(body["choices"], texts):
@@ -256,9 +258,9 @@ def test_chat_response_shape_and_logprobs(hf_tok, info):
 @pytest.mark.parametrize("include_usage", [False, True])
 def test_chat_stream_chunk_order(hf_tok, info, include_usage):
     kw = {"stream_options": {"include_usage": True}} if include_usage else {}
-    plan = openai_api.parse_chat(chat(n=2, stream=True, logprobs=True, **kw), info)
+    plan = parse_chat(chat(n=2, stream=True, logprobs=True, **kw), info)
     texts = ["hello world", "the quick brown fox"]
-    chunks = list(openai_api.chat_stream(plan, _events(hf_tok, texts, ["stop", "length"])))
+    chunks = list(openai_shapes.chat_stream(plan, _events(hf_tok, texts, ["stop", "length"])))
     for c in chunks:
         validate(c, "CreateChatCompletionStreamResponse")
     assert len({c["id"] for c in chunks}) == 1
@@ -279,27 +281,27 @@ def test_chat_stream_chunk_order(hf_tok, info, include_usage):
 
 
 def test_completion_response_and_stream(hf_tok, info):
-    plan = openai_api.parse_completion({"model": "tiny", "prompt": "hi", "echo": True,
-                                        "logprobs": 1, "n": 1} | {"echo": False}, info)
+    plan = parse_completion({"model": "tiny", "prompt": "hi", "echo": True,
+                             "logprobs": 1, "n": 1} | {"echo": False}, info)
     result = accumulate(_events(hf_tok, ["hello world"], ["length"]), 1)
-    body = openai_api.completion_response(plan, [result])
+    body = openai_shapes.completion_response(plan, [result])
     validate(body, "CreateCompletionResponse")
     lp = body["choices"][0]["logprobs"]
     assert "".join(lp["tokens"]) == "hello world"
     assert lp["text_offset"][0] == 0 and len(lp["top_logprobs"][0]) >= 1
-    echo = openai_api.parse_completion({"model": "tiny", "prompt": "hi", "echo": True}, info)
-    body = openai_api.completion_response(echo, [accumulate(
+    echo = parse_completion({"model": "tiny", "prompt": "hi", "echo": True}, info)
+    body = openai_shapes.completion_response(echo, [accumulate(
         _events(hf_tok, ["the fox"], ["stop"]), 1)])
     assert body["choices"][0]["text"] == "hithe fox"
     usages = []
-    chunks = list(openai_api.completion_stream(echo, 0, _events(hf_tok, ["the fox"], ["stop"]),
-                                               1, usages))
+    chunks = list(openai_shapes.completion_stream(echo, 0, _events(hf_tok, ["the fox"], ["stop"]),
+                                                  1, usages))
     assert "".join(c["choices"][0]["text"] for c in chunks) == "hithe fox"
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and len(usages) == 1
 
 
 def test_models_body(info):
-    validate(openai_api.models_body(info), "ListModelsResponse")
+    validate(openai_shapes.models_body(info), "ListModelsResponse")
 
 
 # ---- Anthropic ------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def test_bad_values_name_the_field(fields, name):
 def test_the_http_routes_accept_the_fields():
     """The OpenAI routes take every SamplingParams field (gRPC's sampling_json and the
     in-process API build the same SamplingParams)."""
-    from serving.http.openai_api import CHAT_FIELDS, COMPLETION_FIELDS
+    from serving.http.openai_fields import CHAT_FIELDS, COMPLETION_FIELDS
     from serving.http.openapi import spec
     for name in ("adaptive_p_target", "adaptive_p_decay", "min_k", "min_k_tau", "p_less"):
         assert name in CHAT_FIELDS and name in COMPLETION_FIELDS

@@ -1,6 +1,6 @@
 """The Anthropic Messages protocol: validation -> `GenRequest`, responses and stream events.
 
-Pure functions, like `openai_api`. Anthropic's rules that differ from OpenAI's: `system`
+Pure functions, like `openai_*`. Anthropic's rules that differ from OpenAI's: `system`
 is a top-level string or text blocks; consecutive same-role turns are merged; a final
 assistant turn is a prefill that the reply continues (the reply holds only new text);
 `max_tokens` is required; temperature is in [0, 1]; `input_tokens` excludes the prompt
@@ -29,8 +29,9 @@ from serving.http.chat_output import (OutputParser, OutputSpec, make_spec, parse
 from serving.http.errors import bad_request
 from serving.http.limits import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from serving.http.generation import Choice, Delta, Final, GenRequest, ModelInfo, Usage
-from serving.http.openai_api import (GUIDED, SAMPLING_FIELDS, _bool, _is_int, _research,
-                                     _sampling, speculative_usage)
+from serving.http.openai_fields import (GUIDED, SAMPLING_FIELDS, _bool, _is_int, _research,
+                                        _sampling)
+from serving.http.openai_shapes import speculative_usage
 from serving.http.prompt import (ChatOptions, check_context, fit_chat, render_chat,
                                  template_kwargs)
 from serving.http.tool_calls import arguments_object

@@ -1,7 +1,7 @@
 """The Falcon WSGI app: routes, auth, request ids, errors, SSE, metrics.
 
 `create_app(settings)` builds one app per gunicorn worker (after the fork, so each worker
-opens its own gRPC channel). The protocol work lives in `openai_api` / `anthropic_api`;
+opens its own gRPC channel). The protocol work lives in `openai_*` / `anthropic_api`;
 this file only moves bytes: read JSON, validate + tokenize (all before the status line, so
 a bad streaming request is a 4xx), open the engine call, and write the body or the SSE
 events. A streaming response is a generator, so each event is written and flushed on its
@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Iterator
 
 import falcon
 
-from serving.http import admission, anthropic_api, metrics, openai_api, sse, thinking_signature
+from serving.http import admission, anthropic_api, metrics, sse, thinking_signature
+from serving.http import openai_chat_request, openai_completion_request, openai_shapes
 from serving.http import responses_api, tokenize_api
 from serving.http.response_store import DEFAULT_PATH as RESPONSE_STORE_PATH, ResponseStore
 from serving.http import json_body, limits
@@ -241,19 +242,19 @@ class ChatCompletions:
 
     def on_post(self, req, resp):
         body = _read_json(req)
-        plan = openai_api.parse_chat(body, self.server.info())
-        openai_api.set_plan_headers(resp, plan)
+        plan = openai_chat_request.parse_chat(body, self.server.info())
+        openai_shapes.set_plan_headers(resp, plan)
         timed, stream = self.server.open(plan.requests[0], req)
         if not plan.stream:
             try:
                 choices, final = accumulate((e for e in timed if e is not None), plan.n)
             finally:
                 stream.cancel()
-            resp.media = openai_api.chat_response(plan, choices, final)
+            resp.media = openai_shapes.chat_response(plan, choices, final)
             return
 
         def frames():
-            for chunk in openai_api.chat_stream(plan, timed):
+            for chunk in openai_shapes.chat_stream(plan, timed):
                 yield sse.comment() if chunk is None else sse.data(chunk)
             yield sse.DONE
 
@@ -271,8 +272,8 @@ class Completions:
 
     def on_post(self, req, resp):
         body = _read_json(req)
-        plan = openai_api.parse_completion(body, self.server.info())
-        openai_api.set_plan_headers(resp, plan)
+        plan = openai_completion_request.parse_completion(body, self.server.info())
+        openai_shapes.set_plan_headers(resp, plan)
         created = int(time.time())
         opened = _open_all(self.server, plan.requests, req)   # one batch in the engine
         streams = [s for _, s in opened]
@@ -284,16 +285,16 @@ class Completions:
             finally:
                 for s in streams:
                     s.cancel()
-            resp.media = openai_api.completion_response(plan, results, created)
+            resp.media = openai_shapes.completion_response(plan, results, created)
             return
 
         def frames():
             usages = []
             for i, (timed, _) in enumerate(opened):
-                for chunk in openai_api.completion_stream(plan, i, timed, created, usages):
+                for chunk in openai_shapes.completion_stream(plan, i, timed, created, usages):
                     yield sse.comment() if chunk is None else sse.data(chunk)
             if plan.include_usage:
-                yield sse.data(openai_api.usage_chunk(plan, usages, created))
+                yield sse.data(openai_shapes.usage_chunk(plan, usages, created))
             yield sse.DONE
 
         _sse_response(resp, _guarded(frames(), _openai_stream_error, streams))
@@ -329,7 +330,7 @@ class Models:
         if req.get_header("anthropic-version") is not None:    # the Anthropic SDK's shape
             resp.media = anthropic_api.models_body(self.server.info())
             return
-        resp.media = openai_api.models_body(self.server.info())
+        resp.media = openai_shapes.models_body(self.server.info())
 
 
 class Model:
@@ -344,7 +345,7 @@ class Model:
                            code="model_not_found")
         resp.media = (anthropic_api.model_card(info, model_id)
                       if req.get_header("anthropic-version") is not None
-                      else openai_api.model_card(info, model_id))
+                      else openai_shapes.model_card(info, model_id))
 
 
 class Tokenize:

@@ -297,7 +297,7 @@ def join(a: Delta, b: Delta) -> Delta | None:
 
 
 def steering_fields(e: dict) -> dict:
-    """A validated steering entry (serving/http/openai_api.py) as pb.SteeringEntry fields."""
+    """A validated steering entry (serving/http/openai_fields.py) as pb.SteeringEntry fields."""
     out = {"layer": e["layer"]}
     if "name" in e:
         out["name"] = e["name"]

@@ -4,7 +4,7 @@ Each bounds what one request can make a worker spend before the engine sees it: 
 read, JSON parsed, prompts sent, stop strings matched, template output rendered. Sampling
 fields are bounded in `sampling/params.py` (its BOUNDS table), which the engine applies
 too; the stop-string counts of the OpenAI routes live next to their parsers in
-`serving/http/openai_api.py` (MAX_STOP, MAX_STOP_COMPLETIONS) and must stay within
+`serving/http/openai_fields.py` (MAX_STOP, MAX_STOP_COMPLETIONS) and must stay within
 `sampling.params.MAX_STOP_STRINGS`.
 """
 

@@ -12,7 +12,7 @@ import dataclasses
 from functools import lru_cache
 
 from sampling.params import BOUNDS, MAX_SEQUENCE, MAX_STOP_STRINGS, MAX_VOCAB, SamplingParams
-from serving.http import anthropic_api, limits, openai_api
+from serving.http import anthropic_api, limits, openai_chat_request, openai_fields
 
 _JSON_TYPES = {"float": "number", "int": "integer", "bool": "boolean", "str": "string"}
 
@@ -74,7 +74,7 @@ _TEXT_PART = {"type": "object", "required": ["type", "text"],
 _OPENAI_MESSAGE = {
     "type": "object", "required": ["role", "content"],
     "properties": {
-        "role": {"enum": list(openai_api.ROLES)},
+        "role": {"enum": list(openai_chat_request.ROLES)},
         "content": _nullable({"anyOf": [{"type": "string"},
                                         {"type": "array", "items": _TEXT_PART}]}),
         "name": {"type": "string"}, "tool_call_id": {"type": "string"},
@@ -103,12 +103,12 @@ def _openai_fields() -> dict:
         "stream": {"type": "boolean"},
         "stop": _nullable({"anyOf": [_STOP_STRING, {
             "type": "array", "items": _STOP_STRING,
-            "maxItems": getattr(openai_api, "MAX_STOP", MAX_STOP_STRINGS)}]}),
+            "maxItems": getattr(openai_fields, "MAX_STOP", MAX_STOP_STRINGS)}]}),
         "max_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": MAX_SEQUENCE}),
         "max_completion_tokens": _nullable({"type": "integer", "minimum": 1,
                                             "maximum": MAX_SEQUENCE}),
         "temperature": _nullable({"type": "number", "minimum": 0,
-                                  "maximum": openai_api.OPENAI_MAX_TEMPERATURE}),
+                                  "maximum": openai_fields.OPENAI_MAX_TEMPERATURE}),
         "logprobs": {"anyOf": [{"type": "boolean"}, {"type": "integer", "minimum": 0,
                                                      "maximum": 20}, {"type": "null"}]},
         "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20}),
@@ -182,7 +182,7 @@ def _responses_request(chat_ext: dict) -> dict:
                                            "maximum": MAX_SEQUENCE}),
            "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20}),
            "temperature": _nullable({"type": "number", "minimum": 0,
-                                     "maximum": openai_api.OPENAI_MAX_TEMPERATURE}),
+                                     "maximum": openai_fields.OPENAI_MAX_TEMPERATURE}),
            **_research_fields()}
     return _request(fields, {**chat_ext, **own}, ("input",))
 
@@ -277,9 +277,9 @@ def spec() -> dict:
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
             "schemas": {
-                "ChatRequest": _request(openai_api.CHAT_FIELDS,
+                "ChatRequest": _request(openai_fields.CHAT_FIELDS,
                                         {**chat_ext, **_openai_fields()}, ("messages",)),
-                "CompletionRequest": _request(openai_api.COMPLETION_FIELDS,
+                "CompletionRequest": _request(openai_fields.COMPLETION_FIELDS,
                                               {**chat_ext, **_openai_fields()}, ("prompt",)),
                 "MessagesRequest": _request(anthropic_api.MESSAGE_FIELDS, {
                     **chat_ext, **_anthropic_fields()}, ("messages", "max_tokens")),

@@ -3,11 +3,11 @@
 A Responses request is translated into a chat request (input items -> messages,
 `instructions` -> a system message, `text.format` -> `response_format`, function tools,
 `reasoning.effort`, `max_output_tokens`, our sampling extensions unchanged) and validated
-by `openai_api.parse_chat`, so every rule of the chat route holds here too. The engine's
-output goes through `openai_api.chat_stream`; `ResponseBuilder` turns those chunks into
-the Responses event sequence (response.created, output_item.added, content_part.added,
-output_text.delta, ..., response.completed). The non-streaming body is the builder's
-final response, so streamed and whole answers cannot disagree.
+by `openai_chat_request.parse_chat`, so every rule of the chat route holds here too. The
+engine's output goes through `openai_shapes.chat_stream`; `ResponseBuilder` turns those
+chunks into the Responses event sequence (response.created, output_item.added,
+content_part.added, output_text.delta, ..., response.completed). The non-streaming body is
+the builder's final response, so streamed and whole answers cannot disagree.
 
 Research fields (docs/research.md) pass to the chat route's parser: `steering`, and
 `variants`, answered whole: the response is variant 0's, with a `variants` array of every
@@ -43,7 +43,7 @@ NOT_SAMPLING = {"logprobs", "top_logprobs", "max_tokens", "n", "best_of", "promp
 
 
 def _sampling_fields() -> set[str]:
-    from serving.http.openai_api import SAMPLING_FIELDS
+    from serving.http.openai_fields import SAMPLING_FIELDS
     return set(SAMPLING_FIELDS) - NOT_SAMPLING
 
 
@@ -202,7 +202,7 @@ def _format(text) -> tuple[dict | None, dict]:
 
 @dataclass
 class ResponsesPlan:
-    chat: object                       # openai_api.OpenAIPlan
+    chat: object                       # openai_plan.OpenAIPlan
     request: dict                      # the fields a response echoes
     history: list[dict]                # the conversation before this turn (chat messages)
     stream: bool
@@ -214,7 +214,7 @@ class ResponsesPlan:
 
 
 def parse_responses(body, info, store=None) -> ResponsesPlan:
-    from serving.http import openai_api
+    from serving.http import openai_chat_request
 
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -283,7 +283,7 @@ def parse_responses(body, info, store=None) -> ResponsesPlan:
         raise bad_request("`top_logprobs` needs `include: [\"message.output_text.logprobs\"]`",
                           "top_logprobs")
     try:
-        plan = openai_api.parse_chat(chat, info)
+        plan = openai_chat_request.parse_chat(chat, info)
     except APIError as e:       # name the Responses field, not the chat one
         e.param = {"max_completion_tokens": "max_output_tokens",
                    "response_format": "text.format", "reasoning_effort": "reasoning.effort",
@@ -540,14 +540,14 @@ class VariantsBuilder:
 def events(plan: ResponsesPlan, engine_events: Iterable) -> tuple[ResponseBuilder, Iterator]:
     """The builder and the (event type, event) stream of one generation; `None` passes
     through (a keep-alive)."""
-    from serving.http import openai_api
+    from serving.http import openai_shapes
 
     variants = plan.chat.requests[0].variants
     builder = VariantsBuilder(plan, len(variants)) if variants else ResponseBuilder(plan)
 
     def run():
         yield from builder.start()
-        for chunk in openai_api.chat_stream(plan.chat, engine_events):
+        for chunk in openai_shapes.chat_stream(plan.chat, engine_events):
             if chunk is None:
                 yield None
             else:

@@ -31,13 +31,13 @@ def _check(body: dict, known: set[str]) -> None:
 
 
 def tokenize(body: dict, info: ModelInfo) -> dict:
-    from serving.http import openai_api
+    from serving.http import openai_chat_request
 
     tok = info.tokenizer
     if "messages" in body:
         _check(body, CHAT_FIELDS)
         chat = {k: v for k, v in body.items() if k != "return_token_strs"}
-        ids = openai_api.parse_chat(chat, info).requests[0].prompt_ids
+        ids = openai_chat_request.parse_chat(chat, info).requests[0].prompt_ids
     else:
         _check(body, PROMPT_FIELDS)
         prompt = body.get("prompt")

@@ -215,12 +215,12 @@ def test_wrong_types(keyed_servers, route):
 
 
 def test_stop_strings_are_capped_on_every_route(keyed_servers):
-    from serving.http import openai_api
+    from serving.http import openai_fields
     long_stop = "x" * (limits.MAX_STOP_CHARS + 1)
     cases = [
         ("/v1/chat/completions", "openai", "stop",
          {"messages": USER, "max_tokens": 1, "stop": ["s%d" % i for i in
-                                                      range(openai_api.MAX_STOP + 1)]}),
+                                                      range(openai_fields.MAX_STOP + 1)]}),
         ("/v1/chat/completions", "openai", "stop",
          {"messages": USER, "max_tokens": 1, "stop": [long_stop]}),
         ("/v1/completions", "openai", "stop",
