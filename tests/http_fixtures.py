@@ -143,6 +143,14 @@ def _env() -> dict:
     return env
 
 
+def one_prompt_prefill(args) -> list[str]:
+    """`args` with `--prefill-batch 1` unless they choose: batched prefill adds a program per
+    prompt bucket that every server start compiles in the background, on CI's two cores;
+    tests/test_batched_prefill.py and tests/test_bench_cli.py test it."""
+    args = list(args)
+    return args if "--prefill-batch" in args else args + ["--prefill-batch", "1"]
+
+
 def _wait(check, proc: subprocess.Popen, what: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -180,7 +188,7 @@ class Servers:
         self.log = open(root / "servers.log", "w")
         self.engine = subprocess.Popen(
             [sys.executable, "-m", "serving.cli", "engine", "--model", str(self.model_dir),
-             "--grpc-port", str(self.grpc_port), *engine_args],
+             "--grpc-port", str(self.grpc_port), *one_prompt_prefill(engine_args)],
             cwd=ROOT, env=_env(), stdout=self.log, stderr=subprocess.STDOUT)
         self.http = None
         try:

@@ -31,7 +31,8 @@ SAMPLINGS = [{"temperature": 0.0, "max_tokens": 8, "ignore_eos": True},
 
 def _engine(model_dir, grpc_port, devices, log, *extra):
     env = _env()
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                        + f" --xla_force_host_platform_device_count={devices}")
     return subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "engine", "--model", str(model_dir),
          "--grpc-port", str(grpc_port), "--max-slots", "4", "--max-model-len", "32", *extra],

@@ -101,7 +101,7 @@ MESH_SCRIPT = textwrap.dedent("""
 
 
 def test_eight_device_mesh_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT.format(root=ROOT)], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -229,7 +229,7 @@ MESH_SCRIPT = textwrap.dedent("""
 
 
 def test_paged_on_a_4_device_mesh_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", MESH_SCRIPT.format(root=ROOT)], env=env,
                          capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -24,7 +24,7 @@ def server(smollm2_gguf, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("smollm2") / "serve.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "serve", "--model", "smollm2", "--port", str(port),
+        [sys.executable, "-m", "serving.cli", "serve", "--model", "smollm2", "--port", str(port), "--prefill-batch", "1",
          "--grpc-port", str(grpc_port), "--workers", "1", "--max-slots", "2",
          "--max-model-len", "512"],
         cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.http_fixtures import ROOT, free_port
+from tests.http_fixtures import ROOT, free_port, one_prompt_prefill
 
 GRPC_TOKEN = "reliability-test-token"
 
@@ -90,7 +90,7 @@ class Serve:
         self.log = open(self.log_path, "w")
         cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(self.port),
                "--grpc-port", str(self.grpc_port), "--max-slots", str(max_slots),
-               "--max-model-len", str(max_model_len), *extra]
+               "--max-model-len", str(max_model_len), *one_prompt_prefill(extra)]
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
