@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from serving.http import thinking_signature
-from serving.http.chat_output import (OutputParser, OutputSpec, make_spec, parse_whole,
-                                      thinking_fields)
+from serving.http.chat_output import (OutputParser, OutputSpec, delta_events, make_spec,
+                                      parse_whole, thinking_fields)
 from serving.http.errors import bad_request
 from serving.http.limits import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from serving.http.generation import Choice, Delta, Final, GenRequest, ModelInfo, Usage
@@ -527,12 +527,7 @@ def message_stream(plan: AnthropicPlan, events: Iterable[Delta | Final | None]
                 "usage": usage_body(ev.usage), **_extensions(plan)}
             yield "message_stop", {"type": "message_stop"}
         else:
-            if parser is None:
-                parsed = [("content", ev.text)] if ev.text else []
-            else:
-                parsed = parser.feed(ev.text, [t.id for t in ev.tokens])
-                if ev.finish_reason is not None:
-                    parsed += parser.finish()
+            parsed = delta_events(parser, ev)
             for item in parsed:
                 yield from blocks.event(item)
             if ev.finish_reason is not None:

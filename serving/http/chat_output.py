@@ -113,6 +113,17 @@ class OutputParser:
         return out
 
 
+def delta_events(parser: OutputParser | None, delta) -> list[tuple]:
+    """One engine `Delta` as parser events, for both protocols' streams: plain content when
+    no parser runs; the delta that ends the sample also flushes what the parser held back."""
+    if parser is None:
+        return [("content", delta.text)] if delta.text else []
+    events = parser.feed(delta.text, [t.id for t in delta.tokens])
+    if delta.finish_reason is not None:
+        events += parser.finish()
+    return events
+
+
 def parse_whole(spec: OutputSpec, text: str, token_ids=()) -> ParsedOutput:
     """A whole sample at once (the non-streaming path)."""
     p = OutputParser(spec)

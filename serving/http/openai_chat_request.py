@@ -17,9 +17,9 @@ from serving.http.chat_output import make_spec, thinking_fields
 from serving.http.errors import bad_request
 from serving.http.generation import GenRequest, ModelInfo
 from serving.http.openai_fields import (CHAT_FIELDS, GUIDED, _bool, _check_known,
-                                        _detok_options, _opt_int, _research, _response_format,
-                                        _sampling, _stop, _stream_flags, _unsupported,
-                                        fit_max_tokens)
+                                        _check_streamable, _detok_options, _opt_int,
+                                        _research, _response_format, _sampling, _stop,
+                                        _stream_flags, _unsupported, fit_max_tokens)
 from serving.http.openai_plan import OpenAIPlan
 from serving.http.prompt import ChatOptions, fit_chat, render_chat, template_kwargs, truncate
 from serving.http.tools import ToolSpec, call_grammar, openai_tools
@@ -214,11 +214,7 @@ def parse_chat(body, info: ModelInfo, request_id: str | None = None) -> OpenAIPl
                  "top_logprobs": top or 0, **guided,
                  **thinking_fields(tok, spec, constrained, max_thinking, max_tokens)}
     sampling = _sampling(body, overrides, tok.vocab_size, tok.encode)
-    if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
-        raise bad_request("`best_of` must equal `n` when streaming", "best_of")
-    if stream and sampling.use_beam_search:
-        raise bad_request("`use_beam_search` is answered whole, not streamed: set `stream` "
-                          "to false", "use_beam_search")
+    _check_streamable(stream, sampling)
     ids = fitted.ids
     sampling, effective = fit_max_tokens(sampling, len(ids), info)
     rid = request_id or "chatcmpl-" + secrets.token_hex(12)

@@ -15,9 +15,9 @@ from serving.http.generation import GenRequest, ModelInfo
 from serving.http.limits import MAX_PROMPTS
 from serving.http.openai_fields import (COMPLETION_FIELDS, GUIDED, MAX_LEGACY_LOGPROBS,
                                         MAX_STOP_COMPLETIONS, _bool, _check_known,
-                                        _detok_options, _is_int, _opt_int, _research,
-                                        _response_format, _sampling, _stop, _stream_flags,
-                                        _unsupported, fit_max_tokens)
+                                        _check_streamable, _detok_options, _is_int, _opt_int,
+                                        _research, _response_format, _sampling, _stop,
+                                        _stream_flags, _unsupported, fit_max_tokens)
 from serving.http.openai_plan import OpenAIPlan
 from serving.http.prompt import truncate
 from serving.http import vllm_ext
@@ -92,11 +92,7 @@ def parse_completion(body, info: ModelInfo, request_id: str | None = None) -> Op
                                 **({"prompt_logprobs": k} if echo and k is not None else {}),
                                 **guided},
                          tok.vocab_size, tok.encode)
-    if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
-        raise bad_request("`best_of` must equal `n` when streaming", "best_of")
-    if stream and sampling.use_beam_search:
-        raise bad_request("`use_beam_search` is answered whole, not streamed: set `stream` "
-                          "to false", "use_beam_search")
+    _check_streamable(stream, sampling)
     fitted = [fit_max_tokens(sampling, len(p), info, "prompt") for p in ids]
     rid = request_id or "cmpl-" + secrets.token_hex(12)
     detok = _detok_options(body)

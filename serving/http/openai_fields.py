@@ -199,6 +199,16 @@ def _sampling(body: dict, overrides: dict, vocab_size: int | None,
         raise bad_request(f"invalid sampling parameter: {e}") from None
 
 
+def _check_streamable(stream: bool, sampling: SamplingParams) -> None:
+    """What cannot be streamed: `best_of` above `n` and beam search both pick their answers
+    only once every candidate is done."""
+    if stream and sampling.best_of is not None and sampling.best_of != sampling.n:
+        raise bad_request("`best_of` must equal `n` when streaming", "best_of")
+    if stream and sampling.use_beam_search:
+        raise bad_request("`use_beam_search` is answered whole, not streamed: set `stream` "
+                          "to false", "use_beam_search")
+
+
 def fit_max_tokens(sampling: SamplingParams, prompt_len: int, info: ModelInfo,
                    param: str = "messages") -> tuple[SamplingParams, int | None]:
     """`max_tokens` over what the context leaves after the prompt is clamped to it (Baseten:

@@ -16,7 +16,7 @@ import secrets
 import time
 from typing import Iterable, Iterator
 
-from serving.http.chat_output import OutputParser, parse_whole
+from serving.http.chat_output import OutputParser, delta_events, parse_whole
 from serving.http.generation import (Choice, Delta, Final, ModelInfo, TokenInfo, Usage,
                                      floor_logprob)
 from serving.http.openai_plan import OpenAIPlan
@@ -197,12 +197,7 @@ def chat_stream(plan: OpenAIPlan, events: Iterable[Delta | Final | None],
         else:
             ext.count(ev)
             parser = parsers[ev.index]
-            if parser is None:
-                parsed = [("content", ev.text)] if ev.text else []
-            else:
-                parsed = parser.feed(ev.text, [t.id for t in ev.tokens])
-                if ev.finish_reason is not None:
-                    parsed += parser.finish()
+            parsed = delta_events(parser, ev)
             logprobs = None
             if plan.logprobs and ev.tokens:
                 logprobs = {"content": [token_logprob(t, plan.top_logprobs) for t in
