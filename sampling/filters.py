@@ -63,9 +63,12 @@ def entropy(logits, lse):
                     keepdims=True)
 
 
-def apply_temperature(logits, rows: SamplingRows, state: SamplerState):
-    """logits / T; with dynatemp_range > 0, llama.cpp's entropy-scaled temperature."""
+def apply_temperature(logits, rows: SamplingRows, state: SamplerState, dynatemp: bool = True):
+    """logits / T; with dynatemp_range > 0, llama.cpp's entropy-scaled temperature
+    (dynatemp=False, a lean sampler program: no row has one)."""
     t = rows.temperature
+    if not dynatemp:
+        return logits / jnp.maximum(t, 1e-6)[:, None]
     dyn = rows.dynatemp_range > 0
 
     def dynamic(t):

@@ -107,8 +107,12 @@ def _windowed_counts(state: SamplerState, window, include_prompt):
         valid.astype(jnp.int32))
 
 
-def scoped_counts(rows: SamplingRows, state: SamplerState, include_prompt):
+def scoped_counts(rows: SamplingRows, state: SamplerState, include_prompt,
+                  windowed: bool = True):
+    """windowed=False (a lean sampler program): no row has a penalty_window."""
     full = state.out_counts + jnp.where(include_prompt[:, None], state.prompt_counts, 0)
+    if not windowed:
+        return full
     return jax.lax.cond(
         jnp.any(rows.penalty_window > 0),
         lambda: jnp.where(rows.penalty_window[:, None] > 0,
@@ -116,13 +120,13 @@ def scoped_counts(rows: SamplingRows, state: SamplerState, include_prompt):
         lambda: full)
 
 
-def apply_penalties(logits, rows: SamplingRows, state: SamplerState):
+def apply_penalties(logits, rows: SamplingRows, state: SamplerState, windowed: bool = True):
     """Repetition (sign-aware, once per distinct token), then frequency, then presence."""
-    rep_counts = scoped_counts(rows, state, rows.repetition_prompt)
+    rep_counts = scoped_counts(rows, state, rows.repetition_prompt, windowed)
     r = rows.repetition_penalty[:, None]
     penalized = jnp.where(logits > 0, logits / r, logits * r)
     logits = jnp.where(rep_counts > 0, penalized, logits)
-    pf_counts = scoped_counts(rows, state, rows.pf_prompt)
+    pf_counts = scoped_counts(rows, state, rows.pf_prompt, windowed)
     logits = logits - rows.frequency_penalty[:, None] * pf_counts
     logits = logits - rows.presence_penalty[:, None] * (pf_counts > 0)
     return logits

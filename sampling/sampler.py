@@ -34,6 +34,15 @@ JSON has no -inf: every logprob field of `SampleOutput` is floored at LOGPROB_FL
 
 Errors (trap 6): a row whose logits are all -inf after the masks (or contain NaN) gets
 error=True, token 0 and floored logprobs; the other rows are unaffected.
+
+Lean programs (`lean=True`, static): only the common stages are traced (the caller mask
+and the bias add, min_tokens, repetition / frequency / presence penalties without a
+window, temperature, min_p, top_k, top_p, the draw, raw or processed logprobs and the top
+logprobs). Tracing and lowering the whole library costs seconds at every start, even with
+a warm compilation cache, so the engine runs a lean program while no live row needs more
+(`needs_full`, decided on the host from the rows) and the full one otherwise. For a row
+that only uses lean stages both give bitwise the same tokens, logprobs and state: the lean
+program is the full one with the skipped stages' `lax.cond`s taken as false.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import math
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sampling import (adaptive_p, counterfactual, dynamic_top_p, filters, min_k, penalties,
                       registry)
@@ -53,6 +63,9 @@ from sampling.state import SamplerState, append
 LOGPROB_FLOOR = -9999.0
 _BLOCK = 256  # tokens per block of the two-level draw
 _STAGE_INDEX = {name: i for i, name in enumerate(STAGES)}
+# the reorderable stages a lean program traces (penalties without a window, temperature
+# without dynatemp: see `needs_full`)
+LEAN_STAGES = ("penalties", "temperature", "min_p", "top_k", "top_p")
 
 
 @flax.struct.dataclass
@@ -148,14 +161,41 @@ _STAGES = {
     "xtc": (lambda r: _sampling(r) & (r.xtc_probability > 0.0), _xtc),
 }
 assert tuple(_STAGES) == STAGES
+# a lean program's penalties (no row has a window) and temperature (no dynatemp row)
+_LEAN_FNS = {
+    "penalties": lambda x, r, s, k: penalties.apply_penalties(x, r, s, windowed=False),
+    "temperature": lambda x, r, s, k: filters.apply_temperature(x, r, s, dynatemp=False),
+}
 
 
-def _run_stages(x, rows: SamplingRows, state: SamplerState, keys, custom_order: bool) -> jax.Array:
+def needs_full(rows: SamplingRows) -> np.ndarray:
+    """bool [S]: the rows a lean program cannot sample (host numpy rows, from make_rows):
+    any stage outside LEAN_STAGES, a penalty window, dynatemp, a decaying top-p, multi-token
+    bad words, no_repeat_ngram, mirostat, adaptive-p, counterfactual logprobs, entropy, a
+    custom stage order."""
+    r = jax.tree.map(np.asarray, rows)
+    need = ((r.penalty_window > 0) & np.asarray(_STAGES["penalties"][0](r))) | (
+        r.dynatemp_range > 0.0) | dynamic_top_p.dynamic(r)
+    need |= np.any(r.bad_words[:, :, -2] >= 0, axis=-1) | (r.no_repeat_ngram > 0)
+    need |= r.mirostat | np.asarray(adaptive_p.enabled(r)) | r.counterfactual
+    need |= r.logprobs_unconstrained | r.return_entropy | r.custom_order
+    for name, (on, _fn) in _STAGES.items():
+        if name not in LEAN_STAGES:
+            need |= np.asarray(on(r), bool)
+    return need
+
+
+def _run_stages(x, rows: SamplingRows, state: SamplerState, keys, custom_order: bool,
+                lean: bool = False) -> jax.Array:
     default_rows = ~rows.custom_order
     for name in STAGES:
         on, fn = _STAGES[name]
+        if lean:
+            if name not in LEAN_STAGES:
+                continue
+            fn = _LEAN_FNS.get(name, fn)
         x = _gated(on(rows) & default_rows, lambda y, f=fn: f(y, rows, state, keys), x)
-    if not custom_order:
+    if not custom_order or lean:
         return x
 
     def custom(y):
@@ -170,13 +210,15 @@ def _run_stages(x, rows: SamplingRows, state: SamplerState, keys, custom_order: 
     return jax.lax.cond(jnp.any(rows.custom_order), custom, lambda y: y, x)
 
 
-def _hard_masks(x, rows: SamplingRows, state: SamplerState, mask) -> jax.Array:
+def _hard_masks(x, rows: SamplingRows, state: SamplerState, mask, lean: bool = False
+                ) -> jax.Array:
     x = jax.lax.cond(jnp.any(rows.has_bias), lambda y: penalties.apply_bias(y, rows, state),
                      lambda y: y, x)
-    x = _gated(jnp.any(rows.bad_words[:, :, -2] >= 0, axis=-1),
-               lambda y: penalties.ban_bad_word_sequences(y, rows, state), x)
-    x = _gated(rows.no_repeat_ngram > 0,
-               lambda y: penalties.ban_repeated_ngrams(y, rows, state), x)
+    if not lean:
+        x = _gated(jnp.any(rows.bad_words[:, :, -2] >= 0, axis=-1),
+                   lambda y: penalties.ban_bad_word_sequences(y, rows, state), x)
+        x = _gated(rows.no_repeat_ngram > 0,
+                   lambda y: penalties.ban_repeated_ngrams(y, rows, state), x)
     x = _gated(state.step < rows.min_tokens,
                lambda y: penalties.mask_stops_before_min_tokens(y, rows, state), x)
     if mask is not None:
@@ -202,14 +244,16 @@ def process_logits(logits: jax.Array, rows: SamplingRows, state: SamplerState, *
 
 
 def _truncated(logits: jax.Array, rows: SamplingRows, state: SamplerState, *,
-               mask: jax.Array | None = None, custom_order: bool = True) -> jax.Array:
+               mask: jax.Array | None = None, custom_order: bool = True,
+               lean: bool = False) -> jax.Array:
     """Stages 1-9 but adaptive-p (whose EMA needs the probabilities before it)."""
     logits = logits.astype(jnp.float32)
     logits = jnp.where(jnp.isnan(logits), -jnp.inf, logits)
     keys = row_keys(rows, state.step)
-    rows = rows.replace(top_p=dynamic_top_p.current(rows, state))   # decayed top_p rows
-    x = _hard_masks(logits, rows, state, mask)
-    return _run_stages(x, rows, state, keys, custom_order)
+    if not lean:     # lean rows never decay: their current p is their top_p
+        rows = rows.replace(top_p=dynamic_top_p.current(rows, state))   # decayed top_p rows
+    x = _hard_masks(logits, rows, state, mask, lean)
+    return _run_stages(x, rows, state, keys, custom_order, lean)
 
 def first_max(x: jax.Array) -> jax.Array:
     """argmax over the last axis (the first of tied maxima) as a max and a min-index: two
@@ -244,23 +288,27 @@ def draw(logits: jax.Array, uniform: jax.Array) -> jax.Array:
 
 
 def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_top: int = 20,
-           mask: jax.Array | None = None, custom_order: bool = True
+           mask: jax.Array | None = None, custom_order: bool = True, lean: bool = False
            ) -> tuple[SampleOutput, SamplerState]:
-    """Sample one token per row and advance the state. Pure and jittable (num_top and
-    custom_order static).
+    """Sample one token per row and advance the state. Pure and jittable (num_top,
+    custom_order and lean static).
 
     `mask` (optional, bool [S, V]) is an extra hard mask, True = allowed (grammars).
     `custom_order=False` compiles without the per-row sampler_order path (rows asking for
-    one then run the default order)."""
+    one then run the default order). `lean=True` traces only the common stages (module
+    docstring; rows where `needs_full` is true then get a plain sampler's answer)."""
     logits = logits.astype(jnp.float32)
     s, v = logits.shape
     nan_row = jnp.any(jnp.isnan(logits), axis=-1)
     logits = jnp.where(jnp.isnan(logits), -jnp.inf, logits)
     keys = row_keys(rows, state.step)
-    before_adaptive = _truncated(logits, rows, state, mask=mask, custom_order=custom_order)
-    x = adaptive_p.apply(before_adaptive, rows, state)
+    before_adaptive = _truncated(logits, rows, state, mask=mask, custom_order=custom_order,
+                                 lean=lean)
+    x = before_adaptive
     mirostat = rows.mirostat & ~rows.greedy
-    x = _gated(mirostat, lambda y: filters.apply_mirostat(y, rows, state.mu), x)
+    if not lean:
+        x = adaptive_p.apply(before_adaptive, rows, state)
+        x = _gated(mirostat, lambda y: filters.apply_mirostat(y, rows, state.mu), x)
 
     top_x = jnp.max(x, axis=-1)
     error = nan_row | ~jnp.isfinite(top_x)
@@ -281,24 +329,32 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
     rank = 1 + jnp.sum(logits > raw_tok[:, None], axis=-1).astype(jnp.int32)
 
     processed = rows.logprobs_processed
-    unc_x, unc_lp, removed = counterfactual.unconstrained(
-        lambda: process_logits(logits, rows, state, mask=None, custom_order=custom_order),
-        rows.counterfactual, mask, x, tokens)
-    unc_lse = jax.nn.logsumexp(unc_x, axis=-1)
-    unc_mode = rows.logprobs_unconstrained
-    mode_x = jnp.where(processed[:, None], x, jnp.where(unc_mode[:, None], unc_x, logits))
-    mode_lse = jnp.where(processed, proc_lse, jnp.where(unc_mode, unc_lse, raw_lse))[:, None]
+    if lean:    # no counterfactual, unconstrained-mode or entropy rows
+        unc_lp, removed = proc_lp, jnp.zeros((s,), jnp.float32)
+        mode_x = jnp.where(processed[:, None], x, logits)
+        mode_lse = jnp.where(processed, proc_lse, raw_lse)[:, None]
+        unc_mode = jnp.zeros((s,), bool)
+    else:
+        unc_x, unc_lp, removed = counterfactual.unconstrained(
+            lambda: process_logits(logits, rows, state, mask=None, custom_order=custom_order),
+            rows.counterfactual, mask, x, tokens)
+        unc_lse = jax.nn.logsumexp(unc_x, axis=-1)
+        unc_mode = rows.logprobs_unconstrained
+        mode_x = jnp.where(processed[:, None], x, jnp.where(unc_mode[:, None], unc_x, logits))
+        mode_lse = jnp.where(processed, proc_lse, jnp.where(unc_mode, unc_lse, raw_lse))[:, None]
     top_ids, top_x = _top(mode_x, num_top)      # the order of x is the order of x - lse
     top_lp = top_x - mode_lse
 
-    ent = jax.lax.cond(jnp.any(rows.return_entropy),
-                       lambda: filters.entropy(mode_x, mode_lse)[:, 0], lambda: jnp.zeros((s,)))
+    ent = jnp.zeros((s,)) if lean else jax.lax.cond(
+        jnp.any(rows.return_entropy),
+        lambda: filters.entropy(mode_x, mode_lse)[:, 0], lambda: jnp.zeros((s,)))
 
     # mirostat v2: mu -= eta * (surprise of the sampled token - tau), surprise in bits under
     # the truncated, renormalised distribution
     surprise = -proc_lp / math.log(2.0)
-    mu = jnp.where(mirostat & ~error, state.mu - rows.mirostat_eta * (surprise - rows.mirostat_tau),
-                   state.mu)
+    mu = state.mu if lean else jnp.where(
+        mirostat & ~error, state.mu - rows.mirostat_eta * (surprise - rows.mirostat_tau),
+        state.mu)
 
     err = lambda a: jnp.where(error, LOGPROB_FLOOR, _floor(a))
     out = SampleOutput(
@@ -314,6 +370,8 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
         unconstrained_logprob=err(unc_lp),
         removed_mass=jnp.where(error, 0.0, removed),
     )
+    if lean:    # no decaying top-p (its p stays -1) and no adaptive-p row
+        return out, append(state, tokens, mu)
     top_p_next = dynamic_top_p.advance(rows, dynamic_top_p.current(rows, state), tokens)
     # adaptive-p's EMA takes the drawn token's probability before its transform
     original_p = jax.lax.cond(

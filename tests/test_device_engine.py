@@ -115,3 +115,31 @@ def test_bad_chunks_are_rejected(engine):
         engine.prefill_chunk(0, np.zeros(10, np.int32), 60)
     with pytest.raises(ValueError, match="max_len"):
         DeviceEngine(CFG, PARAMS, max_slots=1, max_len=CFG.max_position_embeddings + 1)
+
+
+def test_lean_and_full_sampler_programs_agree(engine):
+    """Rows that use only the common stages get bitwise the same tokens and logprobs from
+    the lean sampler programs (no live row needs more) and from the full ones (a row beside
+    them needs entropy and typical-p); the full warm-up compiled both."""
+    before = compile_count()
+    lean = [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=5),
+            SamplingParams(temperature=1.2, top_k=30, min_p=0.05, seed=6,
+                           logprobs_mode="processed")]
+
+    def go(beside):
+        firsts = [engine.insert(slot, np.arange(3 + slot) + 1, 0, p, p.seed or 0).result()
+                  for slot, p in enumerate(lean)]
+        if beside is not None:
+            engine.insert(3, np.array([4, 5]), 0, beside, 0).result()
+        assert bool(engine._full_slots) == (beside is not None)
+        steps = [engine.step().result() for _ in range(4)]
+        for slot in range(4):
+            engine.release(slot)
+        return [(o.tokens[r], o.logprobs[r], o.ranks[r], o.top_ids[r], o.top_logprobs[r])
+                for outs, r in ((firsts, 0), (steps, slice(0, 3))) for o in outs]
+
+    alone = go(None)
+    beside = go(SamplingParams(temperature=0.9, typical_p=0.8, return_entropy=True, seed=1))
+    for x, y in zip(alone, beside):
+        assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(x, y))
+    assert compile_count() == before

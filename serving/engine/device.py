@@ -44,7 +44,7 @@ from model.paged_attention import copy_block
 from sampling import dynamic_top_p
 from sampling.params import SamplingParams
 from sampling.rows import make_rows, set_row
-from sampling.sampler import sample
+from sampling.sampler import needs_full, sample
 from sampling.state import init_state, reset_row
 
 _compiles = 0
@@ -304,15 +304,19 @@ class DeviceEngine:
         self._host_active = np.zeros(max_slots, bool)       # mirrors state["active"]
         self._forward_step = jax.jit(self._forward_step_fn, donate_argnums=(1,),
                                      static_argnums=(3, 4))
-        # custom=True compiles the reorderable sampler; used only while a row needs it
+        # custom=True compiles the reorderable sampler; used only while a row needs it.
+        # lean=True: the common stages only (sampling/sampler.py), while no live row needs
+        # more (_full_slots); its trace and lower take a fraction of the full one's at start
         self._sample_step = jax.jit(self._sample_step_fn, donate_argnums=(0,),
-                                    static_argnums=(3, 4))
+                                    static_argnums=(3, 4, 5), static_argnames=("lean",))
         self._custom_slots: set[int] = set()
+        self._full_slots: set[int] = set()       # live slots the lean sampler cannot serve
         # slots of `deterministic: true` requests: while one is live, decode steps run over
         # every slot and the whole cache (one shape, so XLA's reductions never change)
         self._deterministic_slots: set[int] = set()
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnums=(7,))
-        self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(7,))
+        self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(7, 11),
+                              static_argnames=("lean",))
         # batched prefill of fresh prompts (insert_many): R rows from these buckets
         from serving.engine.prefill_plan import row_buckets
         self.prefill_rows = row_buckets(min(prefill_batch, max_slots))
@@ -372,15 +376,16 @@ class DeviceEngine:
                                      steering=state["steer"][:rows] if self.steering else None)
         return dict(state, cache=cache), logits[:, 0]
 
-    def _sample_step_fn(self, state, logits, mask_bits, custom, rows):
-        """The sampler over slots [0, rows), written back into the full state."""
+    def _sample_step_fn(self, state, logits, mask_bits, custom, rows, lean=False):
+        """The sampler over slots [0, rows), written back into the full state (lean: the
+        common stages only, sampling/sampler.py)."""
         take = lambda x: x[:rows]
         put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)
         active, pos, last = take(state["active"]), take(state["pos"]), take(state["last"])
         out, sampler = sample(logits, jax.tree.map(take, state["rows"]),
                               jax.tree.map(take, state["sampler"]),
                               num_top=self.num_top_logprobs, mask=self._unpack(mask_bits),
-                              custom_order=custom)
+                              custom_order=custom, lean=lean)
         state = dict(state, sampler=jax.tree.map(put, state["sampler"], sampler),
                      last=put(state["last"], jnp.where(active, out.tokens, last)),
                      pos=put(state["pos"], jnp.where(active, pos + 1, pos)))
@@ -443,7 +448,7 @@ class DeviceEngine:
         return np.ascontiguousarray(np.asarray(mask, np.int32)[:rows])
 
     def _first_fn(self, state, logits, slot, row, prompt, prompt_len, mask_bits, custom,
-                  orig_len, carry, restore):
+                  orig_len, carry, restore, lean=False):
         """Sample a slot's first token from its prompt's last logits and activate it.
 
         Separate from the per-bucket prefill programs so the sampler compiles once.
@@ -453,7 +458,8 @@ class DeviceEngine:
         values (`carry`, see `sampler_carry`: mirostat's mu, ...)."""
         sampler = reset_row(state["sampler"], slot, prompt, prompt_len, row)
         sampler = _resumed(sampler, slot, prompt, prompt_len, orig_len)
-        sampler = dynamic_top_p.resume(sampler, row, slot, prompt, orig_len, prompt_len)
+        if not lean:     # a lean row's top_p never decays: reset_row's -1 stands
+            sampler = dynamic_top_p.resume(sampler, row, slot, prompt, orig_len, prompt_len)
         sampler = sampler.replace(**{
             f: getattr(sampler, f).at[slot].set(
                 jnp.where(restore, carry[i], getattr(sampler, f)[slot]))
@@ -461,7 +467,7 @@ class DeviceEngine:
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
         one_state = jax.tree.map(take, sampler)
         out, one_state = sample(logits, row, one_state, num_top=self.num_top_logprobs,
-                                mask=self._unpack(mask_bits), custom_order=custom)
+                                mask=self._unpack(mask_bits), custom_order=custom, lean=lean)
         put = lambda full, one: jax.lax.dynamic_update_slice_in_dim(full, one, slot, axis=0)
         sampler = jax.tree.map(put, sampler, one_state)
         state = dict(state, sampler=sampler, rows=set_row(state["rows"], slot, row),
@@ -617,6 +623,8 @@ class DeviceEngine:
         row = make_rows([sampling], self.vocab_size, [seed], [sample_index], self.eos_ids)
         custom = sampling.sampler_order is not None or sampling.temperature_last
         (self._custom_slots.add if custom else self._custom_slots.discard)(slot)
+        full = bool(needs_full(row)[0])
+        (self._full_slots.add if full else self._full_slots.discard)(slot)
         (self._deterministic_slots.add if getattr(sampling, "deterministic", False)
          else self._deterministic_slots.discard)(slot)
         bits = self._mask_bits(1, None if mask is None else np.asarray(mask)[None])
@@ -625,7 +633,8 @@ class DeviceEngine:
         carry = np.zeros(len(self._carried), np.float32) if carry is None else carry
         self.state, out = self._first(self.state, logits, np.int32(slot), row, prompt,
                                       np.int32(len(prompt_ids)), bits, custom, np.int32(orig),
-                                      np.asarray(carry, np.float32), np.bool_(restore))
+                                      np.asarray(carry, np.float32), np.bool_(restore),
+                                      lean=not full)
         self._host_pos[slot] = len(prompt_ids)
         self._host_active[slot] = True
         return Pending(self, out)
@@ -712,12 +721,14 @@ class DeviceEngine:
         """The second half of `step`: sample from `forward`'s logits under `mask`."""
         self.state, out = self._sample_step(self.state, forward.logits,
                                             self._mask_bits(forward.rows, mask),
-                                            bool(self._custom_slots), forward.rows)
+                                            bool(self._custom_slots), forward.rows,
+                                            lean=not self._full_slots)
         self._host_pos[self._host_active] += 1
         return Pending(self, out, self.max_slots, forward.dispatched)
 
     def release(self, slot: int) -> None:
         self._custom_slots.discard(slot)
+        self._full_slots.discard(slot)
         self._deterministic_slots.discard(slot)
         self._host_active[slot] = False
         self.state["active"] = self._release(self.state["active"], np.int32(slot))
@@ -772,6 +783,10 @@ class DeviceEngine:
                 self.step().result()
             if slot:
                 self.release(slot)
+        say("warm-up: the full samplers (first token; decode over "
+            f"{'/'.join(map(str, self.batch_buckets))} slots)")
+        for _name, lower in self._sampler_jobs(*self._abstract_args(), full_only=True):
+            lower().compile()        # jit then reuses it (the lean ones ran above)
         if self.paged:
             self.copy_block(0, 0)
         else:
@@ -811,13 +826,7 @@ class DeviceEngine:
     def _rest_jobs(self) -> list:
         """(name, lower) for every program the full warm-up compiles, likeliest first; the
         arguments are abstract (shapes, dtypes, shardings), so nothing touches the state."""
-        def spec(x):
-            x = jnp.asarray(x)   # uncommitted arrays (numpy, jnp.zeros) lower unplaced
-            sharding = x.sharding if getattr(x, "_committed", True) else None
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-        params = jax.tree.map(spec, self.params)
-        state = jax.tree.map(spec, self.state)
-        tables = spec(self._tables_arg())
+        params, state, tables = self._abstract_args()
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
         jobs = []
         for b in self.prefill_buckets:
@@ -834,25 +843,12 @@ class DeviceEngine:
                                  jax.ShapeDtypeStruct((rows, b), jnp.int32),
                                  jax.ShapeDtypeStruct((rows,), jnp.int32),
                                  jax.ShapeDtypeStruct((rows,), jnp.int32))))
-        words = self.mask_words
         for rows in self.batch_buckets:
             for b in self.attend_buckets:
                 jobs.append((f"decode {rows} slots x {b}",
                              lambda b=b, rows=rows: self._forward_step.lower(
                                  params, state, tables, b, rows)))
-            def sampler(rows=rows):
-                fwd = self._forward_step.lower(params, state, tables, self.attend_buckets[0],
-                                               rows)
-                out = fwd.out_info[1]     # placed as the compiled forward places its logits
-                # jit's outputs are committed only when an input was: uncommitted params
-                # and state (init_params, tests) give uncommitted logits, lowered unplaced
-                placed = (fwd.compile().output_shardings[1] if self.mesh is not None or any(
-                    getattr(x, "_committed", True) for x in jax.tree.leaves(
-                        (self.params, self.state))) else None)
-                logits = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=placed)
-                return self._sample_step.lower(
-                    state, logits, jax.ShapeDtypeStruct((rows, words), jnp.int32), False, rows)
-            jobs.append((f"sampler {rows} slots", sampler))
+        jobs += self._sampler_jobs(params, state, tables)
         if self.paged:
             jobs.append(("block copy", lambda: self._copy_block.lower(state, i32, i32)))
         else:
@@ -862,6 +858,50 @@ class DeviceEngine:
         jobs.sort(key=lambda job: 2 if "cached prefix" in job[0] else
                   0 if job[0].startswith("prefill ") else 1)
         return jobs
+
+    def _abstract_args(self):
+        """(params, state, block tables) as abstract arguments for `.lower`."""
+        return (jax.tree.map(_abstract, self.params), jax.tree.map(_abstract, self.state),
+                _abstract(self._tables_arg()))
+
+    def _sampler_jobs(self, params, state, tables, full_only: bool = False) -> list:
+        """(name, lower) for the sampler programs: the full first-token sampler and, per
+        batch bucket, the lean decode sampler (but over the first bucket, which the first
+        request compiles; none with full_only) and the full one."""
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        # jit's outputs are committed only when an input was: uncommitted params and state
+        # (init_params, tests) give uncommitted logits, lowered unplaced
+        committed = self.mesh is not None or any(
+            getattr(x, "_committed", True) for x in jax.tree.leaves((self.params, self.state)))
+
+        def logits_of(lowered):   # placed as the compiled program places its logits
+            out = lowered.out_info[1]
+            placed = lowered.compile().output_shardings[1] if committed else None
+            return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=placed)
+
+        def first():
+            toks = jax.ShapeDtypeStruct((self.prefill_buckets[0],), jnp.int32)
+            logits = logits_of(self._prefill.lower(params, state, tables, toks, i32, i32, i32,
+                                                   True))
+            row = jax.tree.map(_abstract, make_rows([None], self.vocab_size, [0], [0]))
+            return self._first.lower(
+                state, logits, i32, row, jax.ShapeDtypeStruct((self.max_len,), jnp.int32), i32,
+                jax.ShapeDtypeStruct((1, self.mask_words), jnp.int32), False, i32,
+                jax.ShapeDtypeStruct((len(self._carried),), jnp.float32),
+                jax.ShapeDtypeStruct((), jnp.bool_), lean=False)
+
+        def step(rows, lean):
+            fwd = self._forward_step.lower(params, state, tables, self.attend_buckets[0], rows)
+            return self._sample_step.lower(
+                state, logits_of(fwd), jax.ShapeDtypeStruct((rows, self.mask_words), jnp.int32),
+                False, rows, lean=lean)
+
+        jobs = [] if full_only else [
+            (f"sampler {rows} slots", lambda rows=rows: step(rows, True))
+            for rows in self.batch_buckets[1:]]
+        jobs += [(f"full sampler {rows} slots", lambda rows=rows: step(rows, False))
+                 for rows in self.batch_buckets]
+        return jobs + [("full first-token sampler", first)]
 
     def _compile_rest(self, jobs, say) -> None:
         """Compile (or read from the persistent cache) every job, a few at a time."""
@@ -885,6 +925,14 @@ class DeviceEngine:
                 say(f"background compile: {done}/{len(jobs)} programs, "
                     f"{elapsed:.1f} s, ETA {eta:.0f} s")
         self.background_done = True
+
+
+def _abstract(x):
+    """x as an abstract argument: shape, dtype and placement; uncommitted arrays (numpy,
+    jnp.zeros) lower unplaced."""
+    x = jnp.asarray(x)
+    sharding = x.sharding if getattr(x, "_committed", True) else None
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def _resumed(sampler, slot, prompt, prompt_len, orig_len):
