@@ -33,6 +33,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--hf-batch", default="1", help="batch sizes to run transformers at")
+    parser.add_argument("--decode-steps", type=int, default=1, metavar="K",
+                        help="also time K decode steps per dispatch (multi-step decode, "
+                             "serving/engine/multi_step.py) next to one at a time")
     from serving.flags import add_quantize_argument
     add_quantize_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -82,35 +85,45 @@ def step_flops(config: ModelConfig, context: int) -> float:
 
 # -- our engine ------------------------------------------------------------------------------
 
-def bench_ours(config, params, batch: int, prompt_len: int, new_tokens: int) -> float:
-    """Aggregate decode tokens/s at `batch` through the serving engine's fused step."""
+def bench_ours(config, params, batch: int, prompt_len: int, new_tokens: int,
+               decode_steps: int = 1) -> float | tuple[float, float]:
+    """Aggregate decode tokens/s at `batch` through the serving engine's fused step; with
+    decode_steps K > 1, (one step per dispatch, K steps per dispatch) on one engine."""
     from sampling.params import SamplingParams
     from serving.engine.device import DeviceEngine
 
     max_len = prompt_len + new_tokens + 2
     engine = DeviceEngine(config, params, max_slots=batch, max_len=max_len,
-                          prefill_buckets=(prompt_len,), num_top_logprobs=0)
+                          prefill_buckets=(prompt_len,), num_top_logprobs=0,
+                          decode_steps=decode_steps)
     rng = np.random.default_rng(0)
     greedy = SamplingParams(temperature=0.0)
 
-    def run(steps: int) -> float:
+    def run(calls: int, k: int) -> float:
         for slot in range(batch):
             prompt = rng.integers(0, config.vocab_size, prompt_len)
             engine.insert(slot, prompt, 0, greedy, seed=slot).result()
+        dispatch = engine.step if k == 1 else lambda: engine.multi_step(k)
         t = time.perf_counter()
-        pending = engine.step()
-        for _ in range(steps - 1):
-            nxt = engine.step()
+        pending = dispatch()
+        for _ in range(calls - 1):
+            nxt = dispatch()
             pending.result()
             pending = nxt
         pending.result()
         return time.perf_counter() - t
 
-    engine.warmup()  # every attend bucket the run will cross
-    run(2)
-    t1 = run(1)
-    tn = run(new_tokens)
-    return batch * (new_tokens - 1) / max(tn - t1, 1e-9)
+    def rate(k: int) -> float:
+        calls = max(new_tokens // k, 2)
+        run(2, k)
+        t1 = run(1, k)
+        tn = run(calls, k)
+        return batch * (calls - 1) * k / max(tn - t1, 1e-9)
+
+    engine.warmup()  # every attend bucket the run will cross (and the K-step programs)
+    if decode_steps == 1:
+        return rate(1)
+    return rate(1), rate(decode_steps)
 
 
 # -- transformers ------------------------------------------------------------------------------
@@ -239,11 +252,21 @@ def run(args) -> int:
         "new_tokens": args.new_tokens, "bandwidth_gb_s": bandwidth / 1e9,
         "param_bytes_per_token": nbytes, "roofline_tokens_s": roofline, "runs": [],
     }
+    k = args.decode_steps
+    if k < 1:
+        raise ValueError(f"--decode-steps must be >= 1, got {k}")
     for b in batches:
-        tps = bench_ours(config, params, b, args.prompt_len, args.new_tokens)
+        tps = bench_ours(config, params, b, args.prompt_len, args.new_tokens, k)
+        multi = None
+        if k > 1:
+            tps, multi = tps
         entry = {"batch": b, "tokens_s": tps, "gflop_s": tps * flops_per_token / 1e9}
         if b == 1:
             entry["roofline_fraction"] = tps / roofline
+        if multi is not None:
+            entry.update(decode_steps=k, multi_tokens_s=multi, multi_vs_single=multi / tps)
+            if b == 1:
+                entry["multi_roofline_fraction"] = multi / roofline
         if hf_model is not None and b in hf_batches:
             hf = bench_hf(hf_model, config.vocab_size, b, args.prompt_len, args.new_tokens)
             entry["hf_tokens_s"] = hf
@@ -256,6 +279,12 @@ def run(args) -> int:
             if "hf_tokens_s" in entry:
                 line += f"  transformers {entry['hf_tokens_s']:8.1f} tokens/s ({entry['speedup_vs_hf']:.2f}x)"
             print(line, flush=True)
+            if multi is not None:
+                line = (f"batch {b:>3}, {k} steps per dispatch: {multi:9.1f} tokens/s "
+                        f"({entry['multi_vs_single']:.2f}x one step per dispatch)")
+                if "multi_roofline_fraction" in entry:
+                    line += f"  {100 * entry['multi_roofline_fraction']:5.1f}% of roofline"
+                print(line, flush=True)
     one = next((r for r in result["runs"] if r["batch"] == 1), None)
     if one is not None:
         for r in result["runs"]:

@@ -31,3 +31,11 @@ def add_quantize_argument(parser) -> None:
     parser.add_argument("--quantize", choices=("int8",), default=None,
                         help="weight-only int8 with per-channel scales (model/quantize.py); "
                              "default: the weights as loaded")
+
+
+def add_decode_steps_argument(parser) -> None:
+    """--decode-steps (engine, serve); see docs/speed.md, "Multi-step decode"."""
+    parser.add_argument("--decode-steps", type=int, default=None, metavar="K",
+                        help="decode steps per device dispatch while every running row "
+                             "allows it and no request waits (serving/engine/multi_step.py); "
+                             "default 1")

@@ -71,8 +71,9 @@ def add_arguments(parser) -> None:
     from serving.engine import spec_jobs
     spec_jobs.add_arguments(parser)      # passed on to the engine
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
-    from serving.flags import add_quantize_argument
+    from serving.flags import add_decode_steps_argument, add_quantize_argument
     add_quantize_argument(parser)
+    add_decode_steps_argument(parser)      # passed on to the engine
     parser.add_argument("--compile-cache", default=None, metavar="DIR",
                         help="persistent XLA compilation cache (default: "
                              "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/flaxserve/xla; "
@@ -118,6 +119,7 @@ def engine_command(args) -> list[str]:
                         ("--compile-cache", getattr(args, "compile_cache", None)),
                         ("--prefill-budget", getattr(args, "prefill_budget", None)),
                         ("--prefill-batch", getattr(args, "prefill_batch", None)),
+                        ("--decode-steps", getattr(args, "decode_steps", None)),
                         ("--speculative", getattr(args, "speculative", None)),
                         ("--draft-model", getattr(args, "draft_model", None)),
                         ("--speculative-max-batch", getattr(args, "speculative_max_batch", None)),

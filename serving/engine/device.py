@@ -28,6 +28,7 @@ this class only runs compiled programs over a decode state that never leaves the
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -100,6 +101,19 @@ def _pad_rows(out: StepOutput, slots: int) -> StepOutput:
                       removed_mass=pad(out.removed_mass))
 
 
+def host_output(out, seconds: float) -> StepOutput:
+    """A StepOutput from the sampler's SampleOutput copied to the host."""
+    return StepOutput(
+        tokens=np.asarray(out.tokens), logprobs=np.asarray(out.logprob),
+        ranks=np.asarray(out.rank), top_ids=np.asarray(out.top_ids),
+        top_logprobs=np.asarray(out.top_logprobs), errors=np.asarray(out.error),
+        device_seconds=seconds, entropies=np.asarray(out.entropy),
+        raw_logprobs=np.asarray(out.raw_logprob),
+        processed_logprobs=np.asarray(out.processed_logprob),
+        unconstrained_logprobs=np.asarray(out.unconstrained_logprob),
+        removed_mass=np.asarray(out.removed_mass))
+
+
 class Pending:
     """A dispatched call; `result()` waits for the device and copies the outputs."""
 
@@ -117,15 +131,7 @@ class Pending:
             done = time.perf_counter()
             seconds = done - max(self._dispatched, self._engine._last_done)
             self._engine._last_done = done
-            self._result = StepOutput(
-                tokens=np.asarray(out.tokens), logprobs=np.asarray(out.logprob),
-                ranks=np.asarray(out.rank), top_ids=np.asarray(out.top_ids),
-                top_logprobs=np.asarray(out.top_logprobs), errors=np.asarray(out.error),
-                device_seconds=max(seconds, 0.0), entropies=np.asarray(out.entropy),
-                raw_logprobs=np.asarray(out.raw_logprob),
-                processed_logprobs=np.asarray(out.processed_logprob),
-                unconstrained_logprobs=np.asarray(out.unconstrained_logprob),
-                removed_mass=np.asarray(out.removed_mass))
+            self._result = host_output(out, max(seconds, 0.0))
             self._out = None
             if self._slots is not None:
                 self._result = _pad_rows(self._result, self._slots)
@@ -235,7 +241,7 @@ class DeviceEngine:
                  num_top_logprobs: int = 20, eos_ids=(), kv_layout: str = "dense",
                  block_size: int = 16, num_blocks: int | None = None,
                  token_limit: int | None = None, steering: bool = False,
-                 prefill_batch: int = 1):
+                 prefill_batch: int = 1, decode_steps: int = 1):
         if kv_layout not in ("dense", "paged"):
             raise ValueError(f"kv_layout must be 'dense' or 'paged', got {kv_layout!r}")
         if kv_layout == "paged":
@@ -248,6 +254,8 @@ class DeviceEngine:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         if prefill_batch < 1:
             raise ValueError(f"prefill_batch must be >= 1, got {prefill_batch}")
+        if decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
         if not 2 <= max_len <= config.max_position_embeddings:
             raise ValueError(f"max_len must be in [2, {config.max_position_embeddings}] "
                              f"(the model's max_position_embeddings), got {max_len}")
@@ -309,6 +317,13 @@ class DeviceEngine:
         # more (_full_slots); its trace and lower take a fraction of the full one's at start
         self._sample_step = jax.jit(self._sample_step_fn, donate_argnums=(0,),
                                     static_argnums=(3, 4, 5), static_argnames=("lean",))
+        # multi-step decode (serving/engine/multi_step.py): K steps of the two bodies above
+        # in one program; the scheduler uses it when every live row allows (decode_steps)
+        self.decode_steps = decode_steps
+        from serving.engine import multi_step
+        self._multi = jax.jit(functools.partial(multi_step.run, self._forward_step_fn,
+                                                self._sample_step_fn),
+                              donate_argnums=(1,), static_argnums=(7, 8, 9, 10))
         self._custom_slots: set[int] = set()
         self._full_slots: set[int] = set()       # live slots the lean sampler cannot serve
         # slots of `deterministic: true` requests: while one is live, decode steps run over
@@ -726,6 +741,48 @@ class DeviceEngine:
         self._host_pos[self._host_active] += 1
         return Pending(self, out, self.max_slots, forward.dispatched)
 
+    def multi_step(self, steps: int, budget=None, min_left=None, stop_ids=None):
+        """Dispatch `steps` decode steps in one program (serving/engine/multi_step.py);
+        returns a MultiPending at once. Per slot: budget (tokens it may still produce; 0:
+        it does not run; None: no limit for active slots), min_left (min_tokens minus its
+        tokens so far) and stop_ids [slots, max_stop_ids] (-1 pads): a row stops on the
+        device after an error, a stop id past min_left or its budget. No masks: the
+        caller keeps constrained rows on `step`."""
+        s = self.max_slots
+        budget = (np.where(self._host_active, 2 ** 30, 0).astype(np.int32) if budget is None
+                  else np.asarray(budget, np.int32))
+        min_left = np.zeros(s, np.int32) if min_left is None else np.asarray(min_left, np.int32)
+        stop_ids = (np.full((s, self.max_stop_ids), -1, np.int32) if stop_ids is None
+                    else np.asarray(stop_ids, np.int32))
+        run = self._host_active & (budget > 0)
+        live = self._host_pos[run]
+        need = int(live.max()) + steps if live.size else 1
+        attend = next(b for b in self.attend_buckets if b >= min(need, self.max_len))
+        slots = np.flatnonzero(self._host_active)
+        top = int(slots[-1]) + 1 if slots.size else 1
+        rows = next(b for b in self.batch_buckets if b >= top)
+        pending = self._dispatch_multi(steps, attend, rows, budget, min_left, stop_ids)
+        self._host_pos[run] += np.minimum(steps, budget[run])
+        return pending
+
+    max_stop_ids = 16       # stop ids (EOS included) a row may have in a multi-step call
+
+    def multi_step_ok(self) -> bool:
+        """Whether every live row can run in `multi_step`: the lean sampler serves it, in
+        the default order, and it is not `deterministic` (one fixed shape per step)."""
+        return not (self._full_slots or self._custom_slots or self._deterministic_slots)
+
+    def _dispatch_multi(self, steps, attend, rows, budget, min_left, stop_ids):
+        from serving.engine.multi_step import MultiPending
+        if self._full_slots or self._custom_slots or self._deterministic_slots:
+            raise ValueError("multi_step: a live row needs the full sampler, a custom sampler "
+                             "order or the deterministic shape; use step (multi_step_ok)")
+        dispatched = time.perf_counter()
+        self.state, out, wrote = self._multi(self.params, self.state, self._tables_arg(),
+                                             self._mask_bits(rows, None), budget, min_left,
+                                             stop_ids, steps, attend, rows, False)
+        return MultiPending(self, out, wrote, dispatched)
+
     def release(self, slot: int) -> None:
         self._custom_slots.discard(slot)
         self._full_slots.discard(slot)
@@ -781,6 +838,7 @@ class DeviceEngine:
                     continue
                 self._host_pos[self._host_active] = b - 1
                 self.step().result()
+            self._warm_multi(rows, say)
             if slot:
                 self.release(slot)
         say("warm-up: the full samplers (first token; decode over "
@@ -797,6 +855,27 @@ class DeviceEngine:
         self._tables_dev = None
         jax.block_until_ready(self.state)
         say("warm-up: done")
+
+    def _multi_args(self, rows: int):
+        """Arguments of a warm-up multi-step call over `rows` slots: live rows run one step
+        (budget 1), so the program compiles at the cost of a single step."""
+        budget = np.where(self._host_active, 1, 0).astype(np.int32)
+        return (self._mask_bits(rows, None), budget, np.zeros(self.max_slots, np.int32),
+                np.full((self.max_slots, self.max_stop_ids), -1, np.int32))
+
+    def _warm_multi(self, rows: int, say) -> None:
+        """Compile the multi-step programs over `rows` slots (only with decode_steps > 1)."""
+        k = self.decode_steps
+        if k == 1:
+            return
+        say(f"warm-up: {k}-step decode over {rows} slots")
+        for b in self.attend_buckets:
+            args = self._multi_args(rows)
+            if rows * b > self.warm_run_tokens and b != self.attend_buckets[0]:
+                self._multi.lower(self.params, self.state, self._tables_arg(), *args, k, b,
+                                  rows, False).compile()
+                continue
+            self._dispatch_multi(k, b, rows, *args[1:]).result()
 
     def _warm_first(self, progress) -> threading.Thread:
         say = progress or (lambda _msg: None)
@@ -849,6 +928,17 @@ class DeviceEngine:
                              lambda b=b, rows=rows: self._forward_step.lower(
                                  params, state, tables, b, rows)))
         jobs += self._sampler_jobs(params, state, tables)
+        if self.decode_steps > 1:      # multi-step decode (serving/engine/multi_step.py)
+            s, k = self.max_slots, self.decode_steps
+            i32s = jax.ShapeDtypeStruct((s,), jnp.int32)
+            ids = jax.ShapeDtypeStruct((s, self.max_stop_ids), jnp.int32)
+            for rows in self.batch_buckets:
+                bits = jax.ShapeDtypeStruct((rows, self.mask_words), jnp.int32)
+                for b in self.attend_buckets:
+                    jobs.append((f"{k}-step decode {rows} slots x {b}",
+                                 lambda b=b, rows=rows, bits=bits: self._multi.lower(
+                                     params, state, tables, bits, i32s, i32s, ids, k, b, rows,
+                                     False)))
         if self.paged:
             jobs.append(("block copy", lambda: self._copy_block.lower(state, i32, i32)))
         else:

@@ -33,7 +33,8 @@ import time
 
 # every DeviceEngine method that runs a program or changes what the next one sees
 CALLS = ("prefill_chunk", "insert", "insert_many", "copy_prefix", "forward_step",
-         "sample_step", "step", "release", "set_blocks", "copy_block", "set_steering")
+         "sample_step", "step", "multi_step", "release", "set_blocks", "copy_block",
+         "set_steering")
 CONNECT_TIMEOUT_S = 600.0
 _HEADER = struct.Struct("!Q")
 

@@ -54,8 +54,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mesh", default=None, metavar="data=1,model=1",
                         help="device mesh, e.g. data=1,model=2 (default: one device)")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
-    from serving.flags import add_quantize_argument
+    from serving.flags import add_decode_steps_argument, add_quantize_argument
     add_quantize_argument(parser)
+    add_decode_steps_argument(parser)
     parser.add_argument("--compile-cache", default=None, metavar="DIR",
                         help="persistent XLA compilation cache (default: "
                              "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/flaxserve/xla; "
@@ -174,7 +175,7 @@ def run(args) -> int:
     from serving import logs
     logs.set_format(getattr(args, "log_format", None))
     for name in ("grpc_port", "max_slots", "max_model_len", "max_queue", "prefill_budget",
-                 "prefill_batch"):
+                 "prefill_batch", "decode_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -225,6 +226,7 @@ def run(args) -> int:
                           eos_ids=tuple(sorted(eos_ids)),
                           token_limit=tokenizer.vocab_size if tokenizer else None,
                           steering=vectors is not None, prefill_batch=args.prefill_batch,
+                          decode_steps=getattr(args, "decode_steps", None) or 1,
                           **kv)
     from serving.process import rss_mib, trim_memory
     _say(f"loaded in {time.monotonic() - t0:.1f} s: {max_slots} slots, max_model_len "

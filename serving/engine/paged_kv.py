@@ -137,9 +137,9 @@ class PagedKV:
             self.manager.register(self.blocks[slot][i], names[i])
         self._named[slot] = max(self._named[slot], full)
 
-    def grow_need(self, slot: int) -> int:
-        """Blocks the slot lacks for the position its next decode step writes."""
-        pos = min(self.engine.position(slot), self.engine.max_len - 1)
+    def grow_need(self, slot: int, ahead: int = 1) -> int:
+        """Blocks the slot lacks for the positions its next `ahead` decode steps write."""
+        pos = min(self.engine.position(slot) + ahead - 1, self.engine.max_len - 1)
         return pos // self.block_size + 1 - len(self.blocks[slot])
 
     def grow(self, slot: int, n: int) -> None:

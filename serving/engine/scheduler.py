@@ -129,6 +129,8 @@ class Scheduler(RequestChecks, TextThread):
         self.beams = BeamJobs(self)      # use_beam_search requests (serving/beam_search.py)
         from serving.engine.spec_jobs import SpecJobs
         self.spec = SpecJobs(self, speculative)   # speculative decoding (spec_jobs.SpecConfig)
+        # decode steps per dispatch when every live row allows (serving/engine/multi_step.py)
+        self.decode_steps = getattr(engine, "decode_steps", 1)
         self._preempted_this_iter = False
         self.requests_finished = 0
         self.tokens_generated = 0
@@ -243,7 +245,18 @@ class Scheduler(RequestChecks, TextThread):
                 self.spec.step()        # one verify of each speculative job
             dispatched = None
             owners = list(self._owner)
-            if any(o is not None and not o.device_done and o.constraint is not None
+            k = self._multi_steps(owners, inserted)
+            if k > 1:
+                # K decode steps in one program (serving/engine/multi_step.py): each row's
+                # budget needs its exact token count, so the step in flight is read first
+                if inflight is not None:
+                    self._process_step(*inflight)
+                    inflight = None
+                if any(o is not None and not o.device_done for o in owners):
+                    pending = self._guard_step(lambda: self._dispatch_multi(k, owners),
+                                               owners)
+                    dispatched = (pending, owners) if pending is not None else None
+            elif any(o is not None and not o.device_done and o.constraint is not None
                    for o in owners):
                 # a constrained row's mask needs the token just sampled: dispatch the
                 # forward pass (it reads that token on the device), read the token on the
@@ -275,6 +288,61 @@ class Scheduler(RequestChecks, TextThread):
         if inflight is not None:
             inflight[0].result()
         self._fail_all(UNAVAILABLE, self._failed or "the engine stopped")
+
+    def _multi_steps(self, owners, inserted) -> int:
+        """K for this iteration's decode: `decode_steps` when every live row may run on the
+        device without the host (multi_step.py: no grammar, the lean sampler, default order,
+        not deterministic, few stop ids) and nobody waits (no queued, prefilling or resumed
+        request, no first token just sampled, no beam or speculative job), else 1. Paged:
+        every live row must get the blocks of its next K positions without preempting."""
+        k = self.decode_steps
+        if k == 1 or inserted or self.beams or self.spec or self._preempted_this_iter:
+            return 1
+        live = [o for o in owners if o is not None and not o.device_done]
+        if not live or self._queue or self._prefilling or self._resume or self._preempted_now:
+            return 1
+        if not self.engine.multi_step_ok():
+            return 1
+        width = self.engine.max_stop_ids
+        for sample in live:
+            p = sample.sampling
+            if sample.constraint is not None or sample.state.cancelled or sample.text_done:
+                return 1
+            if len(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)) > width:
+                return 1
+        if self.kv is not None and not self._grow_ahead(k):
+            return 1
+        return k
+
+    def _dispatch_multi(self, k: int, owners):
+        """One multi-step call: each live row's budget, min_tokens and stop ids exactly as
+        `_take` decides them, so the device stops where the host would."""
+        from serving.engine.multi_step import stop_rows
+        rows = {}
+        for slot, sample in enumerate(owners):
+            if sample is None or sample.device_done:
+                continue
+            p, count = sample.sampling, len(sample.tokens)
+            budget = self.max_len - len(sample.state.prompt) - count
+            if p.max_tokens is not None:
+                budget = min(budget, p.max_tokens - count)
+            ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+            rows[slot] = (budget, p.min_tokens - count, ids)
+        budget, min_left, stop_ids = stop_rows(self.engine.max_slots,
+                                               self.engine.max_stop_ids, rows)
+        return self.engine.multi_step(k, budget, min_left, stop_ids)
+
+    def _grow_ahead(self, k: int) -> bool:
+        """Paged: the blocks every live row's next k positions need, if the pool has them
+        all (else nothing is allocated and the caller runs one step)."""
+        live = [s for s, o in enumerate(self._owner) if o is not None and not o.device_done]
+        need = {s: self.kv.grow_need(s, ahead=k) for s in live}
+        if sum(n for n in need.values() if n > 0) > self.kv.manager.num_free():
+            return False
+        for slot, n in need.items():
+            if n > 0:
+                self.kv.grow(slot, n)
+        return True
 
     def _masks(self):
         """Allowed-token bitmasks for the next step: constrained rows filled, others ones."""
@@ -825,12 +893,27 @@ class Scheduler(RequestChecks, TextThread):
         self._step_failures = 0
         active = [o for o in owners if o is not None]
         share = out.device_seconds / max(len(active), 1)
-        for slot, sample in enumerate(owners):
-            if sample is None:
-                continue
+        for sample in active:
             sample.state.gpu_seconds += share
-            if not sample.device_done:
+        if getattr(out, "steps", None) is not None:
+            self._process_multi(out, owners)
+            return
+        for slot, sample in enumerate(owners):
+            if sample is not None and not sample.device_done:
                 self._take_contained(sample, out, slot)
+
+    def _process_multi(self, out, owners) -> None:
+        """A multi-step call's tokens, step by step, each row's in order through `_take`
+        (which stops a row at the token where the device stopped it)."""
+        for j, step in enumerate(out.steps):
+            for slot, sample in enumerate(owners):
+                if sample is not None and not sample.device_done and out.wrote[j, slot]:
+                    self._take_contained(sample, step, slot)
+        for slot, sample in enumerate(owners):    # never: the device and _take disagree
+            if sample is not None and not sample.device_done and not out.wrote[-1, slot]:
+                self._contain("multi-step decode", [sample.state], RuntimeError(
+                    f"slot {slot} stopped on the device after {len(sample.tokens)} tokens "
+                    "but not on the host"))
 
     def _take_contained(self, sample: Sample, out, row: int) -> None:
         """`_take`, with a host-side failure (a grammar's consume, say) failing that

@@ -1,0 +1,125 @@
+"""Multi-step decode: K decode steps (forward + sampler) in one dispatched program.
+
+Why: on a small model every decode step's two host dispatches, the read-back of its
+tokens and the scheduler's bookkeeping cost as much as the step itself (the bundled model
+runs ~2.4 ms a token in process). Running K steps inside one `jax.lax.while_loop` pays that
+once per K tokens (the loop ends early once every row has stopped). Each step is the engine's own `_forward_step_fn` then `_sample_step_fn`
+(the same code as a single step, so the numbers are the same), and the outputs of step j
+land in row j of [K, rows] arrays.
+
+Rows stop ON THE DEVICE exactly where the scheduler's `_take` would stop them: an
+all-masked row (error), a stop id or EOS once past min_tokens, max_tokens or the context
+limit. The host passes each row's `budget` (tokens it may still produce), `min_left`
+(min_tokens minus tokens so far: stop ids count only past it) and a padded stop-id set; a
+row that stops is marked inactive, so it writes no more KV and its position and last token
+stay put (a row with budget 0 does not run at all). The host still takes every token in
+order through `_take`, which reaches the same decision at the same token.
+
+Only rows the lean sampler serves, unconstrained (a grammar's mask needs the host between
+steps), in the default sampler order and not `deterministic` run here; the scheduler falls
+back to K = 1 while any other row is live (serving/engine/scheduler.py `_multi_steps`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def run(forward_step, sample_step, params, state, tables, mask_bits, budget, min_left,
+        stop_ids, steps: int, attend_len: int, rows: int, custom: bool):
+    """`steps` decode steps over slots [0, rows); pure (jit it with the callables bound).
+
+    budget, min_left: int32 [max_slots]; stop_ids: int32 [max_slots, M] (-1 pads).
+    Returns (state, outputs, wrote): the sampler's outputs stacked [steps, rows, ...] and
+    wrote [steps, rows] bool (the row was live for that step, so its token counts)."""
+    put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)
+    budget, min_left, stop_ids = budget[:rows], min_left[:rows], stop_ids[:rows]
+    state = dict(state, active=put(state["active"], state["active"][:rows] & (budget > 0)))
+
+    def one(state, taken):
+        alive = state["active"][:rows]
+        state, logits = forward_step(params, state, tables, attend_len, rows)
+        # the lean sampler: the engine runs multi-step only while every row allows it
+        state, out = sample_step(state, logits, mask_bits, custom, rows, lean=True)
+        n = taken + 1                        # this row's tokens in this call, this one too
+        hit = jnp.any(out.tokens[:, None] == stop_ids, axis=-1) & (n > min_left)
+        stop = out.error | hit | (n >= budget)
+        state = dict(state, active=put(state["active"], alive & ~stop))
+        return state, taken + alive.astype(jnp.int32), out, alive
+
+    # outputs land in [steps, ...] buffers; the loop ends early once every row stopped
+    shapes = jax.eval_shape(lambda st: one(st, jnp.zeros((rows,), jnp.int32))[2:], state)
+    bufs = jax.tree.map(lambda x: jnp.zeros((steps,) + x.shape, x.dtype), shapes)
+
+    def body(carry):
+        i, state, taken, bufs = carry
+        state, taken, out, alive = one(state, taken)
+        bufs = jax.tree.map(lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x, i, 0),
+                            bufs, (out, alive))
+        return i + 1, state, taken, bufs
+
+    def more(carry):
+        i, state, _, _ = carry
+        return (i < steps) & jnp.any(state["active"][:rows])
+
+    _, state, _, (outs, wrote) = jax.lax.while_loop(
+        more, body, (jnp.int32(0), state, jnp.zeros((rows,), jnp.int32), bufs))
+    return state, outs, wrote
+
+
+@dataclass
+class MultiStepOutput:
+    """Host copies of one multi-step call: `steps[j]` is step j's StepOutput (every slot,
+    as a single step gives it); wrote[j, s]: slot s was live at step j."""
+
+    steps: list
+    wrote: np.ndarray            # [K, max_slots] bool
+    device_seconds: float
+
+
+class MultiPending:
+    """A dispatched multi-step call; `result()` waits and copies (DeviceEngine.Pending's
+    counterpart: the same device-time accounting)."""
+
+    def __init__(self, engine, out, wrote, dispatched: float):
+        self._engine, self._out, self._wrote = engine, out, wrote
+        self._dispatched = dispatched
+        self._result: MultiStepOutput | None = None
+
+    def result(self) -> MultiStepOutput:
+        if self._result is None:
+            from serving.engine.device import _pad_rows, host_output
+            out, wrote = jax.device_get((self._out, self._wrote))
+            done = time.perf_counter()
+            seconds = max(done - max(self._dispatched, self._engine._last_done), 0.0)
+            self._engine._last_done = done
+            slots = self._engine.max_slots
+            steps = [_pad_rows(host_output(jax.tree.map(lambda x, j=j: x[j], out), 0.0), slots)
+                     for j in range(wrote.shape[0])]
+            full = np.zeros((wrote.shape[0], slots), bool)
+            full[:, :wrote.shape[1]] = wrote
+            self._result = MultiStepOutput(steps, full, seconds)
+            self._out = self._wrote = None
+        return self._result
+
+
+def stop_rows(max_slots: int, width: int, rows: dict) -> tuple[np.ndarray, ...]:
+    """Host arrays for `run` from {slot: (budget, min_left, stop_ids)}; other slots get
+    budget 0 (they do not run). A row with more stop ids than `width` is the caller's to
+    refuse (see `Scheduler._multi_steps`)."""
+    budget = np.zeros(max_slots, np.int32)
+    min_left = np.zeros(max_slots, np.int32)
+    stop_ids = np.full((max_slots, width), -1, np.int32)
+    for slot, (b, m, ids) in rows.items():
+        ids = sorted(ids)
+        if len(ids) > width:
+            raise ValueError(f"slot {slot}: {len(ids)} stop ids exceed {width}")
+        budget[slot] = min(b, 2 ** 30)
+        min_left[slot] = max(min(m, 2 ** 30), -(2 ** 30))
+        stop_ids[slot, :len(ids)] = ids
+    return budget, min_left, stop_ids

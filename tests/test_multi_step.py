@@ -1,0 +1,179 @@
+"""Multi-step decode (serving/engine/multi_step.py): K steps per dispatch equal K = 1.
+
+- tokens and logprobs of seeded and greedy rows of different lengths are the same as one
+  step at a time, on the dense and the paged layout;
+- rows stop on the device at max_tokens (their budget), a stop id (not before min_tokens)
+  and write nothing after, while the other rows carry on;
+- through the Scheduler: the same tokens, finish reasons and usage with --decode-steps 4
+  as with 1, stop strings (the tokens after the cut are dropped), EOS and stop ids;
+- nothing compiles after warm-up (which compiles the K-step programs).
+"""
+
+
+import numpy as np
+import pytest
+
+from model.config import named_config
+from model.decoder import init_params
+from sampling.params import SamplingParams
+from serving.engine.device import DeviceEngine, compile_count
+from serving.engine.multi_step import stop_rows
+
+CFG = named_config("tiny", dtype="float32")
+PARAMS = init_params(CFG, seed=3)
+K = 4
+PROMPTS = [[5, 17, 99, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [7, 7, 8]]
+SEEDED = SamplingParams(temperature=0.9, top_k=50, logprobs=True, top_logprobs=3)
+GREEDY = SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3)
+
+
+@pytest.fixture(scope="module", params=["dense", "paged"])
+def engine(request):
+    """Not warmed up (the Scheduler's engine below is, and counts compilations): the same
+    shapes as that one, so the dense programs come from the persistent compilation cache."""
+    kv = (dict(kv_layout="paged", block_size=16, num_blocks=1 + 4 * 4)
+          if request.param == "paged" else {})
+    eng = DeviceEngine(CFG, PARAMS, max_slots=4, max_len=64, prefill_buckets=(8, 16),
+                       decode_steps=K, **kv)
+    if eng.paged:
+        for slot in range(4):     # each slot owns 4 blocks of its own: 64 positions
+            eng.set_blocks(slot, list(range(1 + 4 * slot, 5 + 4 * slot)))
+    return eng
+
+
+def insert_all(engine, params):
+    for slot, prompt in enumerate(PROMPTS):
+        engine.insert(slot, np.asarray(prompt, np.int32), 0, params[slot], seed=slot + 1).result()
+
+
+def release_all(engine):
+    for slot in range(len(PROMPTS)):
+        engine.release(slot)
+
+
+def one_at_a_time(engine, params, steps):
+    """[slot] -> (tokens, logprobs, top logprobs) of `steps` single decode steps."""
+    insert_all(engine, params)
+    outs = [engine.step().result() for _ in range(steps)]
+    release_all(engine)
+    return [(np.array([o.tokens[s] for o in outs]), np.array([o.logprobs[s] for o in outs]),
+             np.array([o.top_logprobs[s] for o in outs])) for s in range(len(PROMPTS))]
+
+
+PARAMS_MIX = [SEEDED, GREEDY, SEEDED, GREEDY]
+
+
+def test_k_steps_equal_single_steps(engine):
+    ref = one_at_a_time(engine, PARAMS_MIX, 2 * K)
+    insert_all(engine, PARAMS_MIX)
+    steps = engine.multi_step(K).result().steps + engine.multi_step(K).result().steps
+    release_all(engine)
+    for s in range(len(PROMPTS)):
+        tokens = np.array([o.tokens[s] for o in steps])
+        assert tokens.tolist() == ref[s][0].tolist(), s
+        np.testing.assert_allclose([o.logprobs[s] for o in steps], ref[s][1], atol=1e-6)
+        np.testing.assert_allclose([o.top_logprobs[s] for o in steps], ref[s][2], atol=1e-6)
+
+
+def test_rows_stop_on_the_device(engine):
+    ref = one_at_a_time(engine, PARAMS_MIX, 2 * K)
+    toks = [r[0].tolist() for r in ref]
+    # slot 0: max_tokens mid-loop (2 more); slot 1: a stop id first seen at step j;
+    # slot 2: its first token as a stop id, held off by min_tokens at that step; slot 3: free
+    j = next(i for i in range(2, 2 * K) if toks[1][i] not in toks[1][:i])
+    again = next((i for i in range(1, K) if toks[2][i] == toks[2][0]), K - 1)
+    rows = {0: (2, 0, []), 1: (100, 0, [toks[1][j]]), 2: (100, 1, [toks[2][0]]),
+            3: (100, 0, [])}
+    insert_all(engine, PARAMS_MIX)
+    first = engine.multi_step(K, *stop_rows(4, engine.max_stop_ids, rows)).result()
+    rows.pop(2)                                  # budget 0: it does not run
+    second = engine.multi_step(K, *stop_rows(4, engine.max_stop_ids, rows)).result()
+    release_all(engine)
+    wrote = np.concatenate([first.wrote, second.wrote])
+    steps = first.steps + second.steps
+    assert wrote[:, 0].tolist() == [True] * 2 + [False] * (2 * K - 2)
+    assert wrote[:, 1].tolist() == [True] * (j + 1) + [False] * (2 * K - j - 1)
+    assert wrote[:, 2].tolist() == [True] * (again + 1) + [False] * (2 * K - again - 1)
+    assert wrote[:, 3].all()
+    for s in range(4):
+        got = [int(o.tokens[s]) for o, w in zip(steps, wrote[:, s]) if w]
+        assert got == toks[s][:len(got)], s
+        np.testing.assert_allclose([o.logprobs[s] for o, w in zip(steps, wrote[:, s]) if w],
+                                   ref[s][1][:len(got)], atol=1e-6)
+
+
+def test_a_stopped_row_writes_nothing_more(engine):
+    """A row stopped on the device goes inactive with the position and last token its last
+    step left; a row with budget 0 does not run at all."""
+    insert_all(engine, [GREEDY] * 4)
+    out = engine.multi_step(K, *stop_rows(4, engine.max_stop_ids, {0: (1, 0, [])})).result()
+    pos, last, active = (np.asarray(engine.state[k]) for k in ("pos", "last", "active"))
+    release_all(engine)
+    assert out.wrote[:, 0].tolist() == [True] + [False] * (K - 1) and not out.wrote[:, 1:].any()
+    assert engine.position(0) == pos[0] == len(PROMPTS[0]) + 1
+    assert last[0] == out.steps[0].tokens[0] and not active.any()
+    assert pos[1:].tolist() == [len(p) for p in PROMPTS[1:]]
+
+
+# ---- through the Scheduler -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory):
+    from checkpoints.tokenizer import load_tokenizer
+    from serving.engine.scheduler import Scheduler
+    from tests.tokenizer_fixtures import build_bytelevel_dir
+
+    tok = load_tokenizer(str(build_bytelevel_dir(tmp_path_factory.mktemp("tok"))))
+    assert tok.vocab_size <= CFG.vocab_size      # token_limit keeps sampled ids in it
+    eng = DeviceEngine(CFG, PARAMS, max_slots=4, max_len=64, prefill_buckets=(8, 16),
+                       decode_steps=K, eos_ids=tuple(sorted(tok.stop_ids)),
+                       token_limit=tok.vocab_size)
+    eng.warmup()                      # compiles the K-step programs too
+    sched = Scheduler(eng, tok).start()
+    sched.compiled_after_warmup = compile_count()
+    yield sched, tok
+    sched.stop(drain_timeout_s=5)
+
+
+def generate(sched, prompts, sampling, k):
+    """Submit every prompt at once with decode_steps k; [(tokens, text, finish, usage)]."""
+    sched.decode_steps = k
+    handles = [sched.submit(sched.make_request(f"r{i}", p, dict(sampling[i])))
+               for i, p in enumerate(prompts)]
+    out = []
+    for h in handles:
+        tokens, text, finish, usage = [], "", None, None
+        for ev in h:
+            if hasattr(ev, "token_ids"):
+                tokens += ev.token_ids
+                text += ev.text
+                finish = ev.finish_reason or finish
+            else:
+                usage = ev
+        assert hasattr(usage, "completion_tokens"), usage
+        out.append((tokens, text, finish, usage.completion_tokens))
+    return out
+
+
+def test_scheduler_k_steps_equal_single_steps(scheduler):
+    sched, tok = scheduler
+    prompts = [tok.encode(t) for t in ("Hello world", "The quick brown fox jumps", "a")]
+    base = [{"temperature": 0.0, "max_tokens": 13, "ignore_eos": True},
+            {"temperature": 0.8, "max_tokens": 9, "ignore_eos": True, "seed": 5},
+            {"temperature": 0.8, "max_tokens": 20, "seed": 6}]
+    ref = generate(sched, prompts, base, 1)
+    assert generate(sched, prompts, base, K) == ref
+    # a stop id, a stop string (cut mid-block: the tokens after it are dropped) and EOS
+    t0, t1 = ref[0][0], ref[1][0]
+    j = next(i for i in range(2, len(t0)) if t0[i] not in t0[:i])
+    text = ref[1][1]
+    stop = text[len(text) // 3:len(text) // 3 + 2]
+    cut = [dict(base[0], stop_token_ids=[t0[j]]), dict(base[1], stop=[stop]),
+           dict(base[2], ignore_eos=False)]
+    ref_cut = generate(sched, prompts, cut, 1)
+    got = generate(sched, prompts, cut, K)
+    assert got == ref_cut
+    assert got[0][0] == t0[:j + 1] and got[0][2] == "stop"
+    assert got[1][2] == "stop" and got[1][1] == text[:text.find(stop)]
+    assert got[1][3] == len(got[1][0]) < len(t1)      # usage counts the returned tokens
+    assert compile_count() == sched.compiled_after_warmup
