@@ -35,7 +35,7 @@ def _engine(model_dir, grpc_port, devices, log, *extra):
                         + f" --xla_force_host_platform_device_count={devices}")
     return subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "engine", "--model", str(model_dir),
-         "--grpc-port", str(grpc_port), "--max-slots", "4", "--max-model-len", "32", *extra],
+         "--grpc-port", str(grpc_port), "--max-slots", "4", "--max-model-len", "32", "--prefill-batch", "1", *extra],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -124,7 +124,7 @@ def test_http_flags_accept_several_engines():
 
 # ---- two real engines behind one real front end ------------------------------------------------
 
-ENGINE_ARGS = ["--max-slots", "4", "--max-model-len", "512"]
+ENGINE_ARGS = ["--max-slots", "4", "--max-model-len", "512", "--prefill-batch", "1"]
 
 
 class Fleet:

@@ -194,7 +194,8 @@ def armed_warmup(self, *args, **kwargs):   # --full-warmup: it returns when all 
 device.DeviceEngine.step, device.DeviceEngine.warmup = broken_step, armed_warmup
 from serving.cli import main
 sys.exit(main(["engine", "--model", sys.argv[1], "--grpc-port", sys.argv[2],
-               "--max-slots", "2", "--max-model-len", "64", "--full-warmup"]))
+               "--max-slots", "2", "--max-model-len", "64", "--full-warmup",
+               "--prefill-batch", "1"]))
 """
 
 
