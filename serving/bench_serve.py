@@ -65,6 +65,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefill-batch", type=int, default=16, metavar="N",
                         help="in-process engine: fresh prompts prefilled in one program "
                              "(1: one at a time, the unbatched path)")
+    parser.add_argument("--decode-steps", type=int, default=1, metavar="K",
+                        help="in-process engine: decode steps per dispatch while no request "
+                             "waits (multi-step decode)")
     parser.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                         help="paged: pool size, e.g. 1GiB (default: what dense would take)")
     parser.add_argument("--paged-attention", choices=("auto", "gather", "pallas"), default=None,
@@ -257,7 +260,8 @@ def _start_engine(args, max_slots: int, max_len: int, layout: str = "dense"):
     server = start_in_process(config, params, max_slots=max_slots, max_len=max_len,
                               model_name=name, max_queue=4096,
                               prefix_cache=bool(args.shared_prefix), kv=kv,
-                              prefill_batch=args.prefill_batch)
+                              prefill_batch=args.prefill_batch,
+                              decode_steps=getattr(args, "decode_steps", 1))
     return server, name
 
 

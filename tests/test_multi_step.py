@@ -6,7 +6,7 @@
   and write nothing after, while the other rows carry on;
 - through the Scheduler: the same tokens, finish reasons and usage with --decode-steps 4
   as with 1, stop strings (the tokens after the cut are dropped), EOS and stop ids;
-- nothing compiles after warm-up (which compiles the K-step programs).
+- nothing compiles after the (background) warm-up, which compiles the K-step programs.
 """
 
 
@@ -128,7 +128,11 @@ def scheduler(tmp_path_factory):
     eng = DeviceEngine(CFG, PARAMS, max_slots=4, max_len=64, prefill_buckets=(8, 16),
                        decode_steps=K, eos_ids=tuple(sorted(tok.stop_ids)),
                        token_limit=tok.vocab_size)
-    eng.warmup()                      # compiles the K-step programs too
+    # serve's default warm-up: the first request's programs, the rest (the K-step programs
+    # among them) on a background thread, which this waits for
+    eng.warmup(background=True).join()
+    assert not eng.background_errors
+    assert any(name.startswith(f"{K}-step decode") for name, _ in eng._rest_jobs())
     sched = Scheduler(eng, tok).start()
     sched.compiled_after_warmup = compile_count()
     yield sched, tok
@@ -169,11 +173,13 @@ def test_scheduler_k_steps_equal_single_steps(scheduler):
     text = ref[1][1]
     stop = text[len(text) // 3:len(text) // 3 + 2]
     cut = [dict(base[0], stop_token_ids=[t0[j]]), dict(base[1], stop=[stop]),
-           dict(base[2], ignore_eos=False)]
-    ref_cut = generate(sched, prompts, cut, 1)
-    got = generate(sched, prompts, cut, K)
+           dict(base[2], ignore_eos=False),
+           dict(base[0], stop_token_ids=[t0[j]], min_tokens=j + 2)]   # held off, then?
+    ref_cut = generate(sched, prompts + prompts[:1], cut, 1)
+    got = generate(sched, prompts + prompts[:1], cut, K)
     assert got == ref_cut
     assert got[0][0] == t0[:j + 1] and got[0][2] == "stop"
     assert got[1][2] == "stop" and got[1][1] == text[:text.find(stop)]
     assert got[1][3] == len(got[1][0]) < len(t1)      # usage counts the returned tokens
     assert compile_count() == sched.compiled_after_warmup
+

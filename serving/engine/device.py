@@ -762,7 +762,9 @@ class DeviceEngine:
         top = int(slots[-1]) + 1 if slots.size else 1
         rows = next(b for b in self.batch_buckets if b >= top)
         pending = self._dispatch_multi(steps, attend, rows, budget, min_left, stop_ids)
-        self._host_pos[run] += np.minimum(steps, budget[run])
+        # tokens each slot gains unless it stops early (the scheduler's count ahead)
+        pending.advance = np.where(run, np.minimum(steps, budget), 0)
+        self._host_pos += pending.advance
         return pending
 
     max_stop_ids = 16       # stop ids (EOS included) a row may have in a multi-step call

@@ -119,7 +119,7 @@ def stop_rows(max_slots: int, width: int, rows: dict) -> tuple[np.ndarray, ...]:
         ids = sorted(ids)
         if len(ids) > width:
             raise ValueError(f"slot {slot}: {len(ids)} stop ids exceed {width}")
-        budget[slot] = min(b, 2 ** 30)
+        budget[slot] = max(min(b, 2 ** 30), 0)
         min_left[slot] = max(min(m, 2 ** 30), -(2 ** 30))
         stop_ids[slot, :len(ids)] = ids
     return budget, min_left, stop_ids

@@ -21,6 +21,13 @@ pass, reads step N's tokens and fills the masks of those rows on the host
 masks; unconstrained rows get all-ones rows, and without constrained samples nothing
 changes (step N+1 is dispatched whole before step N is read).
 
+Multi-step decode (`--decode-steps K`, serving/engine/multi_step.py): while every live row
+can run without the host (no grammar, the lean sampler, few stop ids) and nobody waits
+(queue, prefill, fresh first token, beam or speculative job), one dispatch runs K steps and
+the device stops each row where `_take` would (EOS, stop ids, max_tokens, the context);
+the row's count includes what the call still in flight adds, so the K-step call is
+dispatched ahead like a single one. Its tokens go through `_take` in order, K at a time.
+
 Prefix cache: each slot remembers the token ids its KV holds (also after release). A new
 prompt takes the slot with the longest common prefix (reused in place when free, copied
 from a busy one) and prefills only the rest; at least one prompt token is always left for
@@ -247,15 +254,11 @@ class Scheduler(RequestChecks, TextThread):
             owners = list(self._owner)
             k = self._multi_steps(owners, inserted)
             if k > 1:
-                # K decode steps in one program (serving/engine/multi_step.py): each row's
-                # budget needs its exact token count, so the step in flight is read first
-                if inflight is not None:
-                    self._process_step(*inflight)
-                    inflight = None
-                if any(o is not None and not o.device_done for o in owners):
-                    pending = self._guard_step(lambda: self._dispatch_multi(k, owners),
-                                               owners)
-                    dispatched = (pending, owners) if pending is not None else None
+                # K decode steps in one program (serving/engine/multi_step.py), dispatched
+                # before the step in flight is read, as a single step is
+                pending = self._guard_step(
+                    lambda: self._dispatch_multi(k, owners, inflight), owners)
+                dispatched = (pending, owners) if pending is not None else None
             elif any(o is not None and not o.device_done and o.constraint is not None
                    for o in owners):
                 # a constrained row's mask needs the token just sampled: dispatch the
@@ -314,15 +317,25 @@ class Scheduler(RequestChecks, TextThread):
             return 1
         return k
 
-    def _dispatch_multi(self, k: int, owners):
+    def _dispatch_multi(self, k: int, owners, inflight):
         """One multi-step call: each live row's budget, min_tokens and stop ids exactly as
-        `_take` decides them, so the device stops where the host would."""
+        `_take` decides them, so the device stops where the host would. A row's count
+        includes what the call in flight (not read yet) adds to it if it does not stop
+        there: one token (a single step) or its `advance` (a multi-step call); if it does
+        stop there, it is inactive on the device and runs no further."""
         from serving.engine.multi_step import stop_rows
+        ahead = np.zeros(len(owners), np.int64)
+        if inflight is not None:
+            pending, before = inflight
+            advance = getattr(pending, "advance", None)
+            for slot, sample in enumerate(before):
+                if sample is not None and owners[slot] is sample:
+                    ahead[slot] = 1 if advance is None else advance[slot]
         rows = {}
         for slot, sample in enumerate(owners):
             if sample is None or sample.device_done:
                 continue
-            p, count = sample.sampling, len(sample.tokens)
+            p, count = sample.sampling, len(sample.tokens) + int(ahead[slot])
             budget = self.max_len - len(sample.state.prompt) - count
             if p.max_tokens is not None:
                 budget = min(budget, p.max_tokens - count)
