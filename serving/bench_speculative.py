@@ -41,6 +41,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt", default=None, help="a prompt instead of the passage")
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--k-mode", choices=("adaptive", "fixed", "both"), default="adaptive",
+                        help="ngram: K as the cap of adaptive K (default), K fixed, or both "
+                             "(draft: always fixed)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed rounds (each runs every configuration once, interleaved)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time the verify's parts: the forward over 1 and K+1 "
+                             "positions, the acceptance alone, the whole verify program")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--serving", action="store_true",
                         help="through the batch server instead (an in-process engine over "
@@ -73,6 +81,31 @@ def _timed(fn, repeats: int = 2):
         out = fn()
         best = min(best, time.perf_counter() - t)
     return out, best
+
+
+def _interleaved(fns: dict, repeats: int = 2) -> dict:
+    """{name: (result, best seconds)}: one warm-up round, then `repeats` rounds that run
+    every fn once in turn, so a load change on a shared machine hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    best = {name: (None, float("inf")) for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            out = fn()
+            s = time.perf_counter() - t
+            if s < best[name][1]:
+                best[name] = (out, s)
+    return best
+
+
+def _runs(args, ks):
+    """(label, K, adaptive) of every speculative run `--k-mode` asks for."""
+    modes = {"adaptive": (True,), "fixed": (False,), "both": (False, True)}[args.k_mode]
+    if args.method == "draft":
+        modes = (False,)
+    return [(f"{args.method} K={k}{' adaptive' if a else ''}", k, a)
+            for k in ks for a in modes]
 
 
 def run(args) -> int:
@@ -113,8 +146,19 @@ def run(args) -> int:
                           token_limit=limit)
     ids = np.asarray(prompt, np.int32)
     one = SamplingParams(temperature=0.0, max_tokens=1)
-    (plain, _), plain_s = _timed(lambda: generate(engine, tokenizer, ids, greedy, 0, stop_ids))
-    _, plain_1 = _timed(lambda: generate(engine, tokenizer, ids, one, 0, stop_ids))
+    fns = {"plain": lambda: generate(engine, tokenizer, ids, greedy, 0, stop_ids)[0],
+           "plain/1": lambda: generate(engine, tokenizer, ids, one, 0, stop_ids)[0]}
+    decoders = {}
+    for label, k, adaptive in _runs(args, ks):
+        dec = SpeculativeDecoder(config, params, method=args.method, num_tokens=k,
+                                 max_len=max_len, draft_config=draft[0], draft_params=draft[1],
+                                 token_limit=limit, adaptive=adaptive)
+        decoders[label] = dec
+        fns[label] = lambda dec=dec: dec.generate(ids, greedy, 0, stop_ids)
+        fns[label + "/1"] = lambda dec=dec: dec.generate(ids, one, 0, stop_ids)
+    timed = _interleaved(fns, repeats=args.repeats)
+    plain, plain_s = timed["plain"]
+    plain_1 = timed["plain/1"][1]
     decode = tokenizer.decode if tokenizer else (lambda t: ",".join(map(str, t)))
     if len(plain) < 2:
         raise ValueError("the model stopped after one token; use a longer --max-tokens or "
@@ -125,37 +169,121 @@ def run(args) -> int:
                         "decode_tokens_s": plain_tps, "request_tokens_s": len(plain) / plain_s},
               "runs": []}
     if not args.json:
-        print(f"model {name}, prompt {len(prompt)} tokens, greedy, batch 1")
-        print(f"plain:       {len(plain):4d} tokens in {plain_s:6.2f} s (first {plain_1:5.2f} s)"
-              f" = {plain_tps:7.1f} decode tokens/s, {len(plain) / plain_s:6.1f} per request "
-              f"second", flush=True)
-    for k in ks:
-        dec = SpeculativeDecoder(config, params, method=args.method, num_tokens=k,
-                                 max_len=max_len, draft_config=draft[0], draft_params=draft[1],
-                                 token_limit=limit)
-        r, s = _timed(lambda: dec.generate(ids, greedy, 0, stop_ids))
-        _, s1 = _timed(lambda: dec.generate(ids, one, 0, stop_ids))
+        print(f"model {name}, prompt {len(prompt)} tokens, greedy, batch 1 (best of "
+              f"{args.repeats} interleaved rounds after a warm-up round)")
+        print(f"{'plain':22s} {len(plain):4d} tokens in {plain_s:6.2f} s (first "
+              f"{plain_1:5.2f} s) = {plain_tps:7.1f} decode tokens/s, "
+              f"{len(plain) / plain_s:6.1f} per request second", flush=True)
+    for label, k, adaptive in _runs(args, ks):
+        r, s = timed[label]
+        s1 = timed[label + "/1"][1]
         n = len(r.token_ids)
         tps = (n - 1) / max(s - s1, 1e-9) if n > 1 else 0.0
-        entry = {"num_tokens": k, "tokens": n, "seconds": s, "first_token_s": s1,
-                 "decode_tokens_s": tps, "speedup": tps / plain_tps,
+        steps = max(r.verify_steps, 1)
+        entry = {"num_tokens": k, "adaptive": adaptive, "tokens": n, "seconds": s,
+                 "first_token_s": s1, "decode_tokens_s": tps, "speedup": tps / plain_tps,
                  "request_speedup": (n / s) / (len(plain) / plain_s),
                  "identical": r.token_ids == plain, "acceptance_rate": r.acceptance_rate,
-                 "tokens_per_target_pass": n / (r.verify_steps + 1)}
+                 "tokens_per_target_pass": n / (r.verify_steps + 1),
+                 "mean_k": r.proposed / steps, "k_trace": r.k_trace,
+                 "ms_per_verify": {p: 1e3 * t / steps for p, t in r.timings.items()}}
         result["runs"].append(entry)
         if not args.json:
-            print(f"{args.method} K={k:<2}:  {n:4d} tokens in {s:6.2f} s (first {s1:5.2f} s) = "
+            ms = entry["ms_per_verify"]
+            print(f"{label:22s} {n:4d} tokens in {s:6.2f} s (first {s1:5.2f} s) = "
                   f"{tps:7.1f} decode tokens/s  {entry['speedup']:.2f}x (request "
                   f"{entry['request_speedup']:.2f}x)  identical text: "
                   f"{'yes' if entry['identical'] else 'NO'}  acceptance "
                   f"{100 * r.acceptance_rate:.0f}%  {entry['tokens_per_target_pass']:.2f} "
-                  f"tokens per target pass", flush=True)
+                  f"tokens per target pass, mean K {entry['mean_k']:.1f}; per verify: "
+                  f"draft {ms['draft']:.2f} ms, verify program {ms['verify']:.1f} ms, "
+                  f"emit {ms['emit']:.2f} ms", flush=True)
+    if args.profile:
+        result["profile"] = _profile(config, params, decoders, ids, plain, max_len, args.json)
     result["text"] = decode(plain)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"text: {result['text'][:300]!r}")
     return 0
+
+
+def _profile(config, params, decoders, ids, plain, max_len, quiet) -> dict:
+    """Where a verify's time goes: the target forward alone over 1 and over K+1 positions
+    (the attention bucket of the middle of the output), the acceptance program alone, and
+    the verify program (forward + acceptance, one host read), best of 5 each."""
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+
+    from model.decoder import forward, init_cache
+    from sampling.params import SamplingParams
+    from sampling.rows import make_rows
+    from sampling.state import init_state
+    from serving import speculative as S
+
+    @partial(jax.jit, donate_argnums=(1,), static_argnums=(4,))
+    def fwd(params, cache, tokens, pos, attend):
+        positions = pos + jnp.arange(tokens.shape[0])
+        logits, cache = forward(config, params, cache, tokens[None], positions[None],
+                                attend_len=attend)
+        return cache, logits[0]
+
+    def best(fn, reps=5):
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return 1e3 * min(times)
+
+    greedy = SamplingParams(temperature=0.0)
+    history = list(ids) + list(plain)
+    pos = len(ids) + len(plain) // 2
+    holder = {"cache": init_cache(config, 1, max_len)}
+    out = {}
+    ks = sorted({b for d in decoders.values() for b in d.ladder} | {0})
+    any_dec = next(iter(decoders.values()), None)
+    token_limit = any_dec.token_limit if any_dec else config.vocab_size
+    for k in ks:
+        tokens = np.asarray(history[pos:pos + k + 1], np.int32)
+        attend = min(max(128, 1 << (pos + k).bit_length()), max_len)
+
+        def run_fwd():
+            holder["cache"], logits = fwd(params, holder["cache"], tokens, np.int32(pos), attend)
+            logits.block_until_ready()
+        row = {"forward_ms": best(run_fwd)}
+        if k:
+            st = S._Static(config, None, max_len, token_limit, k)
+            rows = jax.tree.map(jnp.asarray, make_rows([greedy] * (k + 1), config.vocab_size,
+                                                       [0] * (k + 1), [0] * (k + 1)))
+            state = init_state(k + 1, config.vocab_size, 1)
+            logits = jnp.zeros((k + 1, config.vocab_size), jnp.float32)
+            accept = jax.jit(lambda lg, d, r, s: S._accept(st, lg, d, r, s, np.int32(pos), True))
+            row["accept_ms"] = best(lambda: jax.device_get(accept(logits, tokens[1:], rows,
+                                                                   state)))
+
+            def run_verify():
+                holder["cache"], *o = S._verify(st, holder["cache"], params, tokens,
+                                                np.int32(pos), rows, state, attend, True)
+                jax.device_get(o)
+            row["verify_ms"] = best(run_verify)
+        out[k] = row
+    draft_ms = best(lambda: [S.spec.propose_ngram(history[:pos + 1], max(ks) or 1)
+                             for _ in range(10)]) / 10
+    one = out[0]["forward_ms"]
+    if not quiet:
+        print(f"profile at position {pos}: n-gram lookup on the host {draft_ms:.3f} ms; "
+              f"one decode step (forward over 1 position) {one:.1f} ms")
+        for k in ks[1:]:
+            r = out[k]
+            print(f"  K={k:<2} forward over {k + 1:2d} positions {r['forward_ms']:6.1f} ms "
+                  f"({r['forward_ms'] / one:.2f} steps)  acceptance alone "
+                  f"{r['accept_ms']:5.2f} ms  verify program {r['verify_ms']:6.1f} ms "
+                  f"({r['verify_ms'] / one:.2f} steps)", flush=True)
+    return {"position": pos, "ngram_lookup_ms": draft_ms, "by_k": out}
 
 
 def _run_serving(args, name, config, params, tokenizer, prompt, draft, ks) -> int:

@@ -9,6 +9,14 @@ exactly; greedy output is the plain greedy output.
 
 - Proposers: "ngram" (prompt lookup over prompt + output, on the host) and "draft" (a
   smaller model with the same vocabulary, K steps inside the same jitted program).
+- Adaptive K ("ngram"): K is the cap; each iteration verifies a K from the power-of-two
+  ladder 1, 2, 4, ... (and the cap): one bucket up after all drafts were kept, down to what
+  the last iteration kept (at most one bucket) after a rejection, and never more than the
+  match has tokens. On a CPU a forward over 2 positions already costs ~1.5 decode steps
+  (a matrix product instead of a matrix-vector one) while 9 cost ~1.8, so long drafts pay
+  when the text is copying and short ones waste less when it is not. The choice depends
+  on past tokens only, so the rule stays exact; one program per (K bucket, attention
+  bucket).
 - The KV cache needs no rollback: the decoder writes K/V at each token's position and
   attention masks keys past the query's position, so the entries of rejected drafts are
   never read and the next iteration overwrites them. What must never happen is a write
@@ -100,6 +108,11 @@ class SpeculativeResult:
     accepted: int = 0        # of those, kept
     verify_steps: int = 0    # target forwards after the prompt
     seconds: float = 0.0
+    k_trace: list[int] = field(default_factory=list)     # drafts verified, each iteration
+    # host seconds by phase: "draft" (proposing, building the inputs), "verify" (the
+    # program: dispatch until its outputs are on the host), "emit" (stops, bookkeeping)
+    timings: dict = field(default_factory=lambda: {"draft": 0.0, "verify": 0.0,
+                                                   "emit": 0.0})
 
     @property
     def acceptance_rate(self) -> float:
@@ -117,13 +130,31 @@ def _pow2_at_least(n: int, smallest: int) -> int:
     return b
 
 
+def k_ladder(cap: int) -> tuple[int, ...]:
+    """The K buckets adaptive speculation moves between: powers of two below `cap`, and
+    `cap` (each is one compiled verify program per attention bucket)."""
+    return tuple(sorted({b for b in (1, 2, 4, 8, 16) if b < cap} | {cap}))
+
+
+def next_k(ladder: tuple[int, ...], k: int, verified: int, accepted: int) -> int:
+    """The next iteration's K: one bucket up when all `verified` drafts were kept, else the
+    smallest bucket holding accepted + 1 tokens but at most one bucket below `k`."""
+    i = ladder.index(k)
+    if verified and accepted == verified:
+        return ladder[min(i + 1, len(ladder) - 1)]
+    if not verified:
+        return k                         # nothing was tried: no evidence either way
+    fit = next(b for b in ladder if b >= min(accepted + 1, ladder[-1]))
+    return max(fit, ladder[max(i - 1, 0)])
+
+
 class SpeculativeDecoder:
     """Owns a batch-1 KV cache for the target (and one for the draft model)."""
 
     def __init__(self, config: ModelConfig, params, *, method: str = "ngram",
                  num_tokens: int = 4, max_len: int = 1024, draft_config: ModelConfig | None = None,
                  draft_params=None, token_limit: int | None = None, ngram_max: int = 3,
-                 ngram_min: int = 1):
+                 ngram_min: int = 1, adaptive: bool | None = None):
         if method not in METHODS:
             raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got "
                              f"{method!r}")
@@ -145,6 +176,11 @@ class SpeculativeDecoder:
                                  f"max_len {max_len}")
         self.config, self.params = config, params
         self.method, self.k = method, num_tokens
+        # adaptive K: prompt lookup only (a draft model's K steps are inside its program)
+        self.adaptive = method == "ngram" if adaptive is None else adaptive
+        if self.adaptive and method != "ngram":
+            raise ValueError("adaptive K is only available with speculative method 'ngram'")
+        self.ladder = k_ladder(num_tokens) if self.adaptive else (num_tokens,)
         self.draft_config, self.draft_params = draft_config, draft_params
         self.max_len = max_len
         self.vocab_size = config.vocab_size
@@ -154,6 +190,8 @@ class SpeculativeDecoder:
         self.draft_cache = init_cache(draft_config, 1, max_len) if method == "draft" else None
         self._state = init_state(num_tokens + 1, self.vocab_size, 1)   # stateless stages only
         self._state1 = init_state(1, self.vocab_size, 1)
+        self._states = {b: jax.tree.map(lambda x, b=b: x[:b + 1], self._state)
+                        for b in self.ladder}
         self._static = _Static(config, draft_config if method == "draft" else None, max_len,
                                self.token_limit, num_tokens)
 
@@ -201,6 +239,9 @@ class SpeculativeDecoder:
         rows = jax.tree.map(jnp.asarray, make_rows([sampling] * (k + 1), self.vocab_size,
                                                    [seed] * (k + 1), [0] * (k + 1)))
         rows1 = jax.tree.map(lambda x: x[:1], rows)
+        rows_for = {b: jax.tree.map(lambda x, b=b: x[:b + 1], rows) for b in self.ladder}
+        kk = _start_k(self.ladder)                     # the K adaptive speculation tries
+        timings = result.timings
         t0 = time.perf_counter()
         self.cache, logits = self._prefill_into(self.config, self.params, self.cache, prompt)
         if self.method == "draft":
@@ -223,6 +264,7 @@ class SpeculativeDecoder:
         result.seconds = time.perf_counter() - t0
         yield
         while not done:
+            t_draft = time.perf_counter()
             pos = n + len(result.token_ids) - 1           # where `last` is written
             last = history[-1]
             if pos >= self.max_len:
@@ -231,30 +273,52 @@ class SpeculativeDecoder:
             attend = self._attend(pos + k + 1 if room else pos + 1)
             if self.method == "draft" and room:
                 pair = np.asarray(history[-2:], np.int32)
+                t_verify = time.perf_counter()
                 (self.cache, self.draft_cache, *outs) = _draft_verify(
                     self._static, self.cache, self.draft_cache, self.params, self.draft_params,
                     pair, np.int32(pos), attend, rows, self._state, greedy)
                 used = k
             else:
-                drafts = (spec.propose_ngram(history, k, self.ngram_max, self.ngram_min)
+                drafts = (spec.propose_ngram(history, kk, self.ngram_max, self.ngram_min)
                           if self.method == "ngram" and room else np.zeros(0, np.int32))
-                used = k if len(drafts) else 0
+                # the smallest bucket that holds the match (a short match verifies less)
+                used = (next(b for b in self.ladder if b >= min(len(drafts), kk))
+                        if len(drafts) else 0)
                 tokens = np.full(used + 1, drafts[-1] if len(drafts) else last, np.int32)
                 tokens[0] = last
                 tokens[1:1 + len(drafts)] = drafts
+                attend = self._attend(pos + used + 1)
+                t_verify = time.perf_counter()
                 self.cache, *outs = _verify(self._static, self.cache, self.params, tokens,
-                                            np.int32(pos), rows, self._state, attend, greedy)
+                                            np.int32(pos),
+                                            rows_for[used] if used else rows1,
+                                            self._states[used] if used else self._state1,
+                                            attend, greedy)
             accepted, out, lps = jax.device_get(outs)
+            t_emit = time.perf_counter()
+            accepted = int(accepted)
             result.verify_steps += 1
             result.proposed += used
-            result.accepted += int(accepted)
-            for tok, logprob in zip(out[:int(accepted) + 1], lps):
+            result.accepted += accepted
+            result.k_trace.append(used)
+            if self.adaptive:
+                kk = next_k(self.ladder, kk, used, accepted) if used else kk
+            for tok, logprob in zip(out[:accepted + 1], lps):
                 history.append(int(tok))
                 if emit(int(tok), logprob):
                     done = True
                     break
-            result.seconds = time.perf_counter() - t0
+            t_end = time.perf_counter()
+            timings["draft"] += t_verify - t_draft
+            timings["verify"] += t_emit - t_verify
+            timings["emit"] += t_end - t_emit
+            result.seconds = t_end - t0
             yield
+
+
+def _start_k(ladder: tuple[int, ...]) -> int:
+    """Where adaptive K starts: the largest bucket up to 4 (a fixed K starts at itself)."""
+    return max([b for b in ladder if b <= 4] or [ladder[0]])
 
 
 # -- jitted programs (module level, so decoders of the same shapes share compilations) --------

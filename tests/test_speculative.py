@@ -142,6 +142,25 @@ def test_greedy_prompt_lookup_and_draft_model_match_plain_greedy(tiny):
     assert r.token_ids == ref[60] and r.acceptance_rate < 1.0
 
 
+def test_adaptive_k_changes_k_mid_request_and_keeps_the_greedy_text(tiny):
+    from serving.speculative import SpeculativeDecoder, k_ladder, next_k
+
+    ladder = k_ladder(4)
+    assert ladder == (1, 2, 4) and k_ladder(6) == (1, 2, 4, 6)
+    assert next_k(ladder, 2, 2, 2) == 4 and next_k(ladder, 4, 4, 4) == 4   # all kept: up
+    assert next_k(ladder, 4, 4, 0) == 2 and next_k(ladder, 4, 4, 3) == 4   # at most one down
+    assert next_k(ladder, 1, 1, 0) == 1
+    config, params, prompt, ref = tiny
+    greedy = SamplingParams(temperature=0.0, max_tokens=60)
+    r = SpeculativeDecoder(config, params, method="ngram", num_tokens=4,
+                           max_len=128).generate(prompt, greedy, 0)
+    assert r.token_ids == ref[60]
+    assert len(set(r.k_trace) - {0}) >= 2 and r.proposed == sum(r.k_trace)   # K moved
+    fixed = SpeculativeDecoder(config, params, method="ngram", num_tokens=4, max_len=128,
+                               adaptive=False).generate(prompt, greedy, 0)
+    assert fixed.token_ids == ref[60] and set(fixed.k_trace) <= {0, 4}
+
+
 def test_seeded_sampling_is_reproducible_and_a_perfect_draft_is_always_kept(tiny):
     from serving.speculative import SpeculativeDecoder
 
