@@ -3,9 +3,9 @@
 Why: on a small model every decode step's two host dispatches, the read-back of its
 tokens and the scheduler's bookkeeping cost as much as the step itself (the bundled model
 runs ~2.4 ms a token in process). Running K steps inside one `jax.lax.while_loop` pays that
-once per K tokens (the loop ends early once every row has stopped). Each step is the engine's own `_forward_step_fn` then `_sample_step_fn`
-(the same code as a single step, so the numbers are the same), and the outputs of step j
-land in row j of [K, rows] arrays.
+once per K tokens (the loop ends early once every row has stopped). Each step is the
+engine's own `_forward_step_fn` then `_sample_step_fn` (the same code as a single step, so
+the numbers are the same), and the outputs of step j land in row j of [K, rows] arrays.
 
 Rows stop ON THE DEVICE exactly where the scheduler's `_take` would stop them: an
 all-masked row (error), a stop id or EOS once past min_tokens, max_tokens or the context
