@@ -256,7 +256,7 @@ def _profile(config, params, decoders, ids, plain, max_len, quiet) -> dict:
             logits.block_until_ready()
         row = {"forward_ms": best(run_fwd)}
         if k:
-            st = S._Static(config, None, max_len, token_limit, k)
+            st = S._Static(config, None, max_len, token_limit, 0)   # as the decoders use
             rows = jax.tree.map(jnp.asarray, make_rows([greedy] * (k + 1), config.vocab_size,
                                                        [0] * (k + 1), [0] * (k + 1)))
             state = init_state(k + 1, config.vocab_size, 1)

@@ -194,6 +194,9 @@ class SpeculativeDecoder:
                         for b in self.ladder}
         self._static = _Static(config, draft_config if method == "draft" else None, max_len,
                                self.token_limit, num_tokens)
+        # `_verify` does not use K (its shapes carry it): one static for every decoder, so
+        # decoders of different caps share the programs of the buckets they have in common
+        self._static_verify = _Static(config, None, max_len, self.token_limit, 0)
 
     # -- host loop --------------------------------------------------------------------------
 
@@ -289,7 +292,8 @@ class SpeculativeDecoder:
                 tokens[1:1 + len(drafts)] = drafts
                 attend = self._attend(pos + used + 1)
                 t_verify = time.perf_counter()
-                self.cache, *outs = _verify(self._static, self.cache, self.params, tokens,
+                self.cache, *outs = _verify(self._static_verify, self.cache, self.params,
+                                            tokens,
                                             np.int32(pos),
                                             rows_for[used] if used else rows1,
                                             self._states[used] if used else self._state1,
