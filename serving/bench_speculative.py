@@ -117,6 +117,8 @@ def run(args) -> int:
     ks = int_list(args.num_speculative_tokens, "--num-speculative-tokens")
     if args.max_tokens < 2:
         raise ValueError("--max-tokens must be >= 2")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     tokenizer = None
     if args.config:
         from model.config import named_config
