@@ -12,9 +12,9 @@ exactly; greedy output is the plain greedy output.
 - Adaptive K ("ngram"): K is the cap; each iteration verifies a K from the power-of-two
   ladder 1, 2, 4, ... (and the cap): one bucket up after all drafts were kept, down to what
   the last iteration kept (at most one bucket) after a rejection, and never more than the
-  match has tokens. On a CPU a forward over 2 positions already costs ~1.5 decode steps
-  (a matrix product instead of a matrix-vector one) while 9 cost ~1.8, so long drafts pay
-  when the text is copying and short ones waste less when it is not. The choice depends
+  match has tokens. On a CPU a forward over 2 positions already costs more than a decode
+  step (a matrix product instead of a matrix-vector one) and 9 cost little more than 2
+  (docs/speed.md), so long drafts pay while the text copies and a miss costs ~a step. The choice depends
   on past tokens only, so the rule stays exact; one program per (K bucket, attention
   bucket).
 - The KV cache needs no rollback: the decoder writes K/V at each token's position and
