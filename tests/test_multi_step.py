@@ -30,7 +30,7 @@ GREEDY = SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3)
 @pytest.fixture(scope="module", params=["dense", "paged"])
 def engine(request):
     """Not warmed up (the Scheduler's engine below is, and counts compilations): the same
-    shapes as that one, so the dense programs come from the persistent compilation cache."""
+    shapes as that one, so the paged programs come from the persistent compilation cache."""
     kv = (dict(kv_layout="paged", block_size=16, num_blocks=1 + 4 * 4)
           if request.param == "paged" else {})
     eng = DeviceEngine(CFG, PARAMS, max_slots=4, max_len=64, prefill_buckets=(8, 16),
@@ -125,15 +125,18 @@ def scheduler(tmp_path_factory):
 
     tok = load_tokenizer(str(build_bytelevel_dir(tmp_path_factory.mktemp("tok"))))
     assert tok.vocab_size <= CFG.vocab_size      # token_limit keeps sampled ids in it
+    # paged, as `serve` runs (the scheduler gives each row the blocks of its next K
+    # positions), with the engine fixture's pool: the same programs
     eng = DeviceEngine(CFG, PARAMS, max_slots=4, max_len=64, prefill_buckets=(8, 16),
                        decode_steps=K, eos_ids=tuple(sorted(tok.stop_ids)),
-                       token_limit=tok.vocab_size)
+                       token_limit=tok.vocab_size, kv_layout="paged", block_size=16,
+                       num_blocks=1 + 4 * 4)
     # serve's default warm-up: the first request's programs, the rest (the K-step programs
     # among them) on a background thread, which this waits for
     eng.warmup(background=True).join()
     assert not eng.background_errors
     assert any(name.startswith(f"{K}-step decode") for name, _ in eng._rest_jobs())
-    sched = Scheduler(eng, tok).start()
+    sched = Scheduler(eng, tok, prefix_cache=False).start()   # every run prefills afresh
     sched.compiled_after_warmup = compile_count()
     yield sched, tok
     sched.stop(drain_timeout_s=5)
