@@ -34,7 +34,7 @@ def add_quantize_argument(parser) -> None:
 
 
 def add_decode_steps_argument(parser) -> None:
-    """--decode-steps (engine, serve); see docs/speed.md, "Multi-step decode"."""
+    """--decode-steps (engine, serve, generate); see docs/speed.md, "Multi-step decode"."""
     parser.add_argument("--decode-steps", type=int, default=None, metavar="K",
                         help="decode steps per device dispatch while every running row "
                              "allows it and no request waits (serving/engine/multi_step.py); "

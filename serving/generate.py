@@ -67,6 +67,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None)
     from serving.flags import add_quantize_argument
     add_quantize_argument(parser)
+    from serving.flags import add_decode_steps_argument
+    add_decode_steps_argument(parser)
     parser.add_argument("--compile-cache", default=None, metavar="DIR",
                         help="persistent XLA compilation cache (default: "
                              "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/flaxserve/xla; "
@@ -133,8 +135,13 @@ def generate(engine, tokenizer, prompt_ids, sampling, seed: int, stop_ids=()):
     if not sampling.ignore_eos:
         stops |= set(stop_ids)
     max_tokens = min(sampling.max_tokens or engine.max_len, engine.max_len - len(prompt_ids))
-    row = 0
+    # multi-step decode (engine decode_steps > 1, serving/engine/multi_step.py): the device
+    # stops the row where this loop would
+    k = getattr(engine, "decode_steps", 1)
+    multi = k > 1 and engine.multi_step_ok() and len(stops) <= engine.max_stop_ids
+    row, ready = 0, [out]
     while True:
+        out = ready.pop(0)
         if out.errors[row]:
             raise ValueError("sampling failed: every token was masked for this request")
         tok = int(out.tokens[row])
@@ -142,7 +149,15 @@ def generate(engine, tokenizer, prompt_ids, sampling, seed: int, stop_ids=()):
         records.append((tok, float(out.logprobs[row]), out.top_ids[row], out.top_logprobs[row]))
         if len(tokens) >= max_tokens or (tok in stops and len(tokens) > (sampling.min_tokens or 0)):
             break
-        out = engine.step().result()
+        if not ready and multi:
+            from serving.engine.multi_step import stop_rows
+            left = {row: (max_tokens - len(tokens), (sampling.min_tokens or 0) - len(tokens),
+                          stops)}
+            res = engine.multi_step(k, *stop_rows(engine.max_slots, engine.max_stop_ids,
+                                                  left)).result()
+            ready = [step for step, wrote in zip(res.steps, res.wrote[:, row]) if wrote]
+        elif not ready:
+            ready = [engine.step().result()]
     engine.release(0)
     return tokens, records
 
@@ -187,9 +202,13 @@ def run(args) -> int:
         from serving.speculative import run_cli
         return run_cli(args, config, params, tokenizer, prompt_ids, sampling, seed)
     max_len = min(config.max_position_embeddings, max(32, 1 << (need - 1).bit_length()))
+    steps = getattr(args, "decode_steps", None) or 1
+    if steps < 1:
+        raise ValueError(f"--decode-steps must be >= 1, got {steps}")
     engine = DeviceEngine(config, params, max_slots=1, max_len=max_len,
                           num_top_logprobs=max(args.logprobs or 0, 1),
-                          token_limit=tokenizer.vocab_size if tokenizer else None)
+                          token_limit=tokenizer.vocab_size if tokenizer else None,
+                          decode_steps=steps)
     stop_ids = set(config.eos_token_ids)
     if tokenizer is not None:
         stop_ids |= set(tokenizer.stop_ids)

@@ -10,6 +10,8 @@
 """
 
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -186,3 +188,21 @@ def test_scheduler_k_steps_equal_single_steps(scheduler):
     assert got[1][3] == len(got[1][0]) < len(t1)      # usage counts the returned tokens
     assert compile_count() == sched.compiled_after_warmup
 
+
+
+def test_generate_loop_with_k_steps(engine):
+    """`flaxserve generate`'s loop (serving/generate.py) on K-step calls: the tokens and
+    logprobs of one step at a time, stopping at a stop id and at max_tokens."""
+    from serving.generate import generate
+    prompt = np.asarray(PROMPTS[1], np.int32)
+    free = dataclasses.replace(SEEDED, max_tokens=10, ignore_eos=True)
+    engine.decode_steps = 1
+    ref, ref_lp = generate(engine, None, prompt, free, 7)
+    j = next(i for i in range(2, len(ref)) if ref[i] not in ref[:i])
+    stop = dataclasses.replace(free, stop_token_ids=[ref[j]])
+    ref_stop, _ = generate(engine, None, prompt, stop, 7)
+    engine.decode_steps = K
+    got, got_lp = generate(engine, None, prompt, free, 7)
+    assert got == ref and len(got) == 10
+    np.testing.assert_allclose([r[1] for r in got_lp], [r[1] for r in ref_lp], atol=1e-6)
+    assert generate(engine, None, prompt, stop, 7)[0] == ref_stop == ref[:j + 1]
