@@ -232,7 +232,7 @@ def run(args) -> int:
     _say(f"loaded in {time.monotonic() - t0:.1f} s: {max_slots} slots, max_model_len "
          f"{max_len}, prefill buckets {list(engine.prefill_buckets)}; RSS {rss_mib():.0f} MiB")
     if engine.paged:
-        from serving.engine.device import kv_bytes_per_token
+        from serving.engine.sizing import kv_bytes_per_token
         pool = engine.num_blocks * engine.block_size * kv_bytes_per_token(config)
         _say(f"KV cache: paged, {engine.num_blocks} blocks of {engine.block_size} tokens "
              f"({pool / 2 ** 30:.2f} GiB; dense would take "

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from serving.engine.step_output import host_output, pad_rows
+
 
 def run(forward_step, sample_step, params, state, tables, mask_bits, budget, min_left,
         stop_ids, steps: int, attend_len: int, rows: int, custom: bool):
@@ -93,13 +95,12 @@ class MultiPending:
 
     def result(self) -> MultiStepOutput:
         if self._result is None:
-            from serving.engine.device import _pad_rows, host_output
             out, wrote = jax.device_get((self._out, self._wrote))
             done = time.perf_counter()
             seconds = max(done - max(self._dispatched, self._engine._last_done), 0.0)
             self._engine._last_done = done
             slots = self._engine.max_slots
-            steps = [_pad_rows(host_output(jax.tree.map(lambda x, j=j: x[j], out), 0.0), slots)
+            steps = [pad_rows(host_output(jax.tree.map(lambda x, j=j: x[j], out), 0.0), slots)
                      for j in range(wrote.shape[0])]
             full = np.zeros((wrote.shape[0], slots), bool)
             full[:, :wrote.shape[1]] = wrote

@@ -22,7 +22,7 @@ def pool_args(config, max_slots: int, max_len: int, block_size: int = 16,
     """DeviceEngine keyword arguments for a paged pool: `memory` a `--kv-cache-memory`
     budget, or None for room for every slot at max_len (plus one reserve block each),
     capped at 1 GiB (so a tiny test model takes no more than its dense cache would)."""
-    from serving.engine.device import blocks_for_memory
+    from serving.engine.sizing import blocks_for_memory
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"--block-size must be a power of two, got {block_size}")
     if memory is None:

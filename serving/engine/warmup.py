@@ -1,0 +1,261 @@
+"""Compiling the engine's programs ahead of the requests that need them (DeviceEngine mixes
+this in). `warmup()` compiles every prefill bucket, insert, decode step and copy; with
+background=True it runs only what a first short request needs (the smallest prefill, the
+lean first-token sampler, a one-slot decode step), then lowers and compiles the rest on a
+thread, fresh prefills first and cached-prefix ones last, while the engine already serves.
+A request that needs a program still compiling waits for jit to compile it: it never
+fails. Tracing holds Python's GIL, so the thread helps by overlapping XLA's compile, not
+by tracing in parallel (docs/cli.md, the start-up section).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sampling.params import SamplingParams
+from sampling.rows import make_rows
+
+
+class Warmup:
+    """DeviceEngine's compile-ahead methods (serving/engine/device.py holds the programs)."""
+
+    def warmup(self, progress: Callable[[str], None] | None = None,
+               background: bool = False) -> "threading.Thread | None":
+        """Compile the step, every prefill bucket and the slot copy.
+
+        background=True: run only what a first short request needs (the smallest prefill
+        bucket, the first-token sampler, a one-slot decode step) and compile the rest on a
+        thread, which is returned (see `_compile_rest`); a call that needs a program not yet
+        compiled compiles it itself, so it waits, never fails."""
+        if background:
+            return self._warm_first(progress)
+        say = progress or (lambda _msg: None)
+        greedy = SamplingParams(temperature=0.0)
+        if self.paged:   # warm-up writes go to block 1 (garbage until a sequence owns it)
+            self._tables[:] = 1
+            self._tables_dev = None
+        for i, b in enumerate(self.prefill_buckets):
+            say(f"warm-up: prefill bucket {b} ({i + 1}/{len(self.prefill_buckets)})")
+            n = min(b, self.max_len - 1)
+            self.prefill_chunk(0, np.zeros(n, np.int32), 0)          # a fresh prompt
+            n = min(b, self.max_len - 2)
+            self.prefill_chunk(0, np.zeros(n, np.int32), 1)          # after a cached prefix
+        for rows in self.prefill_rows:    # batched prefill (insert_many), first tokens
+            say(f"warm-up: batched prefill of {rows} prompts, buckets "
+                f"{'/'.join(map(str, self.prefill_buckets))}")
+            for b in self.prefill_buckets:
+                item = dict(slot=0, prompt_ids=np.zeros(min(b, self.max_len - 1), np.int32),
+                            sampling=greedy, seed=0)
+                for pending in self.insert_many([item] * rows):
+                    pending.result()
+            self.release(0)
+        self.batched_prefills = self.batched_prompts = 0
+        say("warm-up: first-token sampler")
+        self.insert(0, np.zeros(1, np.int32), 0, greedy, 0).result()
+        for rows in self.batch_buckets:
+            slot = rows - 1
+            if slot:
+                self.insert(slot, np.zeros(1, np.int32), 0, greedy, 0).result()
+            say(f"warm-up: decode steps over {rows} slots, attending "
+                f"{'/'.join(map(str, self.attend_buckets))}")
+            for b in self.attend_buckets:
+                if rows * b > self.warm_run_tokens and b != self.attend_buckets[0]:
+                    # compile only: running it would move rows x b tokens of KV per layer
+                    # (a 64 x 32k paged step); jit then reuses the compiled program
+                    self._forward_step.lower(self.params, self.state, self._tables_arg(), b,
+                                             rows).compile()
+                    continue
+                self._host_pos[self._host_active] = b - 1
+                self.step().result()
+            self._warm_multi(rows, say)
+            if slot:
+                self.release(slot)
+        say("warm-up: the full samplers (first token; decode over "
+            f"{'/'.join(map(str, self.batch_buckets))} slots)")
+        for _name, lower in self._sampler_jobs(*self._abstract_args(), full_only=True):
+            lower().compile()        # jit then reuses it (the lean ones ran above)
+        if self.paged:
+            self.copy_block(0, 0)
+        else:
+            self.copy_prefix(0, min(1, self.max_slots - 1), 1)
+        self.release(0)
+        self._host_pos[:] = 0
+        self._tables[:] = 0
+        self._tables_dev = None
+        jax.block_until_ready(self.state)
+        say("warm-up: done")
+
+    def _multi_args(self, rows: int):
+        """Arguments of a warm-up multi-step call over `rows` slots: live rows run one step
+        (budget 1), so the program compiles at the cost of a single step."""
+        budget = np.where(self._host_active, 1, 0).astype(np.int32)
+        return (self._mask_bits(rows, None), budget, np.zeros(self.max_slots, np.int32),
+                np.full((self.max_slots, self.max_stop_ids), -1, np.int32))
+
+    def _warm_multi(self, rows: int, say) -> None:
+        """Compile the multi-step programs over `rows` slots (only with decode_steps > 1)."""
+        k = self.decode_steps
+        if k == 1:
+            return
+        say(f"warm-up: {k}-step decode over {rows} slots")
+        for b in self.attend_buckets:
+            args = self._multi_args(rows)
+            if rows * b > self.warm_run_tokens and b != self.attend_buckets[0]:
+                self._multi.lower(self.params, self.state, self._tables_arg(), *args, k, b,
+                                  rows, False).compile()
+                continue
+            self._dispatch_multi(k, b, rows, *args[1:]).result()
+
+    def _warm_first(self, progress) -> threading.Thread:
+        say = progress or (lambda _msg: None)
+        t0 = time.perf_counter()
+        if self.paged:
+            self._tables[:] = 1
+            self._tables_dev = None
+        self.prefill_chunk(0, np.zeros(1, np.int32), 0)
+        self.insert(0, np.zeros(1, np.int32), 0, SamplingParams(temperature=0.0), 0).result()
+        self.step().result()
+        self.release(0)
+        for rows in self.batch_buckets:   # the unconstrained masks, made on the device once
+            self._mask_bits(rows, None)
+        self._host_pos[:] = 0
+        self._tables[:] = 0
+        self._tables_dev = None
+        jax.block_until_ready(self.state)
+        say(f"warm-up: first-request programs ready in {time.perf_counter() - t0:.1f} s; "
+            f"compiling the rest in the background")
+        jobs = self._rest_jobs()
+        self.background_errors, self.background_done = [], False
+        thread = threading.Thread(target=self._compile_rest, args=(jobs, say),
+                                  name="flaxserve-compile", daemon=True)
+        thread.start()
+        return thread
+
+    def _rest_jobs(self) -> list:
+        """(name, lower) for every program the full warm-up compiles, likeliest first; the
+        arguments are abstract (shapes, dtypes, shardings), so nothing touches the state."""
+        params, state, tables = self._abstract_args()
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        jobs = []
+        for b in self.prefill_buckets:
+            for fresh in (True, False):
+                toks = jax.ShapeDtypeStruct((b,), jnp.int32)
+                jobs.append((f"prefill {b}{'' if fresh else ' (cached prefix)'}",
+                             lambda toks=toks, fresh=fresh: self._prefill.lower(
+                                 params, state, tables, toks, i32, i32, i32, fresh)))
+        for rows in self.prefill_rows:
+            for b in self.prefill_buckets:
+                jobs.append((f"batched prefill {rows} x {b}",
+                             lambda b=b, rows=rows: self._prefill_many.lower(
+                                 params, state, tables,
+                                 jax.ShapeDtypeStruct((rows, b), jnp.int32),
+                                 jax.ShapeDtypeStruct((rows,), jnp.int32),
+                                 jax.ShapeDtypeStruct((rows,), jnp.int32))))
+        for rows in self.batch_buckets:
+            for b in self.attend_buckets:
+                jobs.append((f"decode {rows} slots x {b}",
+                             lambda b=b, rows=rows: self._forward_step.lower(
+                                 params, state, tables, b, rows)))
+        jobs += self._sampler_jobs(params, state, tables)
+        if self.decode_steps > 1:      # multi-step decode (serving/engine/multi_step.py)
+            s, k = self.max_slots, self.decode_steps
+            i32s = jax.ShapeDtypeStruct((s,), jnp.int32)
+            ids = jax.ShapeDtypeStruct((s, self.max_stop_ids), jnp.int32)
+            for rows in self.batch_buckets:
+                bits = jax.ShapeDtypeStruct((rows, self.mask_words), jnp.int32)
+                for b in self.attend_buckets:
+                    jobs.append((f"{k}-step decode {rows} slots x {b}",
+                                 lambda b=b, rows=rows, bits=bits: self._multi.lower(
+                                     params, state, tables, bits, i32s, i32s, ids, k, b, rows,
+                                     False)))
+        if self.paged:
+            jobs.append(("block copy", lambda: self._copy_block.lower(state, i32, i32)))
+        else:
+            jobs.append(("slot copy", lambda: self._copy.lower(state, i32, i32)))
+        # a new prompt of any length needs its fresh prefill first; a cached prefix (a
+        # second turn, a long prompt's later chunks) comes later (stable: small first)
+        jobs.sort(key=lambda job: 2 if "cached prefix" in job[0] else
+                  0 if job[0].startswith("prefill ") else 1)
+        return jobs
+
+    def _abstract_args(self):
+        """(params, state, block tables) as abstract arguments for `.lower`."""
+        return (jax.tree.map(_abstract, self.params), jax.tree.map(_abstract, self.state),
+                _abstract(self._tables_arg()))
+
+    def _sampler_jobs(self, params, state, tables, full_only: bool = False) -> list:
+        """(name, lower) for the sampler programs: the full first-token sampler and, per
+        batch bucket, the lean decode sampler (but over the first bucket, which the first
+        request compiles; none with full_only) and the full one."""
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        # jit's outputs are committed only when an input was: uncommitted params and state
+        # (init_params, tests) give uncommitted logits, lowered unplaced
+        committed = self.mesh is not None or any(
+            getattr(x, "_committed", True) for x in jax.tree.leaves((self.params, self.state)))
+
+        def logits_of(lowered):   # placed as the compiled program places its logits
+            out = lowered.out_info[1]
+            placed = lowered.compile().output_shardings[1] if committed else None
+            return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=placed)
+
+        def first():
+            toks = jax.ShapeDtypeStruct((self.prefill_buckets[0],), jnp.int32)
+            logits = logits_of(self._prefill.lower(params, state, tables, toks, i32, i32, i32,
+                                                   True))
+            row = jax.tree.map(_abstract, make_rows([None], self.vocab_size, [0], [0]))
+            return self._first.lower(
+                state, logits, i32, row, jax.ShapeDtypeStruct((self.max_len,), jnp.int32), i32,
+                jax.ShapeDtypeStruct((1, self.mask_words), jnp.int32), False, i32,
+                jax.ShapeDtypeStruct((len(self._carried),), jnp.float32),
+                jax.ShapeDtypeStruct((), jnp.bool_), lean=False)
+
+        def step(rows, lean):
+            fwd = self._forward_step.lower(params, state, tables, self.attend_buckets[0], rows)
+            return self._sample_step.lower(
+                state, logits_of(fwd), jax.ShapeDtypeStruct((rows, self.mask_words), jnp.int32),
+                False, rows, lean=lean)
+
+        jobs = [] if full_only else [
+            (f"sampler {rows} slots", lambda rows=rows: step(rows, True))
+            for rows in self.batch_buckets[1:]]
+        jobs += [(f"full sampler {rows} slots", lambda rows=rows: step(rows, False))
+                 for rows in self.batch_buckets]
+        return jobs + [("full first-token sampler", first)]
+
+    def _compile_rest(self, jobs, say) -> None:
+        """Compile (or read from the persistent cache) every job, a few at a time."""
+        from concurrent.futures import ThreadPoolExecutor
+        import os
+        t0, done = time.perf_counter(), 0
+
+        def one(job):
+            name, lower = job
+            try:
+                lower().compile()
+            except Exception as e:  # noqa: BLE001 - the call that needs it compiles it
+                self.background_errors.append(f"{name}: {e}")
+            return name
+
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            for _name in pool.map(one, jobs):
+                done += 1
+                elapsed = time.perf_counter() - t0
+                eta = elapsed / done * (len(jobs) - done)   # every one: `say` may thin
+                say(f"background compile: {done}/{len(jobs)} programs, "
+                    f"{elapsed:.1f} s, ETA {eta:.0f} s")
+        self.background_done = True
+
+
+def _abstract(x):
+    """x as an abstract argument: shape, dtype and placement; uncommitted arrays (numpy,
+    jnp.zeros) lower unplaced."""
+    x = jnp.asarray(x)
+    sharding = x.sharding if getattr(x, "_committed", True) else None
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
