@@ -56,19 +56,16 @@ import traceback
 import numpy as np
 
 from serving.engine.requests import (INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, EngineRequest,
-                                     Failure, Handle, RequestError, RequestState, Sample,
+                                     Handle, RequestError, RequestState, Sample,
                                      TokenLogprob)
+from serving.engine.containment import Containment
+from serving.engine.preemption import Preemption
 from serving.engine.request_checks import RequestChecks
 from serving.engine.text_thread import TextThread
 
 log = logging.getLogger("flaxserve.engine")
 
 IDLE_WAIT_S = 0.05
-# Failure containment: a failed admit, prefill, insert or step fails the requests involved
-# and the loop goes on; the engine is broken (the loop ends, `flaxserve engine` exits
-# non-zero for its supervisor) only when the device state is lost or this many steps in a
-# row fail.
-MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -79,7 +76,7 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return m if eq.all() else int(np.argmin(eq))
 
 
-class Scheduler(RequestChecks, TextThread):
+class Scheduler(RequestChecks, TextThread, Containment, Preemption):
     """Admission queue + slots + the device loop. `submit` from any thread."""
 
     def __init__(self, engine, tokenizer=None, *, max_queue: int = 256,
@@ -345,18 +342,6 @@ class Scheduler(RequestChecks, TextThread):
                                                self.engine.max_stop_ids, rows)
         return self.engine.multi_step(k, budget, min_left, stop_ids)
 
-    def _grow_ahead(self, k: int) -> bool:
-        """Paged: the blocks every live row's next k positions need, if the pool has them
-        all (else nothing is allocated and the caller runs one step)."""
-        live = [s for s, o in enumerate(self._owner) if o is not None and not o.device_done]
-        need = {s: self.kv.grow_need(s, ahead=k) for s in live}
-        if sum(n for n in need.values() if n > 0) > self.kv.manager.num_free():
-            return False
-        for slot, n in need.items():
-            if n > 0:
-                self.kv.grow(slot, n)
-        return True
-
     def _masks(self):
         """Allowed-token bitmasks for the next step: constrained rows filled, others ones."""
         from sampling.grammar import all_ones
@@ -367,98 +352,7 @@ class Scheduler(RequestChecks, TextThread):
                 c.fill(mask[slot])
         return mask
 
-    def _fail_all(self, kind: str, message: str) -> None:
-        self.beams.fail_all(kind, message)
-        self.spec.fail_all(kind, message)
-        with self._lock:
-            states = list(self._queue) + list(self._prefilling) + list(self._resume)
-            self._queue.clear()
-            self._prefilling.clear()
-            self._resume.clear()
-            self._running.clear()
-        states += [o.state for o in self._owner if o is not None]
-        states += [s.state for s in self._preempted_now]
-        states = [st.parent or st for st in states]
-        seen = set()
-        for st in states:
-            if id(st) not in seen:
-                seen.add(id(st))
-                self._detok_q.put(("fail", st, Failure(kind, message)))
-
-    # -- failure containment (device thread) ------------------------------------------------
-
-    def _guard_step(self, dispatch, owners):
-        """`dispatch()` (a decode step, or half of one); None when it raised."""
-        try:
-            return dispatch()
-        except Exception as e:
-            self._step_failed(owners, e)
-            return None
-
-    def _step_failed(self, owners, error: Exception) -> None:
-        """A step failed: every sample in it fails (which row caused it is unknown)."""
-        self._step_failures += 1
-        states = list({id(o.state): o.state for o in owners
-                       if o is not None and not o.device_done}.values())
-        self._contain("a decode step", states, error)
-        if self._failed is None and self._step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
-            with self._lock:
-                self._failed = (f"engine failure: {self._step_failures} decode steps in a row "
-                                f"failed, the last with {type(error).__name__}: {error}")
-
-    def _contain(self, what: str, states: list, error: Exception) -> None:
-        """Fail `states` with a clear error, give back their slots, and mark the engine
-        broken only if the device state did not survive."""
-        log.error("engine: %s failed for %d request(s); failing them and carrying on:\n%s",
-                  what, len(states), traceback.format_exc())
-        message = f"the engine failed while {what}: {type(error).__name__}: {error}"
-        for st in states:
-            self._fail_request(st, message)
-        if self._failed is None and self._device_state_lost():
-            with self._lock:
-                self._failed = f"engine failure: the device state was lost ({message})"
-
-    def _fail_request(self, st: RequestState, message: str) -> None:
-        """End one request with INTERNAL and free its slots (their KV is not reused)."""
-        for k, sample in enumerate(st.samples):
-            sample.device_done = True
-            slot = st.slots[k] if k < len(st.slots) else None
-            if slot is None or slot < 0:   # < 0: preempted, holds no slot
-                continue
-            if self._owner[slot] is sample:
-                self._owner[slot] = None
-                try:
-                    self.engine.release(slot)
-                except Exception:      # a lost device state is caught by the caller
-                    log.exception("engine: releasing slot %d failed", slot)
-            elif sample.slot != -1:    # inserted and already freed by _reap
-                continue
-            self._slot_tokens[slot] = np.zeros(0, np.int32)
-            if self.kv is not None:
-                self.kv.free(slot)
-            with self._lock:
-                if slot not in self._free:
-                    self._free.append(slot)
-        with self._lock:
-            self._prefilling[:] = [p for p in self._prefilling if p is not st]
-            self._running.discard(id(st))
-        if st.parent is not None:          # a preempted sample's recompute: fail the request
-            self._fail_request(st.parent, message)
-            return
-        self._detok_q.put(("fail", st, Failure(INTERNAL, message)))
-
-    def _device_state_lost(self) -> bool:
-        """Whether the engine's device state is gone (donated to a call that failed while
-        running, or holding an error): then no later step can succeed."""
-        import jax
-        try:
-            leaves = jax.tree.leaves(getattr(self.engine, "state", None))
-            if any(x.is_deleted() for x in leaves if hasattr(x, "is_deleted")):
-                return True
-            jax.block_until_ready(leaves)
-        except Exception:
-            return True
-        return False
+    # -- slots given back (device thread); failures are contained in containment.py ----------
 
     def _release(self, slot: int, tokens: np.ndarray) -> None:
         owner = self._owner[slot]
@@ -621,49 +515,8 @@ class Scheduler(RequestChecks, TextThread):
                 self.engine.set_steering(slot, req.steering)
                 self._slot_steered[slot] = req.steering is not None
 
-    # -- the paged KV cache (device thread) -----------------------------------------------
-
-    def _reserve_paged(self, st: RequestState) -> RequestState:
-        """Slots and blocks for a popped request (the caller checked that both are free)."""
-        with self._lock:
-            slots = sorted(self._free)[:len(st.samples)]
-            for slot in slots:
-                self._free.remove(slot)
-            self._prefilling.append(st)
-            if st.parent is None:
-                self._running.add(id(st))
-            st.slots = slots
-        cached = self.kv.admit(slots, st.prompt, st.request.steering_key)
-        self._steer_slots(st.request, slots)
-        if (st.parent is None and st.request.sampling.prompt_logprobs is not None
-                and st.prompt_logprobs is None):
-            self._score_prompt(st)
-        st.prefill_pos = cached
-        if st.parent is None:
-            st.cached_tokens = cached
-            st.admitted = st.admitted or time.monotonic()
-        return st
-
-    def _next_resume(self) -> RequestState | None:
-        """The oldest preempted sample's recompute, when a slot and its blocks are free."""
-        while self._resume:
-            st = self._resume[0]
-            sample = st.samples[0]
-            if not sample.device_done and (st.cancelled or sample.text_done):
-                sample.device_done = True
-                if st.cancelled:
-                    self._detok_q.put(("end", sample, "abort"))
-            if sample.device_done:     # ended while it waited (stop string, cancel, error)
-                self._resume.popleft()
-                self._maybe_done(st.parent)
-                continue
-            with self._lock:
-                if not self._free or not self.kv.can_admit(st.prompt, 1, self._decoding(),
-                                                           st.request.steering_key):
-                    return None
-            self._resume.popleft()
-            return self._reserve_paged(st)
-        return None
+    # -- running samples (device thread); the paged pool's growth and preemption are in
+    #    preemption.py ---------------------------------------------------------------------
 
     def _decoding(self) -> int:
         return sum(1 for o in self._owner if o is not None and not o.device_done)
@@ -674,93 +527,6 @@ class Scheduler(RequestChecks, TextThread):
                 o is not None and o.state is st for o in self._owner):
             with self._lock:
                 self._running.discard(id(st))
-
-    def _grow(self) -> None:
-        """Give every decoding slot the block its next position needs, oldest sample first;
-        when the pool runs out, preempt the newest holder of blocks instead of failing."""
-        self._preempted_this_iter = False
-        live = [s for s, o in enumerate(self._owner) if o is not None and not o.device_done]
-        for slot in sorted(live, key=lambda s: self._age(self._owner[s])):
-            sample = self._owner[slot]
-            if sample is None:             # preempted by an older sample just now
-                continue
-            need = self.kv.grow_need(slot)
-            while need > 0 and self._owner[slot] is sample and \
-                    self.kv.manager.num_free() < need:
-                victim = self._newest_holder()
-                if victim is sample and victim is self._oldest_holder():
-                    # alone and still too long for the pool: it ends here
-                    sample.device_done = True
-                    self._detok_q.put(("end", sample, "length"))
-                    self._release(slot, np.asarray(sample.state.prompt + sample.tokens[:-1],
-                                                   np.int32))
-                    self._maybe_done(sample.state)
-                    break
-                self._preempt(victim)
-            if need > 0 and self._owner[slot] is sample:
-                self.kv.grow(slot, need)
-
-    @staticmethod
-    def _age(holder) -> tuple:
-        """Admission order of a sample or a prefilling request (smaller: older)."""
-        if isinstance(holder, Sample):
-            return (holder.state.request.arrival, holder.index)
-        st = holder.parent or holder
-        return (st.request.arrival, holder.samples[0].index if holder.parent else 0)
-
-    def _holders(self) -> list:
-        return [o for o in self._owner if o is not None] + list(self._prefilling)
-
-    def _newest_holder(self):
-        return max(self._holders(), key=self._age)
-
-    def _oldest_holder(self):
-        return min(self._holders(), key=self._age)
-
-    def _preempt(self, victim) -> None:
-        """Free a holder's blocks: a decoding sample is recomputed later (from its prompt
-        and tokens, see `_requeue_preempted`); a prefilling request goes back to the
-        front of its queue."""
-        self.kv.preemptions += 1
-        self._preempted_this_iter = True
-        if isinstance(victim, Sample):
-            st = victim.state
-            slot = victim.slot
-            log.info("engine: preempting sample %d of %s (KV pool full)", victim.index,
-                     st.request.request_id)
-            victim.carry = self.engine.sampler_carry(slot)    # mirostat's mu, ...
-            self._release(slot, np.asarray(st.prompt + victim.tokens[:-1], np.int32))
-            victim.slot = -1
-            st.slots[victim.index] = -1
-            self._preempted_now.append(victim)
-            return
-        st = victim
-        with self._lock:
-            self._prefilling.remove(st)
-            if st.parent is None:
-                self._running.discard(id(st))
-        for slot in st.slots:
-            self.kv.free(slot)
-            with self._lock:
-                self._free.append(slot)
-        st.slots, st.prefill_pos = [], 0
-        if st.parent is None:
-            with self._lock:
-                self._queue.appendleft(st)
-        else:
-            self._resume.appendleft(st)
-
-    def _requeue_preempted(self) -> None:
-        """After the step in flight at their preemption was read: queue each preempted
-        sample's recompute (prompt + every token it has), oldest first."""
-        for sample in sorted(self._preempted_now, key=self._age):
-            st = sample.state
-            child = RequestState(request=st.request, handle=st.handle,
-                                 prompt=st.prompt + sample.tokens, samples=[sample], parent=st)
-            self._resume.append(child)
-        self._preempted_now = []
-        if len(self._resume) > 1:
-            self._resume = collections.deque(sorted(self._resume, key=self._age))
 
     def _score_prompt(self, st: RequestState) -> None:
         """prompt_logprobs: one forward over the prompt (compiled per power-of-two length on

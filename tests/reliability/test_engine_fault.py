@@ -21,7 +21,8 @@ from sampling.params import SamplingParams
 from serving.client import EngineClient
 from serving.engine import requests as rq
 from serving.engine.device import DeviceEngine
-from serving.engine.scheduler import MAX_CONSECUTIVE_STEP_FAILURES, Scheduler
+from serving.engine.containment import MAX_CONSECUTIVE_STEP_FAILURES
+from serving.engine.scheduler import Scheduler
 from serving.engine.server import EngineServer
 
 pytestmark = pytest.mark.timeout(300)
