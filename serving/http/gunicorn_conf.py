@@ -18,7 +18,11 @@ DEFAULTS = {
     "threads": 32,
     "timeout": 120,             # worker heartbeat, not request duration (gthread)
     "graceful_timeout": 10,
-    "keepalive": 5,
+    # idle keep-alive connections live in the worker's selector (no thread) for longer than
+    # httpx's 5 s pool expiry (the openai and anthropic SDKs): at an equal 5 s, a client
+    # reused a connection the server was closing at that moment and got "Server
+    # disconnected without sending a response" (tests/test_router.py saw it)
+    "keepalive": 15,
     "accesslog": None,          # no access log by default: never a header, never a key
     "errorlog": "-",
     "loglevel": "info",
