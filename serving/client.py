@@ -146,10 +146,16 @@ class EngineClient:
         return self.stub.Stats(pb.StatsRequest())
 
     def healthy(self, timeout: float = 2.0) -> bool:
+        return self.health(timeout) == "serving"
+
+    def health(self, timeout: float = 2.0) -> str:
+        """"serving", "not serving", "slow" (no answer within `timeout`: the engine may be
+        alive but starved of CPU) or "down" (refused, closed, any other RPC error)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         try:
             reply = health_pb2_grpc.HealthStub(self.channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        except grpc.RpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError as e:
+            return "slow" if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "down"
+        return ("serving" if reply.status == health_pb2.HealthCheckResponse.SERVING
+                else "not serving")

@@ -24,6 +24,7 @@ from serving.http.generation import Delta, GenRequest
 
 _END = object()
 HEALTH_INTERVAL_S = 0.25
+SLOW_CHECKS_UNHEALTHY = 3     # ~4 s without an answer: the engine is stuck, not busy
 
 
 @dataclass
@@ -180,11 +181,21 @@ class EngineLink:
         return self._healthy
 
     def _watch_health(self) -> None:
+        slow = 0
         while not self._closed:
             # while the engine is starting (or down), look more often: /health turns 200
             # within 50 ms of the engine being ready
             time.sleep(HEALTH_INTERVAL_S if self._healthy else 0.05)
-            self._healthy = self.healthy(timeout_s=1.0)
+            try:
+                state = self.client.health(timeout=1.0)
+            except Exception:  # noqa: BLE001 - e.g. the channel closed under us: down
+                state = "down"
+            # a check that times out under a heavy load is not a dead engine: a healthy
+            # engine stays healthy until SLOW_CHECKS_UNHEALTHY checks in a row time out
+            # (a refused or closed connection, or NOT_SERVING, counts at once)
+            slow = slow + 1 if state == "slow" else 0
+            if state != "slow" or slow >= SLOW_CHECKS_UNHEALTHY or not self._healthy:
+                self._healthy = state == "serving"
 
     def model_info(self) -> EngineModel:
         try:
