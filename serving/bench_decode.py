@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig, named_config
-from serving.flags import int_list
+from serving.flags import int_list, positive_int
 
 
 def add_arguments(parser) -> None:
@@ -33,7 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--hf-batch", default="1", help="batch sizes to run transformers at")
-    parser.add_argument("--decode-steps", type=int, default=1, metavar="K",
+    parser.add_argument("--decode-steps", type=positive_int, default=1, metavar="K",
                         help="also time K decode steps per dispatch (multi-step decode, "
                              "serving/engine/multi_step.py) next to one at a time")
     from serving.flags import add_quantize_argument

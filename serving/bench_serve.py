@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.flags import counts_per_level, int_list
+from serving.flags import counts_per_level, int_list, positive_int
 
 
 def add_arguments(parser) -> None:
@@ -65,7 +65,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefill-batch", type=int, default=16, metavar="N",
                         help="in-process engine: fresh prompts prefilled in one program "
                              "(1: one at a time, the unbatched path)")
-    parser.add_argument("--decode-steps", type=int, default=1, metavar="K",
+    parser.add_argument("--decode-steps", type=positive_int, default=1, metavar="K",
                         help="in-process engine: decode steps per dispatch while no request "
                              "waits (multi-step decode)")
     parser.add_argument("--kv-cache-memory", default=None, metavar="SIZE",

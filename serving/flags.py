@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def int_list(text: str, flag: str) -> list[int]:
     """'1,8,32' -> [1, 8, 32]; a ValueError naming the flag otherwise."""
@@ -33,9 +35,21 @@ def add_quantize_argument(parser) -> None:
                              "default: the weights as loaded")
 
 
+def positive_int(text: str) -> int:
+    """An argparse `type` for counts of at least 1: argparse names the flag in its error
+    ("argument --decode-steps: must be an integer >= 1, got '0'")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def add_decode_steps_argument(parser) -> None:
     """--decode-steps (engine, serve, generate); see docs/speed.md, "Multi-step decode"."""
-    parser.add_argument("--decode-steps", type=int, default=None, metavar="K",
+    parser.add_argument("--decode-steps", type=positive_int, default=None, metavar="K",
                         help="decode steps per device dispatch while every running row "
                              "allows it and no request waits (serving/engine/multi_step.py); "
                              "default 1")

@@ -158,12 +158,13 @@ class DeviceEngine(Warmup):
         self._sample_step = jax.jit(self._sample_step_fn, donate_argnums=(0,),
                                     static_argnums=(3, 4, 5), static_argnames=("lean",))
         # multi-step decode (serving/engine/multi_step.py): K steps of the two bodies above
-        # in one program; the scheduler uses it when every live row allows (decode_steps)
+        # in one program, over the lean sampler or (a live row needs it) the full one; the
+        # scheduler uses it when every live row allows (decode_steps, multi_step_ok)
         self.decode_steps = decode_steps
         from serving.engine import multi_step
         self._multi = jax.jit(functools.partial(multi_step.run, self._forward_step_fn,
                                                 self._sample_step_fn),
-                              donate_argnums=(1,), static_argnums=(7, 8, 9, 10))
+                              donate_argnums=(1,), static_argnums=(7, 8, 9, 10, 11))
         self._custom_slots: set[int] = set()
         self._full_slots: set[int] = set()       # live slots the lean sampler cannot serve
         # slots of `deterministic: true` requests: while one is live, decode steps run over
@@ -610,19 +611,21 @@ class DeviceEngine(Warmup):
     max_stop_ids = 16       # stop ids (EOS included) a row may have in a multi-step call
 
     def multi_step_ok(self) -> bool:
-        """Whether every live row can run in `multi_step`: the lean sampler serves it, in
-        the default order, and it is not `deterministic` (one fixed shape per step)."""
-        return not (self._full_slots or self._custom_slots or self._deterministic_slots)
+        """Whether every live row can run in `multi_step`: it uses the default sampler
+        order and is not `deterministic` (the lean or the full sampler: both have K-step
+        programs; serving/engine/multi_step.py says why the other two do not)."""
+        return not (self._custom_slots or self._deterministic_slots)
 
     def _dispatch_multi(self, steps, attend, rows, budget, min_left, stop_ids):
         from serving.engine.multi_step import MultiPending
-        if self._full_slots or self._custom_slots or self._deterministic_slots:
-            raise ValueError("multi_step: a live row needs the full sampler, a custom sampler "
-                             "order or the deterministic shape; use step (multi_step_ok)")
+        if not self.multi_step_ok():
+            raise ValueError("multi_step: a live row has a custom sampler order or the "
+                             "deterministic shape; use step (multi_step_ok)")
         dispatched = time.perf_counter()
         self.state, out, wrote = self._multi(self.params, self.state, self._tables_arg(),
                                              self._mask_bits(rows, None), budget, min_left,
-                                             stop_ids, steps, attend, rows, False)
+                                             stop_ids, steps, attend, rows, False,
+                                             not self._full_slots)
         return MultiPending(self, out, wrote, dispatched)
 
     def release(self, slot: int) -> None:

@@ -15,9 +15,21 @@ row that stops is marked inactive, so it writes no more KV and its position and 
 stay put (a row with budget 0 does not run at all). The host still takes every token in
 order through `_take`, which reaches the same decision at the same token.
 
-Only rows the lean sampler serves, unconstrained (a grammar's mask needs the host between
-steps), in the default sampler order and not `deterministic` run here; the scheduler falls
-back to K = 1 while any other row is live (serving/engine/scheduler.py `_multi_steps`).
+The sampler is the lean program while every live row allows it, else the full one
+(`lean` static, as for a single step: sampling/sampler.py `needs_full`). Its per-slot
+state (output counts for penalties and penalty windows, mirostat's mu, DRY and n-gram
+history, a decaying top-p, ...) lives in the decode state and is carried from one loop
+step to the next exactly as from one single step to the next, so a row gets the same
+tokens and logprobs at any K. The full K-step programs compile only with decode_steps > 1
+(the background warm-up's jobs).
+
+Rows that still fall back to K = 1 while they are live (serving/engine/scheduler.py
+`_multi_steps`): a grammar (its mask for step j+1 needs the host to read token j), a
+custom sampler order or `temperature_last` (the reorderable sampler is a third, larger
+program: its K-step variant would be one more compile per shape for a rare request), and
+`deterministic` rows (their promise is the same bits in any batch; whether a call runs K
+steps depends on the other traffic, so a K-step program would have to match the single
+step bit for bit, which XLA does not promise for a body inside a loop).
 """
 
 from __future__ import annotations
@@ -33,8 +45,9 @@ from serving.engine.step_output import host_output, pad_rows
 
 
 def run(forward_step, sample_step, params, state, tables, mask_bits, budget, min_left,
-        stop_ids, steps: int, attend_len: int, rows: int, custom: bool):
+        stop_ids, steps: int, attend_len: int, rows: int, custom: bool, lean: bool = True):
     """`steps` decode steps over slots [0, rows); pure (jit it with the callables bound).
+    lean: the lean sampler (no live row needs more) or the full one.
 
     budget, min_left: int32 [max_slots]; stop_ids: int32 [max_slots, M] (-1 pads).
     Returns (state, outputs, wrote): the sampler's outputs stacked [steps, rows, ...] and
@@ -46,8 +59,7 @@ def run(forward_step, sample_step, params, state, tables, mask_bits, budget, min
     def one(state, taken):
         alive = state["active"][:rows]
         state, logits = forward_step(params, state, tables, attend_len, rows)
-        # the lean sampler: the engine runs multi-step only while every row allows it
-        state, out = sample_step(state, logits, mask_bits, custom, rows, lean=True)
+        state, out = sample_step(state, logits, mask_bits, custom, rows, lean=lean)
         n = taken + 1                        # this row's tokens in this call, this one too
         hit = jnp.any(out.tokens[:, None] == stop_ids, axis=-1) & (n > min_left)
         stop = out.error | hit | (n >= budget)

@@ -22,7 +22,7 @@ masks; unconstrained rows get all-ones rows, and without constrained samples not
 changes (step N+1 is dispatched whole before step N is read).
 
 Multi-step decode (`--decode-steps K`, serving/engine/multi_step.py): while every live row
-can run without the host (no grammar, the lean sampler, few stop ids) and nobody waits
+can run without the host (no grammar, default sampler order, few stop ids) and nobody waits
 (queue, prefill, fresh first token, beam or speculative job), one dispatch runs K steps and
 the device stops each row where `_take` would (EOS, stop ids, max_tokens, the context);
 the row's count includes what the call still in flight adds, so the K-step call is
@@ -291,9 +291,10 @@ class Scheduler(RequestChecks, TextThread, Containment, Preemption):
 
     def _multi_steps(self, owners, inserted) -> int:
         """K for this iteration's decode: `decode_steps` when every live row may run on the
-        device without the host (multi_step.py: no grammar, the lean sampler, default order,
-        not deterministic, few stop ids) and nobody waits (no queued, prefilling or resumed
-        request, no first token just sampled, no beam or speculative job), else 1. Paged:
+        device without the host (multi_step.py: no grammar, the default sampler order, not
+        deterministic, few stop ids; the lean or the full sampler) and nobody waits (no
+        queued, prefilling or resumed request, no first token just sampled, no beam or
+        speculative job), else 1. Paged:
         every live row must get the blocks of its next K positions without preempting."""
         k = self.decode_steps
         if k == 1 or inserted or self.beams or self.spec or self._preempted_this_iter:

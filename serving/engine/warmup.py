@@ -99,16 +99,19 @@ class Warmup:
                 np.full((self.max_slots, self.max_stop_ids), -1, np.int32))
 
     def _warm_multi(self, rows: int, say) -> None:
-        """Compile the multi-step programs over `rows` slots (only with decode_steps > 1)."""
+        """Compile the multi-step programs over `rows` slots (only with decode_steps > 1):
+        the lean ones run, the full-sampler ones compile only (jit then reuses them)."""
         k = self.decode_steps
         if k == 1:
             return
         say(f"warm-up: {k}-step decode over {rows} slots")
         for b in self.attend_buckets:
             args = self._multi_args(rows)
+            self._multi.lower(self.params, self.state, self._tables_arg(), *args, k, b,
+                              rows, False, False).compile()
             if rows * b > self.warm_run_tokens and b != self.attend_buckets[0]:
                 self._multi.lower(self.params, self.state, self._tables_arg(), *args, k, b,
-                                  rows, False).compile()
+                                  rows, False, True).compile()
                 continue
             self._dispatch_multi(k, b, rows, *args[1:]).result()
 
@@ -167,13 +170,15 @@ class Warmup:
             s, k = self.max_slots, self.decode_steps
             i32s = jax.ShapeDtypeStruct((s,), jnp.int32)
             ids = jax.ShapeDtypeStruct((s, self.max_stop_ids), jnp.int32)
-            for rows in self.batch_buckets:
-                bits = jax.ShapeDtypeStruct((rows, self.mask_words), jnp.int32)
-                for b in self.attend_buckets:
-                    jobs.append((f"{k}-step decode {rows} slots x {b}",
-                                 lambda b=b, rows=rows, bits=bits: self._multi.lower(
-                                     params, state, tables, bits, i32s, i32s, ids, k, b, rows,
-                                     False)))
+            for lean in (True, False):     # the full sampler's (a row needs it) after
+                for rows in self.batch_buckets:
+                    bits = jax.ShapeDtypeStruct((rows, self.mask_words), jnp.int32)
+                    for b in self.attend_buckets:
+                        jobs.append((f"{k}-step decode {rows} slots x {b}"
+                                     f"{'' if lean else ', full sampler'}",
+                                     lambda b=b, rows=rows, bits=bits, lean=lean:
+                                     self._multi.lower(params, state, tables, bits, i32s, i32s,
+                                                       ids, k, b, rows, False, lean)))
         if self.paged:
             jobs.append(("block copy", lambda: self._copy_block.lower(state, i32, i32)))
         else:
