@@ -53,6 +53,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="prompts and sampling seeds")
+    parser.add_argument("--sampling", default=None, metavar="JSON",
+                        help="more sampling parameters for every request, a JSON object, e.g. "
+                             "'{\"repetition_penalty\": 1.1}' (over --temperature)")
     parser.add_argument("--max-slots", type=int, default=None,
                         help="in-process engine: slots (default: the largest concurrency)")
     parser.add_argument("--dtype", default=None, help="in-process engine: float32 | bfloat16")
@@ -278,6 +281,7 @@ def run(args) -> int:
 
     if args.shared_prefix < 0:
         raise ValueError("--shared-prefix must be >= 0")
+    sampling_option(args)        # a bad --sampling fails before any engine starts
     layouts = [x.strip() for x in args.kv_layout.split(",") if x.strip()]
     if not layouts or any(x not in ("dense", "paged") for x in layouts):
         raise ValueError(f"--kv-layout: expected dense, paged or dense,paged, got "
@@ -290,6 +294,7 @@ def run(args) -> int:
     label = labels[0] if len(labels) == 1 else "; ".join(labels)
 
     report = {"target": label, "prompt_len": args.prompt_len, "output_len": args.output_len,
+              "sampling": sampling_option(args),
               "shared_prefix": args.shared_prefix, "runs": results}
     if len(layouts) > 1:
         per = {x: sum(r["output_tokens_per_s"] for r in results if r["kv_layout"] == x)
@@ -305,6 +310,20 @@ def run(args) -> int:
     else:
         print(format_report(report))
     return 1 if any(r["errors"] for r in results) else 0
+
+
+def sampling_option(args) -> dict:
+    """--sampling's JSON object ({} without it); a ValueError naming the flag otherwise."""
+    text = getattr(args, "sampling", None)
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--sampling must be a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--sampling must be a JSON object, got {text!r}")
+    return value
 
 
 def _run_target(args, concurrencies, counts, layout: str, labels: list) -> list[dict]:
@@ -330,7 +349,7 @@ def _run_target(args, concurrencies, counts, layout: str, labels: list) -> list[
         vocab = target.vocab_size or 1000
         rng = np.random.default_rng(args.seed)
         sampling = {"max_tokens": args.output_len, "ignore_eos": True,
-                    "temperature": args.temperature}
+                    "temperature": args.temperature, **sampling_option(args)}
         n = args.shared_prefix
         # one request first: connections and any lazy path warm, not counted
         run_load(target, [rng.integers(1, vocab, n + args.prompt_len).tolist()], sampling,

@@ -306,3 +306,17 @@ def test_decode_steps_below_one_is_refused(argv, value, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "argument --decode-steps: must be an integer >= 1" in err and repr(value) in err
+
+
+def test_bench_serve_sampling_option(capsys):
+    """`bench serve --sampling JSON` (how the full-sampler K-step figures were measured): a
+    JSON object joins every request's sampling; anything else is refused, naming the flag,
+    before an engine starts."""
+    from serving import cli
+    from serving.bench_serve import sampling_option
+    args = cli.build_parser().parse_args(["bench", "serve", "--sampling",
+                                          '{"penalty_window": 8, "repetition_penalty": 1.1}'])
+    assert sampling_option(args) == {"penalty_window": 8, "repetition_penalty": 1.1}
+    for bad in ("[1]", "{x"):
+        assert cli.main(["bench", "serve", "--config", "tiny", "--sampling", bad]) == 2
+        assert "--sampling must be a JSON object" in capsys.readouterr().err
