@@ -86,6 +86,23 @@ def test_insert_many_equals_one_at_a_time(engine):
     assert compile_count() == engine.compiles_after_warmup
 
 
+def test_insert_many_one_at_a_time_while_its_program_compiles(engine):
+    """While the background compilation (serving/engine/warmup.py) has not reached a
+    batched prefill program, insert_many prefills those prompts one at a time rather than
+    wait for it: the same tokens, nothing compiled."""
+    alone = _engine_run(engine, batched=False)
+    before = engine.batched_prefills
+    engine._unready = {"batched prefill 4 x 32"}
+    try:
+        waiting = _engine_run(engine, batched=True)
+    finally:
+        engine._unready = set()
+    assert engine.batched_prefills == before
+    assert waiting[0] == alone[0]
+    np.testing.assert_allclose(np.array(waiting[1]), np.array(alone[1]), atol=1e-5)
+    assert compile_count() == engine.compiles_after_warmup
+
+
 X = np.random.default_rng(50).integers(1, CFG.vocab_size, 8).tolist()   # two blocks
 R = np.random.default_rng(51)
 JOBS = [  # (prompt, sampling); H shares W's first two blocks

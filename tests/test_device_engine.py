@@ -69,6 +69,26 @@ def test_chunked_prefill_gives_the_same_tokens(engine):
     assert whole == chunked
 
 
+def test_an_unready_bucket_gives_way_to_a_ready_larger_one(engine):
+    """While the background compilation (serving/engine/warmup.py) has not reached a
+    prompt's prefill bucket, the prompt runs in the smallest ready bucket that holds it
+    (a warm restart serves before every bucket is compiled): the same greedy tokens."""
+    prompt = list(np.random.default_rng(2).integers(0, CFG.vocab_size, 11))   # bucket 16
+    own = run(engine, 0, prompt, GREEDY, 0, 6)
+    engine.release(0)
+    engine._unready = {"prefill 16"}
+    try:
+        assert engine._bucket(11, fresh=True) == 32
+        assert engine._bucket(11, fresh=False) == 16       # its own is ready
+        before = compile_count()
+        larger = run(engine, 0, prompt, GREEDY, 0, 6)
+        assert compile_count() == before
+    finally:
+        engine._unready = set()
+        engine.release(0)
+    assert larger == own
+
+
 def test_seeded_request_is_batch_invariant(engine):
     params = SamplingParams(temperature=0.9, top_k=50, seed=11)
     alone = run(engine, 0, [1, 2, 3, 4, 5], params, 11, 10)

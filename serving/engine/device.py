@@ -141,7 +141,7 @@ class DeviceEngine(Warmup):
         if mesh is not None:
             from model import sharding
             self.params = sharding.shard_params(params, sharding.param_shardings(config, mesh))
-        self.state = self._init_state()
+        self.state = _committed_like(self._init_state(), self.params, mesh)
         # per-slot float sampler values a resumed sample carries over (sampler_carry)
         self._carried = tuple(f for f, x in vars(self.state["sampler"]).items()
                               if x.shape == (max_slots,) and x.dtype == jnp.float32)
@@ -181,6 +181,9 @@ class DeviceEngine(Warmup):
         # token masks (grammars, forced tokens) as packed bits; all ones when unconstrained
         self.mask_words = (self.vocab_size + 31) // 32
         self._ones = {}
+        # prefill programs (warmup.py job names) the background compilation has not done
+        # yet: while it runs, a prompt takes the smallest ready bucket that holds it
+        self._unready: set[str] = set()
         self._copy = jax.jit(self._copy_fn, donate_argnums=(0,))
         self._copy_block = jax.jit(self._copy_block_fn, donate_argnums=(0,))
         self._release = jax.jit(lambda active, slot: active.at[slot].set(False),
@@ -190,28 +193,35 @@ class DeviceEngine(Warmup):
 
     def _init_state(self) -> dict:
         s, length = self.max_slots, self.max_len
-        if self.paged:
-            cache = init_paged_cache(self.config, self.num_blocks, self.block_size,
-                                     head_first=self.paged_kernel is not None)
+
+        def zeros():
+            if self.paged:
+                cache = init_paged_cache(self.config, self.num_blocks, self.block_size,
+                                         head_first=self.paged_kernel is not None)
+            else:
+                cache = init_cache(self.config, s, length)
+            return {
+                "cache": cache,
+                "sampler": init_state(s, self.vocab_size, length),
+                "last": jnp.zeros((s,), jnp.int32),
+                "pos": jnp.zeros((s,), jnp.int32),
+                "active": jnp.zeros((s,), bool),
+                **({"steer": jnp.zeros((s, self.config.num_layers, self.config.hidden_size),
+                                       jnp.float32)} if self.steering else {}),
+            }
+
+        if self.mesh is None:   # one program, not ~20 eager ones (a start's 0.2-0.4 s)
+            state = jax.jit(zeros)()
         else:
-            cache = init_cache(self.config, s, length)
-        if self.mesh is not None:
+            state = zeros()
             from model import sharding
             shardings = (sharding.pool_shardings(self.config, self.mesh, self.num_blocks,
                                                  self.block_size) if self.paged else
                          sharding.cache_shardings(self.config, self.mesh, s, length))
-            cache = sharding.shard_cache(cache, shardings)
+            state["cache"] = sharding.shard_cache(state["cache"], shardings)
         rows = make_rows([None] * s, self.vocab_size, [0] * s, [0] * s)
-        return {
-            "cache": cache,
-            "rows": jax.tree.map(jnp.asarray, rows),
-            "sampler": init_state(s, self.vocab_size, length),
-            "last": jnp.zeros((s,), jnp.int32),
-            "pos": jnp.zeros((s,), jnp.int32),
-            "active": jnp.zeros((s,), bool),
-            **({"steer": jnp.zeros((s, self.config.num_layers, self.config.hidden_size),
-                                   jnp.float32)} if self.steering else {}),
-        }
+        # device_put: a plain copy (jnp.asarray compiled a program per dtype)
+        return {"cache": state.pop("cache"), "rows": jax.device_put(rows), **state}
 
     # -- jitted programs ---------------------------------------------------------------
 
@@ -344,10 +354,17 @@ class DeviceEngine(Warmup):
 
     # -- host API -------------------------------------------------------------------------
 
-    def _bucket(self, n: int) -> int:
-        for b in self.prefill_buckets:
-            if n <= b:
+    def _bucket(self, n: int, fresh: bool | None = None) -> int:
+        """The smallest prefill bucket holding n tokens; fresh (True: from position 0,
+        False: after a cached prefix; None: exactly that bucket): the smallest whose
+        program is ready, if one is (a warm restart serves before every bucket is)."""
+        fits = [b for b in self.prefill_buckets if n <= b]
+        suffix = "" if fresh else " (cached prefix)"
+        for b in fits if fresh is not None and self._unready else ():
+            if f"prefill {b}{suffix}" not in self._unready:
                 return b
+        if fits:
+            return fits[0]
         raise ValueError(f"chunk of {n} tokens exceeds the largest prefill bucket "
                          f"{self.prefill_buckets[-1]}")
 
@@ -368,7 +385,8 @@ class DeviceEngine(Warmup):
             if -(-(start + n) // self.block_size) > have:
                 raise ValueError(f"slot {slot} holds {have} blocks, too few for positions "
                                  f"up to {start + n}")
-        padded = np.zeros(self._bucket(self.block_size if grid else n), np.int32)
+        padded = np.zeros(self._bucket(self.block_size) if grid else
+                          self._bucket(n, fresh=start == 0), np.int32)
         padded[:n] = token_ids
         return padded, np.int32(start), np.int32(n), np.int32(slot), start == 0 and not grid
 
@@ -507,12 +525,13 @@ class DeviceEngine(Warmup):
         out: list[Pending | None] = [None] * len(items)
         for group, rows, t in plan([len(p) for p in prompts], self.prefill_rows,
                                    self.prefill_buckets):
-            if rows == 1:
-                it = items[group[0]]
-                out[group[0]] = self.insert(
-                    it["slot"], prompts[group[0]], 0, it["sampling"], it["seed"],
-                    it.get("sample_index", 0), it.get("mask"), it.get("prompt_len"),
-                    it.get("carry"))
+            if rows == 1 or f"batched prefill {rows} x {t}" in self._unready:
+                for i in group:     # alone, or its batched program is still compiling
+                    it = items[i]
+                    out[i] = self.insert(
+                        it["slot"], prompts[i], 0, it["sampling"], it["seed"],
+                        it.get("sample_index", 0), it.get("mask"), it.get("prompt_len"),
+                        it.get("carry"))
                 continue
             tokens = np.zeros((rows, t), np.int32)
             lengths = np.zeros(rows, np.int32)         # padding rows: length 0, no writes
@@ -568,6 +587,7 @@ class DeviceEngine(Warmup):
         rows = next(b for b in self.batch_buckets if b >= top)
         if self._deterministic_slots:      # batch invariance: one shape for every step
             rows, attend = self.batch_buckets[-1], self.attend_buckets[-1]
+        self._await_program(f"decode {rows} slots x {attend}")   # warmup.py
         dispatched = time.perf_counter()
         self.state, logits = self._forward_step(self.params, self.state, self._tables_arg(),
                                                 attend, rows)
@@ -575,6 +595,9 @@ class DeviceEngine(Warmup):
 
     def sample_step(self, forward: "Forward", mask=None) -> Pending:
         """The second half of `step`: sample from `forward`'s logits under `mask`."""
+        if not self._custom_slots:
+            self._await_program(f"{'full ' if self._full_slots else ''}sampler "
+                                f"{forward.rows} slots")
         self.state, out = self._sample_step(self.state, forward.logits,
                                             self._mask_bits(forward.rows, mask),
                                             bool(self._custom_slots), forward.rows,
@@ -648,3 +671,16 @@ def _resumed(sampler, slot, prompt, prompt_len, orig_len):
         step=sampler.step.at[slot].set(prompt_len - orig_len),
         out_counts=put(sampler.out_counts, count((idx >= orig_len) & (idx < prompt_len))),
         prompt_counts=put(sampler.prompt_counts, count(idx < orig_len)))
+
+
+def _committed_like(state, params, mesh):
+    """The fresh decode state placed as every program's output will be: replicated over
+    the mesh the params are on. Uncommitted, the first call of each program would compile
+    a variant of its own (a start-up cost: warm-up's first prefill ran twice)."""
+    leaf = next(iter(jax.tree.leaves(params)), None)
+    sharding = getattr(leaf, "sharding", None)
+    if mesh is not None or not getattr(leaf, "_committed", False) or not hasattr(sharding,
+                                                                                "mesh"):
+        return state
+    from jax.sharding import NamedSharding, PartitionSpec
+    return jax.device_put(state, NamedSharding(sharding.mesh, PartitionSpec()))

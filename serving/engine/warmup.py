@@ -1,15 +1,20 @@
 """Compiling the engine's programs ahead of the requests that need them (DeviceEngine mixes
 this in). `warmup()` compiles every prefill bucket, insert, decode step and copy; with
-background=True it runs only what a first short request needs (the smallest prefill, the
-lean first-token sampler, a one-slot decode step), then lowers and compiles the rest on a
-thread, fresh prefills first and cached-prefix ones last, while the engine already serves.
-A request that needs a program still compiling waits for jit to compile it: it never
-fails. Tracing holds Python's GIL, so the thread helps by overlapping XLA's compile, not
-by tracing in parallel (docs/cli.md, the start-up section).
+background=True it runs only what a first request's prompt needs (the largest prefill
+bucket's program and the lean first-token sampler), then lowers and compiles the rest on
+a thread while the engine already serves: the first request's decode step first (alone),
+then fresh prefills, cached-prefix ones last. Until a bucket's program is ready, a prompt
+runs in the smallest ready bucket that holds it (DeviceEngine._bucket; a batched prefill
+not ready yet runs its prompts one at a time); a call whose program a background job is
+compiling waits for that job (`_await_program`), and new jobs hold off meanwhile; any
+other program is compiled by the call that needs it. Nothing fails, it waits. Tracing
+holds Python's GIL, so the thread helps by overlapping XLA's compile and the server's
+start, not by tracing in parallel (docs/cli.md, the start-up section).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Callable
@@ -118,12 +123,16 @@ class Warmup:
     def _warm_first(self, progress) -> threading.Thread:
         say = progress or (lambda _msg: None)
         t0 = time.perf_counter()
+        # the first prefill is the largest bucket's: until the background thread has the
+        # smaller ones, any prompt that fits one chunk runs in the smallest ready bucket
+        # (DeviceEngine._bucket), so a first request never waits for a compilation
+        self._unready = {name for name, _ in self._rest_jobs()
+                         if name.startswith(("prefill ", "batched"))}
+        self._unready.discard(f"prefill {self.prefill_buckets[-1]}")
         if self.paged:
             self._tables[:] = 1
             self._tables_dev = None
-        self.prefill_chunk(0, np.zeros(1, np.int32), 0)
         self.insert(0, np.zeros(1, np.int32), 0, SamplingParams(temperature=0.0), 0).result()
-        self.step().result()
         self.release(0)
         for rows in self.batch_buckets:   # the unconstrained masks, made on the device once
             self._mask_bits(rows, None)
@@ -133,7 +142,8 @@ class Warmup:
         jax.block_until_ready(self.state)
         say(f"warm-up: first-request programs ready in {time.perf_counter() - t0:.1f} s; "
             f"compiling the rest in the background")
-        jobs = self._rest_jobs()
+        jobs = self._rest_jobs()     # placed as the state is now (committed by the calls)
+        self._programs, self._in_progress = threading.Condition(), set()
         self.background_errors, self.background_done = [], False
         thread = threading.Thread(target=self._compile_rest, args=(jobs, say),
                                   name="flaxserve-compile", daemon=True)
@@ -183,11 +193,37 @@ class Warmup:
             jobs.append(("block copy", lambda: self._copy_block.lower(state, i32, i32)))
         else:
             jobs.append(("slot copy", lambda: self._copy.lower(state, i32, i32)))
-        # a new prompt of any length needs its fresh prefill first; a cached prefix (a
-        # second turn, a long prompt's later chunks) comes later (stable: small first)
+        # a first request's decode step first (one job: its sampler's lowering needs the
+        # forward's), then a new prompt of any length needs its fresh prefill; a cached
+        # prefix (a second turn, a long prompt's later chunks) comes later (stable: small
+        # first). `_await_program` waits for a job under way rather than compile twice
+        rows, b = self.batch_buckets[0], self.attend_buckets[0]
+        fwd, smp = f"decode {rows} slots x {b}", f"sampler {rows} slots"
+        lower_step = dict(jobs)[fwd]
+
+        def first_step():
+            lower_step().compile()
+            return self._sampler_lower(params, state, tables, rows, True)
+
+        jobs = [(f"{fwd}, {smp}", first_step)] + [job for job in jobs if job[0] != fwd]
         jobs.sort(key=lambda job: 2 if "cached prefix" in job[0] else
+                  -1 if job[0].startswith(fwd) else
                   0 if job[0].startswith("prefill ") else 1)
         return jobs
+
+    def _await_program(self, name: str) -> None:
+        """Wait while the background thread compiles `name` (rather than compile it a
+        second time beside it); a program not under way is compiled by its caller."""
+        if not any(name in job.split(", ") for job in self._in_progress):
+            return
+        with self._programs:
+            self._waiters += 1          # no new background job starts meanwhile (the GIL)
+            try:
+                self._programs.wait_for(lambda: not any(name in job.split(", ")
+                                                        for job in self._in_progress), 120)
+            finally:
+                self._waiters -= 1
+                self._programs.notify_all()
 
     def _abstract_args(self):
         """(params, state, block tables) as abstract arguments for `.lower`."""
@@ -196,13 +232,10 @@ class Warmup:
 
     def _sampler_jobs(self, params, state, tables, full_only: bool = False) -> list:
         """(name, lower) for the sampler programs: the full first-token sampler and, per
-        batch bucket, the lean decode sampler (but over the first bucket, which the first
-        request compiles; none with full_only) and the full one."""
+        batch bucket, the lean decode sampler (but over the first bucket: `_rest_jobs`
+        puts it with the first decode step; none with full_only) and the full one."""
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        # jit's outputs are committed only when an input was: uncommitted params and state
-        # (init_params, tests) give uncommitted logits, lowered unplaced
-        committed = self.mesh is not None or any(
-            getattr(x, "_committed", True) for x in jax.tree.leaves((self.params, self.state)))
+        committed = self._committed_state()
 
         def logits_of(lowered):   # placed as the compiled program places its logits
             out = lowered.out_info[1]
@@ -220,18 +253,32 @@ class Warmup:
                 jax.ShapeDtypeStruct((len(self._carried),), jnp.float32),
                 jax.ShapeDtypeStruct((), jnp.bool_), lean=False)
 
-        def step(rows, lean):
-            fwd = self._forward_step.lower(params, state, tables, self.attend_buckets[0], rows)
-            return self._sample_step.lower(
-                state, logits_of(fwd), jax.ShapeDtypeStruct((rows, self.mask_words), jnp.int32),
-                False, rows, lean=lean)
-
+        step = functools.partial(self._sampler_lower, params, state, tables)
         jobs = [] if full_only else [
             (f"sampler {rows} slots", lambda rows=rows: step(rows, True))
             for rows in self.batch_buckets[1:]]
         jobs += [(f"full sampler {rows} slots", lambda rows=rows: step(rows, False))
                  for rows in self.batch_buckets]
         return jobs + [("full first-token sampler", first)]
+
+    def _sampler_lower(self, params, state, tables, rows: int, lean: bool):
+        """The decode sampler over `rows` slots, lowered (the logits placed as the
+        compiled forward places them)."""
+        fwd = self._forward_step.lower(params, state, tables, self.attend_buckets[0], rows)
+        out = fwd.out_info[1]
+        placed = fwd.compile().output_shardings[1] if self._committed_state() else None
+        return self._sample_step.lower(
+            state, jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=placed),
+            jax.ShapeDtypeStruct((rows, self.mask_words), jnp.int32), False, rows, lean=lean)
+
+    def _committed_state(self) -> bool:
+        """jit's outputs are committed only when an input was: uncommitted params and
+        state (init_params, tests) give uncommitted logits, lowered unplaced."""
+        return self.mesh is not None or any(
+            getattr(x, "_committed", True) for x in jax.tree.leaves((self.params, self.state)))
+
+    _in_progress: set = frozenset()    # background jobs under way (_compile_rest)
+    _waiters = 0                       # device-thread calls waiting for one of them
 
     def _compile_rest(self, jobs, say) -> None:
         """Compile (or read from the persistent cache) every job, a few at a time."""
@@ -241,19 +288,36 @@ class Warmup:
 
         def one(job):
             name, lower = job
+            with self._programs:
+                self._programs.wait_for(lambda: not self._waiters, 60)
+                self._in_progress.add(name)
             try:
                 lower().compile()
             except Exception as e:  # noqa: BLE001 - the call that needs it compiles it
                 self.background_errors.append(f"{name}: {e}")
+            with self._programs:
+                self._in_progress.discard(name)
+                self._unready.discard(name)     # its bucket may be chosen from now on
+                self._programs.notify_all()
             return name
 
+        # the first decode step's programs alone (a first request may be waiting for
+        # them: beside another job they would take twice as long, tracing holds the GIL)
+        first = [job for job in jobs if job[0].startswith("decode ")][:1]
+        rest = [job for job in jobs if job not in first]
+
+        def run_all(pool):
+            yield from map(one, first)
+            yield from pool.map(one, rest)       # submitted once the first is done
+
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            for _name in pool.map(one, jobs):
+            for _name in run_all(pool):
                 done += 1
                 elapsed = time.perf_counter() - t0
                 eta = elapsed / done * (len(jobs) - done)   # every one: `say` may thin
                 say(f"background compile: {done}/{len(jobs)} programs, "
                     f"{elapsed:.1f} s, ETA {eta:.0f} s")
+        self._unready.clear()
         self.background_done = True
 
 
