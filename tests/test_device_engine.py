@@ -89,6 +89,35 @@ def test_an_unready_bucket_gives_way_to_a_ready_larger_one(engine):
     assert larger == own
 
 
+def test_a_first_token_from_the_decode_sampler_equals_the_first_token_program(engine):
+    """A warm restart's first request (slot 0, alone, before the background thread has the
+    first-token sampler) draws its first token with the one-slot decode sampler after a
+    small reset program (DeviceEngine._activate): the same tokens and logprobs as the
+    first-token program, seeded and greedy, and its decode steps carry on the same."""
+    prompt = np.random.default_rng(3).integers(0, CFG.vocab_size, 9)
+    params = SamplingParams(temperature=0.9, top_k=50, seed=5, logprobs=True,
+                            top_logprobs=3, repetition_penalty=1.3)
+
+    def first_and_more(sampling):
+        out = engine.insert(0, prompt, 0, sampling, 5).result()
+        firsts = (int(out.tokens[0]), float(out.logprobs[0]), out.top_logprobs[0][:3])
+        more = [int(engine.step().result().tokens[0]) for _ in range(4)]
+        engine.release(0)
+        return firsts, more
+
+    for sampling in (params, GREEDY):
+        usual = first_and_more(sampling)
+        engine._unready = {"first-token sampler"}
+        try:
+            fast = first_and_more(sampling)
+        finally:
+            engine._unready = set()
+        assert fast[0][0] == usual[0][0] and fast[1] == usual[1]
+        np.testing.assert_allclose(fast[0][1], usual[0][1], atol=1e-5)
+        np.testing.assert_allclose(fast[0][2], usual[0][2], atol=1e-5)
+    assert engine._reset._cache_size() == 1        # the reset program ran (the fast path)
+
+
 def test_seeded_request_is_batch_invariant(engine):
     params = SamplingParams(temperature=0.9, top_k=50, seed=11)
     alone = run(engine, 0, [1, 2, 3, 4, 5], params, 11, 10)

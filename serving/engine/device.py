@@ -173,6 +173,7 @@ class DeviceEngine(Warmup):
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnums=(7,))
         self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(7, 11),
                               static_argnames=("lean",))
+        self._reset = jax.jit(self._reset_fn, donate_argnums=(0,))    # see _activate
         # batched prefill of fresh prompts (insert_many): R rows from these buckets
         from serving.engine.prefill_plan import row_buckets
         self.prefill_rows = row_buckets(min(prefill_batch, max_slots))
@@ -504,14 +505,34 @@ class DeviceEngine(Warmup):
         bits = self._mask_bits(1, None if mask is None else np.asarray(mask)[None])
         orig = len(prompt_ids) if prompt_len is None else prompt_len
         restore = carry is not None
-        carry = np.zeros(len(self._carried), np.float32) if carry is None else carry
-        self.state, out = self._first(self.state, logits, np.int32(slot), row, prompt,
-                                      np.int32(len(prompt_ids)), bits, custom, np.int32(orig),
-                                      np.asarray(carry, np.float32), np.bool_(restore),
-                                      lean=not full)
+        if (slot == 0 and not full and not custom and not restore and orig == len(prompt_ids)
+                and "first-token sampler" in self._unready and self.batch_buckets[0] == 1
+                and not self._host_active.any() and slot not in self._deterministic_slots):
+            # a warm restart's first request, its first-token sampler not compiled yet:
+            # reset the slot (a small program), then the one-slot decode sampler draws
+            # the token (a first request needs that program anyway). The same sampler
+            # over the same row and state; only right at start, alone in slot 0
+            self.state = self._reset(self.state, np.int32(slot), row, prompt,
+                                     np.int32(len(prompt_ids)))
+            self.state, out = self._sample_step(self.state, logits, bits, False, 1, lean=True)
+        else:
+            carry = np.zeros(len(self._carried), np.float32) if carry is None else carry
+            self.state, out = self._first(self.state, logits, np.int32(slot), row, prompt,
+                                          np.int32(len(prompt_ids)), bits, custom,
+                                          np.int32(orig), np.asarray(carry, np.float32),
+                                          np.bool_(restore), lean=not full)
         self._host_pos[slot] = len(prompt_ids)
         self._host_active[slot] = True
         return Pending(self, out)
+
+    def _reset_fn(self, state, slot, row, prompt, prompt_len):
+        """A fresh sequence in `slot` set up for the decode sampler to draw its first
+        token from the prompt's logits (`_activate`): what `_first_fn` writes before it
+        samples, with the position one back (the sampler's step moves it on)."""
+        return dict(state, sampler=reset_row(state["sampler"], slot, prompt, prompt_len, row),
+                    rows=set_row(state["rows"], slot, row),
+                    pos=state["pos"].at[slot].set(prompt_len - 1),
+                    active=state["active"].at[slot].set(True))
 
     def insert_many(self, items: list[dict]) -> list[Pending]:
         """`insert` for several fresh prompts (each from position 0) at once: prompts of

@@ -127,7 +127,7 @@ class Warmup:
         # smaller ones, any prompt that fits one chunk runs in the smallest ready bucket
         # (DeviceEngine._bucket), so a first request never waits for a compilation
         self._unready = {name for name, _ in self._rest_jobs()
-                         if name.startswith(("prefill ", "batched"))}
+                         if name.startswith(("prefill ", "batched", "first-token"))}
         self._unready.discard(f"prefill {self.prefill_buckets[-1]}")
         if self.paged:
             self._tables[:] = 1
@@ -207,7 +207,7 @@ class Warmup:
 
         jobs = [(f"{fwd}, {smp}", first_step)] + [job for job in jobs if job[0] != fwd]
         jobs.sort(key=lambda job: 2 if "cached prefix" in job[0] else
-                  -1 if job[0].startswith(fwd) else
+                  -1 if job[0].startswith((fwd, "first-token")) else
                   0 if job[0].startswith("prefill ") else 1)
         return jobs
 
@@ -242,7 +242,7 @@ class Warmup:
             placed = lowered.compile().output_shardings[1] if committed else None
             return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=placed)
 
-        def first():
+        def first(lean=False):
             toks = jax.ShapeDtypeStruct((self.prefill_buckets[0],), jnp.int32)
             logits = logits_of(self._prefill.lower(params, state, tables, toks, i32, i32, i32,
                                                    True))
@@ -251,7 +251,7 @@ class Warmup:
                 state, logits, i32, row, jax.ShapeDtypeStruct((self.max_len,), jnp.int32), i32,
                 jax.ShapeDtypeStruct((1, self.mask_words), jnp.int32), False, i32,
                 jax.ShapeDtypeStruct((len(self._carried),), jnp.float32),
-                jax.ShapeDtypeStruct((), jnp.bool_), lean=False)
+                jax.ShapeDtypeStruct((), jnp.bool_), lean=lean)
 
         step = functools.partial(self._sampler_lower, params, state, tables)
         jobs = [] if full_only else [
@@ -259,6 +259,9 @@ class Warmup:
             for rows in self.batch_buckets[1:]]
         jobs += [(f"full sampler {rows} slots", lambda rows=rows: step(rows, False))
                  for rows in self.batch_buckets]
+        # the lean first-token sampler: a warm restart's first request draws its first
+        # token with the decode sampler instead (DeviceEngine._activate), the next need it
+        jobs = ([] if full_only else [("first-token sampler", lambda: first(True))]) + jobs
         return jobs + [("full first-token sampler", first)]
 
     def _sampler_lower(self, params, state, tables, rows: int, lean: bool):
