@@ -10,7 +10,9 @@ Layout choices made for speed (see DESIGN.md, "Rules that make it fast"):
 - q, k and v are one fused weight of shape [embed, kv_heads, q_per_kv + 2, head_dim]: one
   matmul per layer, and the kv-head axis can be sharded without splitting a group;
 - gate and up are one fused weight [embed, 2, mlp];
-- the cache is one array pair per layer (no re-stacking per step), donated by callers.
+- the cache is one array pair per layer (no re-stacking per step), donated by callers;
+- a decode step (one token per row) on CPU attends through `one_query_attention`, two
+  plain matmuls over the cache's own rows (no per-step copy of the cache).
 
 Every parameter is declared with logical axis names (`nn.with_logical_partitioning`);
 `model/sharding.py` maps them to mesh axes.
@@ -70,6 +72,54 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     return (xf * cos + rotated * sin).astype(x.dtype)
 
 
+def dot_attention(q, keys, values, mask):
+    """Softmax attention. q [B, T, kv_heads, q_per_kv, hd], keys / values [B, S, kv_heads,
+    hd], mask [B, T, S] (True: attend) -> [B, T, kv_heads, q_per_kv, hd]."""
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys,
+                        preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, values)
+
+
+def one_query_attention(q, keys, values, mask):
+    """`dot_attention` for one query per row (T = 1): q [B, 1, kv_heads, q_per_kv, hd],
+    keys / values [B, S, kv_heads * hd] (the cache's rows, flat), mask [B, S] (True:
+    attend) -> [B, 1, kv_heads, q_per_kv, hd].
+
+    XLA:CPU runs `dot_attention`'s batched dots with the kv-head axis first, so in a
+    decode step it copies the keys and values into [kv_heads, S, hd] / [kv_heads, hd, S]
+    every layer every step: at 1024 cached positions that copy is most of the
+    attention's time. Here the query becomes a block-diagonal matrix
+    [kv_heads * hd, kv_heads * q_per_kv] (zero where a query head does not read a kv
+    head), so both products are plain matmuls over the cache's own rows: kv_heads times
+    the useful FLOPs, still far below the cost of reading the cache at few kv heads
+    (docs/speed.md, "The batch-1 step, op by op")."""
+    b, s, _ = keys.shape
+    kvh, g, hd = q.shape[2:]
+    # masked entries zeroed: also a fresh buffer for the matmuls (reading the cache in
+    # place made XLA copy it whole, to keep its in-place write apart from the reads)
+    keys = jnp.where(mask[:, :, None], keys, 0)
+    values = jnp.where(mask[:, :, None], values, 0)
+    eye = jnp.eye(kvh, dtype=jnp.float32)
+    qbd = jnp.einsum("bkgh,kj->bkhjg", q[:, 0].astype(jnp.float32), eye)
+    scores = jnp.einsum("bsd,bde->bse", keys, qbd.reshape(b, kvh * hd, kvh * g),
+                        preferred_element_type=jnp.float32) / math.sqrt(hd)   # [B, S, K*G]
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=1)
+    out = jnp.einsum("bse,bsd->bed", probs.astype(values.dtype), values,
+                     preferred_element_type=jnp.float32)               # [B, K*G, K*hd]
+    out = jnp.einsum("bkgjh,kj->bkgh", out.reshape(b, kvh, g, kvh, hd), eye)
+    return out[:, None].astype(values.dtype)
+
+
+def _one_query_path(kv_heads: int) -> bool:
+    """Whether one-token attention takes `one_query_attention`: on CPU (where it was
+    measured; GPU and TPU keep the batched dots, or the Pallas kernels on a paged pool)
+    and for few kv heads (its extra FLOPs grow with kv_heads)."""
+    return kv_heads <= 8 and jax.default_backend() == "cpu"
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -120,15 +170,24 @@ class Attention(nn.Module):
         k = apply_rope(k, rope)
 
         if block_tables is None:
+            # Attend over the first attend_len positions only (static): a short sequence in
+            # a long cache then costs what its length costs, not what max_len costs.
+            span = slice(None, attend_len)
+            read = lambda c: c[:, span] if slot_ids is None else c[slot_ids, span]
             # Write this call's K/V at (slot, position); out-of-range positions are dropped.
             rows = (jnp.arange(x.shape[0]) if slot_ids is None else slot_ids)[:, None]
             k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
             v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-            # Attend over the first attend_len positions only (static): a short sequence in
-            # a long cache then costs what its length costs, not what max_len costs.
-            span = slice(None, attend_len)
-            keys = k_cache[:, span] if slot_ids is None else k_cache[slot_ids, span]
-            values = v_cache[:, span] if slot_ids is None else v_cache[slot_ids, span]
+            keys, values = read(k_cache), read(v_cache)
+            if t == 1 and _one_query_path(kvh):          # a decode step
+                key_pos = jnp.arange(keys.shape[1])[None]
+                mask = key_pos <= positions[:, :1]
+                window = cfg.layer_window(self.layer)
+                if window is not None:
+                    mask &= key_pos > positions[:, :1] - window
+                flat = lambda c: c.reshape(c.shape[:2] + (kvh * hd,))
+                out = one_query_attention(q, flat(keys), flat(values), mask)
+                return self._project(out, b, t), k_cache, v_cache
         else:
             # Paged: the same through each row's block table (model/paged_attention.py).
             tables = block_tables if slot_ids is None else block_tables[slot_ids]
@@ -155,17 +214,12 @@ class Attention(nn.Module):
             keys = paged.gather(k_cache, tables, n, hf)
             values = paged.gather(v_cache, tables, n, hf)
 
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys,
-                            preferred_element_type=jnp.float32) / math.sqrt(hd)
         key_pos = jnp.arange(keys.shape[1])
         mask = key_pos[None, None, :] <= positions[:, :, None]  # [B,T,S]
         window = cfg.layer_window(self.layer)
         if window is not None:
             mask &= key_pos[None, None, :] > positions[:, :, None] - window
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, values)
-        return self._project(out, b, t), k_cache, v_cache
+        return self._project(dot_attention(q, keys, values, mask), b, t), k_cache, v_cache
 
     def _project(self, out, b, t):
         """[B, T, kv_heads, q_per_kv, head_dim] -> [B, T, hidden] (the o projection)."""
