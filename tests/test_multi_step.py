@@ -144,24 +144,27 @@ def scheduler(tmp_path_factory):
     sched.stop(drain_timeout_s=5)
 
 
-def generate(sched, prompts, sampling, k):
-    """Submit every prompt at once with decode_steps k; [(tokens, text, finish, usage)]."""
+def generate(sched, prompts, sampling, k, logprobs=False):
+    """Submit every prompt at once with decode_steps k; [(tokens, text, finish, usage)]
+    (logprobs: and each request's TokenLogprobs)."""
     sched.decode_steps = k
     handles = [sched.submit(sched.make_request(f"r{i}", p, dict(sampling[i])))
                for i, p in enumerate(prompts)]
-    out = []
+    out, lps = [], []
     for h in handles:
-        tokens, text, finish, usage = [], "", None, None
+        tokens, text, finish, usage, lp = [], "", None, None, []
         for ev in h:
             if hasattr(ev, "token_ids"):
                 tokens += ev.token_ids
                 text += ev.text
+                lp += ev.logprobs
                 finish = ev.finish_reason or finish
             else:
                 usage = ev
         assert hasattr(usage, "completion_tokens"), usage
         out.append((tokens, text, finish, usage.completion_tokens))
-    return out
+        lps.append(lp)
+    return (out, lps) if logprobs else out
 
 
 def test_scheduler_k_steps_equal_single_steps(scheduler):
@@ -208,88 +211,47 @@ def test_generate_loop_with_k_steps(engine):
     assert generate(engine, None, prompt, stop, 7)[0] == ref_stop == ref[:j + 1]
 
 
-# ---- rows that need the full sampler ---------------------------------------------------------
-
-# stateful full-sampler stages (sampling/sampler.py `needs_full`), each row's state carried
-# from step to step on the device: mirostat's mu; DRY over the history, with a repetition
-# penalty over a window of it; no_repeat_ngram over the history; slot 1 stays lean
-MIROSTAT = SamplingParams(temperature=0.9, mirostat_mode=2, mirostat_tau=3.0, mirostat_eta=0.5,
-                          logprobs=True, top_logprobs=3)
-DRY = SamplingParams(temperature=0.9, dry_multiplier=1.5, dry_allowed_length=1,
-                     dry_sequence_breaker_ids=[], repetition_penalty=1.6, penalty_window=4,
-                     logprobs=True, top_logprobs=3)
-NGRAM = SamplingParams(temperature=0.0, no_repeat_ngram_size=2, logprobs=True, top_logprobs=3)
-PARAMS_FULL = [MIROSTAT, GREEDY, DRY, NGRAM]
-
-
-def sampler_state(engine):
-    """The sampler values a full row carries: mirostat's mu, the history, output counts."""
-    st = engine.state["sampler"]
-    return [np.asarray(x).copy() for x in (st.mu, st.history, st.length, st.out_counts)]
-
-
-def test_full_sampler_k_steps_equal_single_steps(engine):
-    """Rows that need the full sampler run K steps per call (not one at a time): the same
-    tokens, logprobs and sampler state as single steps, with a lean row among them. On the
-    paged layout only (what serve runs): the sampler is the same on both, and tracing the
-    full one costs seconds."""
-    if not engine.paged:
-        pytest.skip("the full sampler's K steps are layout-independent: paged covers them")
-    from sampling.rows import make_rows
-    from sampling.sampler import needs_full
-    assert needs_full(make_rows(PARAMS_FULL, CFG.vocab_size, [1] * 4, [0] * 4)).tolist() == [
-        True, False, True, True]
-    insert_all(engine, PARAMS_FULL)
-    mu0 = sampler_state(engine)[0]
-    outs = [engine.step().result() for _ in range(2 * K)]
-    ref_state = sampler_state(engine)
-    release_all(engine)
-    insert_all(engine, PARAMS_FULL)
-    assert engine.multi_step_ok()
-    calls = [engine.multi_step(K).result() for _ in range(2)]
-    got_state = sampler_state(engine)
-    release_all(engine)
-    steps = calls[0].steps + calls[1].steps
-    assert all(c.wrote[:, :4].all() for c in calls)          # K tokens a call, every row
-    for s in range(len(PROMPTS)):
-        assert [o.tokens[s] for o in steps] == [o.tokens[s] for o in outs], s
-        np.testing.assert_allclose([o.logprobs[s] for o in steps],
-                                   [o.logprobs[s] for o in outs], atol=1e-6)
-        np.testing.assert_allclose([o.top_logprobs[s] for o in steps],
-                                   [o.top_logprobs[s] for o in outs], atol=1e-6)
-    assert not np.allclose(ref_state[0][0], mu0[0])           # mirostat's mu moved
-    np.testing.assert_allclose(got_state[0], ref_state[0], atol=1e-6)
-    for a, b in zip(got_state[1:], ref_state[1:]):
-        assert (a[:4] == b[:4]).all()
-    # no_repeat_ngram held: no bigram of the greedy row's prompt + output repeats
-    seq = ref_state[1][3][:ref_state[2][3]].tolist()
-    assert seq[:len(PROMPTS[3])] == PROMPTS[3] and len(seq) == len(PROMPTS[3]) + 1 + 2 * K
-    grams = list(zip(seq, seq[1:]))
-    assert len(set(grams)) == len(grams)
-
-
 def test_scheduler_full_sampler_rows_run_k_steps(scheduler, monkeypatch):
-    """Through the Scheduler: rows that need the full sampler (mirostat, DRY with a windowed
-    penalty, no_repeat_ngram) next to a lean one take K-step calls, give what K = 1 gives,
-    and compile nothing after the background warm-up (its full-sampler K-step jobs)."""
+    """Rows that need the full sampler (sampling/sampler.py `needs_full`), each with state
+    the device carries from step to step: mirostat's mu (its processed logprobs show it),
+    DRY over the history with a windowed repetition penalty, no_repeat_ngram; next to a
+    lean row. Through the Scheduler they take K-step calls and give the tokens and
+    logprobs of K = 1, and nothing compiles after the background warm-up (its full-sampler
+    K-step jobs)."""
     sched, tok = scheduler
     calls = []
     multi_step = sched.engine.multi_step
     monkeypatch.setattr(sched.engine, "multi_step",
                         lambda *a, **kw: calls.append(a[0]) or multi_step(*a, **kw))
     prompts = [tok.encode(t) for t in ("Hello world", "The quick brown fox jumps", "a", "zz")]
-    common = {"max_tokens": 10, "ignore_eos": True, "logprobs": True}
+    common = {"max_tokens": 10, "ignore_eos": True, "logprobs": True, "top_logprobs": 3}
     sampling = [dict(common, temperature=0.9, seed=3, mirostat_mode=2, mirostat_tau=3.0,
-                     mirostat_eta=0.5),
+                     mirostat_eta=0.5, logprobs_mode="processed"),
                 dict(common, temperature=0.0),
                 dict(common, temperature=0.9, seed=4, dry_multiplier=1.5,
                      dry_allowed_length=1, repetition_penalty=1.6, penalty_window=4),
                 dict(common, temperature=0.0, no_repeat_ngram_size=2)]
-    ref = generate(sched, prompts, sampling, 1)
+    from sampling.params import SamplingParams as P
+    from sampling.rows import make_rows
+    from sampling.sampler import needs_full
+    rows = make_rows([P(**{k: v for k, v in p.items() if k != "logprobs_mode"})
+                      for p in sampling], CFG.vocab_size, [1] * 4, [0] * 4)
+    assert needs_full(rows).tolist() == [True, False, True, True]
+    compiled = compile_count()      # (needs_full's host predicates may compile a jnp.any)
+    ref, ref_lp = generate(sched, prompts, sampling, 1, logprobs=True)
     assert not calls
-    assert generate(sched, prompts, sampling, K) == ref
+    got, got_lp = generate(sched, prompts, sampling, K, logprobs=True)
     assert calls and set(calls) == {K}
-    assert compile_count() == sched.compiled_after_warmup
+    assert got == ref
+    for a, b in zip(got_lp, ref_lp):
+        assert [x.token_id for x in a] == [x.token_id for x in b]
+        assert [x.top_ids for x in a] == [x.top_ids for x in b]
+        np.testing.assert_allclose([x.logprob for x in a], [x.logprob for x in b], atol=1e-6)
+        np.testing.assert_allclose([x.top_logprobs for x in a], [x.top_logprobs for x in b],
+                                   atol=1e-6)
+    seq = prompts[3] + got[3][0]          # no_repeat_ngram held: no bigram repeats
+    assert len(set(zip(seq, seq[1:]))) == len(seq) - 1
+    assert compile_count() == compiled
 
 
 @pytest.mark.parametrize("argv", [["engine"], ["serve"], ["generate", "--prompt", "hi", "--max-tokens", "4"],
