@@ -6,7 +6,11 @@
   and write nothing after, while the other rows carry on;
 - through the Scheduler: the same tokens, finish reasons and usage with --decode-steps 4
   as with 1, stop strings (the tokens after the cut are dropped), EOS and stop ids;
-- nothing compiles after the (background) warm-up, which compiles the K-step programs.
+- nothing compiles after the (background) warm-up, which compiles the K-step programs;
+- rows that need the full sampler (mirostat, DRY with a windowed penalty, no_repeat_ngram)
+  next to a lean row take K-step calls through the Scheduler and give K = 1's tokens and
+  logprobs;
+- `--decode-steps` below 1 and a bad `bench serve --sampling` are refused, naming the flag.
 """
 
 
