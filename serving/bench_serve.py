@@ -71,6 +71,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decode-steps", type=positive_int, default=1, metavar="K",
                         help="in-process engine: decode steps per dispatch while no request "
                              "waits (multi-step decode)")
+    parser.add_argument("--prefill-budget", type=positive_int, default=None, metavar="TOKENS",
+                        help="in-process engine: prompt tokens prefilled per scheduler "
+                             "iteration, as on `engine` and `serve` (default: theirs)")
     parser.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                         help="paged: pool size, e.g. 1GiB (default: what dense would take)")
     parser.add_argument("--paged-attention", choices=("auto", "gather", "pallas"), default=None,
@@ -265,6 +268,8 @@ def _start_engine(args, max_slots: int, max_len: int, layout: str = "dense"):
                               prefix_cache=bool(args.shared_prefix), kv=kv,
                               prefill_batch=args.prefill_batch,
                               decode_steps=getattr(args, "decode_steps", 1))
+    if getattr(args, "prefill_budget", None):      # read by the scheduler every iteration
+        server.scheduler.prefill_budget = args.prefill_budget
     return server, name
 
 

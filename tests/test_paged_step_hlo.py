@@ -53,3 +53,19 @@ def test_write_then_gather_copies_no_pool(head_first):
         return pool, paged.gather(pool, TABLES, 2, head_first).sum()
 
     assert pool_copies(layer, jnp.zeros(shape, jnp.float32)) == []
+
+
+@pytest.mark.parametrize("head_first", [False, True])
+def test_gather_returns_each_rows_blocks_in_order(head_first):
+    # the gather indexes without numpy's wrap and clamp (table entries are block ids):
+    # it must still return, for every row, its first n blocks in table order, the null
+    # block included, as one token-major key axis
+    rng = np.random.default_rng(0)
+    tm = rng.standard_normal((NUM_BLOCKS, BLOCK, CFG.num_kv_heads, CFG.head_dim), np.float32)
+    pool = jnp.asarray(np.moveaxis(tm, 2, 0) if head_first else tm)
+    tables = np.array([[3, 9, 36, 0, 0, 0, 0, 0], [36, 1, 2, 5, 7, 11, 13, 0]], np.int32)
+    for n in (3, MAX_BLOCKS):
+        got = jax.jit(paged.gather, static_argnums=(2, 3))(pool, jnp.asarray(tables), n,
+                                                           head_first)
+        want = tm[tables[:, :n]].reshape(2, n * BLOCK, CFG.num_kv_heads, CFG.head_dim)
+        np.testing.assert_array_equal(np.asarray(got), want)
