@@ -126,8 +126,11 @@ class Warmup:
         # the first prefill is the largest bucket's: until the background thread has the
         # smaller ones, any prompt that fits one chunk runs in the smallest ready bucket
         # (DeviceEngine._bucket), so a first request never waits for a compilation
+        # (over several processes every one must run the same programs: the choices
+        # stay those of a full warm-up, whatever each one's thread has compiled)
         self._unready = {name for name, _ in self._rest_jobs()
-                         if name.startswith(("prefill ", "batched", "first-token"))}
+                         if name.startswith(("prefill ", "batched", "first-token"))
+                         and jax.process_count() == 1}
         self._unready.discard(f"prefill {self.prefill_buckets[-1]}")
         if self.paged:
             self._tables[:] = 1
@@ -214,7 +217,7 @@ class Warmup:
     def _await_program(self, name: str) -> None:
         """Wait while the background thread compiles `name` (rather than compile it a
         second time beside it); a program not under way is compiled by its caller."""
-        if not any(name in job.split(", ") for job in self._in_progress):
+        if not any(name in job.split(", ") for job in tuple(self._in_progress)):
             return
         with self._programs:
             self._waiters += 1          # no new background job starts meanwhile (the GIL)
