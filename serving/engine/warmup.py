@@ -1,9 +1,10 @@
 """Compiling the engine's programs ahead of the requests that need them (DeviceEngine mixes
 this in). `warmup()` compiles every prefill bucket, insert, decode step and copy; with
 background=True it runs only what a first request's prompt needs (the largest prefill
-bucket's program and the lean first-token sampler), then lowers and compiles the rest on
-a thread while the engine already serves: the first request's decode step first (alone),
-then fresh prefills, cached-prefix ones last. Until a bucket's program is ready, a prompt
+bucket's program, a slot reset and the one-slot decode sampler, which draws a first
+request's first token: DeviceEngine._activate), then lowers and compiles the rest on a
+thread while the engine already serves: the first request's decode forward first
+(alone), with the first-token sampler, then fresh prefills, cached-prefix ones last. Until a bucket's program is ready, a prompt
 runs in the smallest ready bucket that holds it (DeviceEngine._bucket; a batched prefill
 not ready yet runs its prompts one at a time); a call whose program a background job is
 compiling waits for that job (`_await_program`), and new jobs hold off meanwhile; any
