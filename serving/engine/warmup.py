@@ -124,15 +124,15 @@ class Warmup:
     def _warm_first(self, progress) -> threading.Thread:
         say = progress or (lambda _msg: None)
         t0 = time.perf_counter()
-        # the first prefill is the largest bucket's: until the background thread has the
-        # smaller ones, any prompt that fits one chunk runs in the smallest ready bucket
-        # (DeviceEngine._bucket), so a first request never waits for a compilation
+        # the first prefill is the largest bucket's (for a small model: `_first_bucket`):
+        # until the background thread has the others, a prompt that fits it runs in the
+        # smallest ready bucket (DeviceEngine._bucket) and never waits for a compilation
         # (over several processes every one must run the same programs: the choices
         # stay those of a full warm-up, whatever each one's thread has compiled)
         self._unready = {name for name, _ in self._rest_jobs()
                          if name.startswith(("prefill ", "batched", "first-token"))
                          and jax.process_count() == 1}
-        self._unready.discard(f"prefill {self.prefill_buckets[-1]}")
+        self._unready.discard(f"prefill {self._first_bucket()}")
         if self.paged:
             self._tables[:] = 1
             self._tables_dev = None
@@ -153,6 +153,19 @@ class Warmup:
                                   name="flaxserve-compile", daemon=True)
         thread.start()
         return thread
+
+    # token x parameter products a first prefill may cost (it runs at every start, and a
+    # short prompt padded to it until its own bucket is compiled): the bundled model's
+    # 512 tokens (3.8M parameters) on a CPU, far more on an accelerator
+    first_prefill_budget = {"cpu": 2 ** 31}
+
+    def _first_bucket(self) -> int:
+        """The largest prefill bucket whose run stays within `first_prefill_budget` (at
+        least the smallest): the first-request program compiled before serving."""
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        budget = self.first_prefill_budget.get(jax.default_backend(), 2 ** 38)
+        fits = [b for b in self.prefill_buckets if b * n <= budget]
+        return fits[-1] if fits else self.prefill_buckets[0]
 
     def _rest_jobs(self) -> list:
         """(name, lower) for every program the full warm-up compiles, likeliest first; the
