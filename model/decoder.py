@@ -114,9 +114,9 @@ def one_query_attention(q, keys, values, mask):
 
 
 def _one_query_path(kv_heads: int) -> bool:
-    """Whether one-token attention takes `one_query_attention`: on CPU (where it was
-    measured; GPU and TPU keep the batched dots, or the Pallas kernels on a paged pool)
-    and for few kv heads (its extra FLOPs grow with kv_heads)."""
+    """Whether one-token attention takes `one_query_attention` (dense cache or the paged
+    gather path): on CPU (where it was measured; GPU and TPU keep the batched dots, or the
+    Pallas kernels on a paged pool) and for few kv heads (its FLOPs grow with kv_heads)."""
     return kv_heads <= 8 and jax.default_backend() == "cpu"
 
 
@@ -179,15 +179,6 @@ class Attention(nn.Module):
             k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
             v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
             keys, values = read(k_cache), read(v_cache)
-            if t == 1 and _one_query_path(kvh):          # a decode step
-                key_pos = jnp.arange(keys.shape[1])[None]
-                mask = key_pos <= positions[:, :1]
-                window = cfg.layer_window(self.layer)
-                if window is not None:
-                    mask &= key_pos > positions[:, :1] - window
-                flat = lambda c: c.reshape(c.shape[:2] + (kvh * hd,))
-                out = one_query_attention(q, flat(keys), flat(values), mask)
-                return self._project(out, b, t), k_cache, v_cache
         else:
             # Paged: the same through each row's block table (model/paged_attention.py).
             tables = block_tables if slot_ids is None else block_tables[slot_ids]
@@ -219,6 +210,10 @@ class Attention(nn.Module):
         window = cfg.layer_window(self.layer)
         if window is not None:
             mask &= key_pos[None, None, :] > positions[:, :, None] - window
+        if t == 1 and _one_query_path(kvh):              # a decode step
+            flat = lambda c: c.reshape(c.shape[:2] + (kvh * hd,))
+            out = one_query_attention(q, flat(keys), flat(values), mask[:, 0])
+            return self._project(out, b, t), k_cache, v_cache
         return self._project(dot_attention(q, keys, values, mask), b, t), k_cache, v_cache
 
     def _project(self, out, b, t):
