@@ -3,7 +3,8 @@
 Decode at small batch is memory bound: every step reads every weight once. So the honest
 figure is tokens/s as a fraction of (measured bandwidth / parameter bytes per token), with
 the bandwidth measured in the same run on random data (pages of identical values can be
-merged by the host and read faster than memory allows). Hugging Face transformers'
+merged by the host and read faster than memory allows), before and after the runs, the
+higher reading taken (one reading on a shared machine can catch a busy moment). Hugging Face transformers'
 `generate()` on the same weights is the second yardstick. Both are timed as decode only:
 (time for N new tokens - time for 1) / (N - 1), so prompt processing is excluded.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import jax
@@ -240,17 +242,19 @@ def run(args) -> int:
     if args.prompt_len < 1 or args.new_tokens < 2:
         raise ValueError("--prompt-len must be >= 1 and --new-tokens >= 2")
     config, params, hf_model, name = _load(args)
-    bandwidth = measure_bandwidth()
+    # the bandwidth is measured before and after the runs and the higher one is the
+    # roofline: on a shared machine one reading can catch a busy moment and make the
+    # fraction look better than it is (the load average is reported next to it)
+    load = [os.getloadavg()[0]]
+    bandwidths = [measure_bandwidth()]
     nbytes = param_bytes_per_token(config, params)
-    roofline = bandwidth / nbytes
     context = args.prompt_len + args.new_tokens // 2
     flops_per_token = step_flops(config, context)
     result = {
         "model": name, "params": int(sum(x.size for x in jax.tree.leaves(params))),
         "dtype": config.dtype, "quantize": args.quantize, "backend": jax.default_backend(),
         "devices": jax.device_count(), "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens, "bandwidth_gb_s": bandwidth / 1e9,
-        "param_bytes_per_token": nbytes, "roofline_tokens_s": roofline, "runs": [],
+        "new_tokens": args.new_tokens, "param_bytes_per_token": nbytes, "runs": [],
     }
     k = args.decode_steps
     if k < 1:
@@ -261,12 +265,8 @@ def run(args) -> int:
         if k > 1:
             tps, multi = tps
         entry = {"batch": b, "tokens_s": tps, "gflop_s": tps * flops_per_token / 1e9}
-        if b == 1:
-            entry["roofline_fraction"] = tps / roofline
         if multi is not None:
             entry.update(decode_steps=k, multi_tokens_s=multi, multi_vs_single=multi / tps)
-            if b == 1:
-                entry["multi_roofline_fraction"] = multi / roofline
         if hf_model is not None and b in hf_batches:
             hf = bench_hf(hf_model, config.vocab_size, b, args.prompt_len, args.new_tokens)
             entry["hf_tokens_s"] = hf
@@ -274,17 +274,25 @@ def run(args) -> int:
         result["runs"].append(entry)
         if not args.json:
             line = f"batch {b:>3}: {tps:9.1f} tokens/s  {entry['gflop_s']:7.1f} GFLOP/s"
-            if "roofline_fraction" in entry:
-                line += f"  {100 * entry['roofline_fraction']:5.1f}% of roofline"
             if "hf_tokens_s" in entry:
                 line += f"  transformers {entry['hf_tokens_s']:8.1f} tokens/s ({entry['speedup_vs_hf']:.2f}x)"
             print(line, flush=True)
             if multi is not None:
                 line = (f"batch {b:>3}, {k} steps per dispatch: {multi:9.1f} tokens/s "
                         f"({entry['multi_vs_single']:.2f}x one step per dispatch)")
-                if "multi_roofline_fraction" in entry:
-                    line += f"  {100 * entry['multi_roofline_fraction']:5.1f}% of roofline"
                 print(line, flush=True)
+    bandwidths.append(measure_bandwidth())
+    load.append(os.getloadavg()[0])
+    bandwidth = max(bandwidths)
+    roofline = bandwidth / nbytes
+    result.update(bandwidth_gb_s=bandwidth / 1e9,
+                  bandwidths_gb_s=[x / 1e9 for x in bandwidths],
+                  roofline_tokens_s=roofline, load_average=load)
+    for r in result["runs"]:
+        if r["batch"] == 1:
+            r["roofline_fraction"] = r["tokens_s"] / roofline
+            if "multi_tokens_s" in r:
+                r["multi_roofline_fraction"] = r["multi_tokens_s"] / roofline
     one = next((r for r in result["runs"] if r["batch"] == 1), None)
     if one is not None:
         for r in result["runs"]:
@@ -295,8 +303,16 @@ def run(args) -> int:
         print(f"model {name}: {result['params'] / 1e6:.1f}M params, {config.dtype}"
               + (f" ({args.quantize} weights)" if args.quantize else "") + ", "
               f"{jax.default_backend()} x{jax.device_count()}")
-        print(f"bandwidth {bandwidth / 1e9:.1f} GB/s, {nbytes / 1e6:.0f} MB read per token, "
+        print(f"bandwidth {bandwidth / 1e9:.1f} GB/s (before / after the runs: "
+              f"{bandwidths[0] / 1e9:.1f} / {bandwidths[1] / 1e9:.1f}; load average "
+              f"{load[0]:.1f} / {load[1]:.1f}), {nbytes / 1e6:.0f} MB read per token, "
               f"roofline {roofline:.1f} tokens/s at batch 1")
+        if one is not None:
+            line = f"batch   1: {100 * one['roofline_fraction']:5.1f}% of roofline"
+            if "multi_roofline_fraction" in one:
+                line += (f", {k} steps per dispatch "
+                         f"{100 * one['multi_roofline_fraction']:5.1f}%")
+            print(line)
         for r in result["runs"]:
             if "vs_batch1" in r:
                 print(f"batch {r['batch']:>3} aggregate = {r['vs_batch1']:.2f}x batch 1")
