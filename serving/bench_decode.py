@@ -4,8 +4,8 @@ Decode at small batch is memory bound: every step reads every weight once. So th
 figure is tokens/s as a fraction of (measured bandwidth / parameter bytes per token), with
 the bandwidth measured in the same run on random data (pages of identical values can be
 merged by the host and read faster than memory allows), before and after the runs, the
-higher reading taken (one reading on a shared machine can catch a busy moment). Hugging Face transformers'
-`generate()` on the same weights is the second yardstick. Both are timed as decode only:
+higher reading taken (one reading on a shared machine can catch a busy moment). Hugging
+Face transformers' `generate()` on the same weights is the second yardstick. Both are timed as decode only:
 (time for N new tokens - time for 1) / (N - 1), so prompt processing is excluded.
 """
 

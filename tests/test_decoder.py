@@ -114,3 +114,42 @@ def test_config_round_trips_through_dict():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown field"):
         ModelConfig.from_dict(dict(cfg.to_dict(), bogus=1))
+
+
+def test_one_query_attention_equals_the_batched_dots():
+    """The decode step's block-diagonal attention (model/decoder.py) is the batched-dot
+    attention: two rows at different positions, a sliding window, GQA (3 kv heads x 2)."""
+    from model.decoder import dot_attention, one_query_attention
+    rng = np.random.default_rng(0)
+    b, s, kvh, g, hd = 2, 40, 3, 2, 16
+    q = jnp.asarray(rng.standard_normal((b, 1, kvh, g, hd)), jnp.float32)
+    keys = jnp.asarray(rng.standard_normal((b, s, kvh, hd)), jnp.float32)
+    values = jnp.asarray(rng.standard_normal((b, s, kvh, hd)), jnp.float32)
+    pos = jnp.array([[7], [33]])
+    key_pos = jnp.arange(s)[None, None]
+    causal = key_pos <= pos[:, :, None]
+    for mask in (causal, causal & (key_pos > pos[:, :, None] - 6)):
+        want = dot_attention(q, keys, values, mask)
+        got = one_query_attention(q, keys.reshape(b, s, -1), values.reshape(b, s, -1),
+                                  mask[:, 0])
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_step_reads_the_cache_in_its_own_layout():
+    """No cache-sized buffer in another axis order in a dense decode step's compiled
+    program: the batched dots used to copy every layer's keys and values into head-major
+    order each step (docs/speed.md, "The batch-1 step, op by op")."""
+    import re
+    length = 37                                   # a size no other buffer has
+    cache = init_cache(CFG, 1, length)
+    step = jax.jit(lambda c, t: forward(CFG, PARAMS, c, t, jnp.array([[5]])), donate_argnums=0)
+    hlo = step.lower(cache, jnp.zeros((1, 1), jnp.int32)).compile().as_text()
+    elems = length * CFG.num_kv_heads * CFG.head_dim
+    shapes = {tuple(int(d) for d in m.split(","))
+              for m in re.findall(r"= f32\[([0-9,]+)\]", hlo)}
+    cache_sized = [sh for sh in shapes if np.prod(sh) == elems]
+    assert cache_sized, "the cache should appear in the program"
+    kvh, hd = CFG.num_kv_heads, CFG.head_dim
+    own = {(1, length, kvh, hd), (1, length, kvh * hd), (length, kvh * hd)}
+    assert set(cache_sized) <= own, sorted(set(cache_sized) - own)
