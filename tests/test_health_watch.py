@@ -2,7 +2,6 @@
 health service on a loopback port: a check that times out (an engine starved of CPU under
 overload) does not flip /health to 503 at once; several in a row do; a refused connection
 or NOT_SERVING counts at once; a recovered engine is healthy again."""
-import threading
 import time
 from concurrent import futures
 

@@ -19,7 +19,6 @@ import sys
 import time
 import urllib.request
 
-import pytest
 
 from tests.http_fixtures import ROOT, _env, _stop, free_port
 
