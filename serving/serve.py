@@ -296,6 +296,11 @@ def run(args) -> int:
         while not stopping():
             for child in (engine, http):
                 if child.restart_at is None and not child.alive():
+                    # what is left of its process group (a SIGKILLed gunicorn master's
+                    # workers) goes now: an orphaned worker would keep the port, answer
+                    # for a while and make the new master's bind fail
+                    from serving.process import kill_group
+                    kill_group(child.proc.pid, signal.SIGKILL)
                     delay = child.schedule_restart()
                     _say(f"the {child.name} exited with status {child.proc.returncode}; "
                          f"restarting it in {delay:.0f} s")

@@ -125,6 +125,7 @@ def test_front_end_sigkill_is_restarted(server):
     """A dead gunicorn master (its workers follow it) is restarted by serve too."""
     master = next(p for p in children_of(server.proc.pid)
                   if b"serving.http.main" in open(f"/proc/{p}/cmdline", "rb").read())
+    workers = children_of(master)
     os.kill(master, signal.SIGKILL)
     t0 = time.monotonic()
 
@@ -138,6 +139,10 @@ def test_front_end_sigkill_is_restarted(server):
         return any(p != master and front_end(p)          # be too short for a request to
                    for p in children_of(server.proc.pid))  # see it)
     assert wait_until(replaced, 30, 0.02) is not None
+    # serve kills what is left of the dead master's group: no orphaned worker keeps the
+    # port (it would answer for a while and make the new master's bind fail)
+    assert workers
+    assert wait_until(lambda: not any(alive(p) for p in workers), 5, 0.02) is not None
     back = wait_until(lambda: _post(server.port, CHAT, timeout_s=5)[0] == 200, 90, 0.1)
     assert back is not None
     print(f"\nfront end SIGKILL: serving again after {time.monotonic() - t0:.1f} s "
