@@ -252,17 +252,11 @@ class Warmup:
         batch bucket, the lean decode sampler (but over the first bucket: `_rest_jobs`
         puts it with the first decode step; none with full_only) and the full one."""
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        committed = self._committed_state()
-
-        def logits_of(lowered):   # placed as the compiled program places its logits
-            out = lowered.out_info[1]
-            placed = lowered.compile().output_shardings[1] if committed else None
-            return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=placed)
 
         def first(lean=False):
             toks = jax.ShapeDtypeStruct((self.prefill_buckets[0],), jnp.int32)
-            logits = logits_of(self._prefill.lower(params, state, tables, toks, i32, i32, i32,
-                                                   True))
+            logits = self._logits_of(self._prefill.lower(params, state, tables, toks, i32, i32,
+                                                         i32, True))
             row = jax.tree.map(_abstract, make_rows([None], self.vocab_size, [0], [0]))
             return self._first.lower(
                 state, logits, i32, row, jax.ShapeDtypeStruct((self.max_len,), jnp.int32), i32,
@@ -285,11 +279,16 @@ class Warmup:
         """The decode sampler over `rows` slots, lowered (the logits placed as the
         compiled forward places them)."""
         fwd = self._forward_step.lower(params, state, tables, self.attend_buckets[0], rows)
-        out = fwd.out_info[1]
-        placed = fwd.compile().output_shardings[1] if self._committed_state() else None
         return self._sample_step.lower(
-            state, jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=placed),
+            state, self._logits_of(fwd),
             jax.ShapeDtypeStruct((rows, self.mask_words), jnp.int32), False, rows, lean=lean)
+
+    def _logits_of(self, lowered):
+        """A lowered program's logits (its second output) as an abstract argument, placed
+        as the compiled program places them."""
+        out = lowered.out_info[1]
+        placed = lowered.compile().output_shardings[1] if self._committed_state() else None
+        return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=placed)
 
     def _committed_state(self) -> bool:
         """jit's outputs are committed only when an input was: uncommitted params and
