@@ -139,6 +139,9 @@ def test_a_busy_engine_answers_batched(engine):
     _wait_idle(client)
     fallbacks = client.stats().spec_fallbacks
     long = client.stream(ids, {"temperature": 0.0, "max_tokens": 70, "ignore_eos": True})
+    deadline = time.monotonic() + 30    # gRPC's threads may hand the two over in any order:
+    while client.stats().spec_running == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)               # the long one holds the one speculative job first
     # --speculative-max-batch 1: a request arriving meanwhile (even one that asks) is
     # answered on the batched path, with the same greedy tokens
     second = client.generate(ids, {**GREEDY, "speculative": {"method": "ngram"}})
