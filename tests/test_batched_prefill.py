@@ -15,7 +15,7 @@ from model.config import named_config
 from model.decoder import init_params
 from sampling.params import SamplingParams
 from serving.engine.device import DeviceEngine, compile_count
-from serving.engine.prefill_plan import plan, row_buckets
+from serving.engine.prefill_plan import plan, row_buckets, split_head
 from serving.engine.requests import Failure, Usage
 from serving.engine.scheduler import Scheduler
 
@@ -41,6 +41,19 @@ def test_plan_groups_by_bucket_and_carries_a_lone_prompt_up():
     assert plan([3, 20, 30], (4,), (8, 32)) == [([0, 1, 2], 4, 32)]
     assert plan([3] * 6, (4,), (8, 32)) == [([0, 1, 2, 3], 4, 8), ([4, 5], 4, 8)]
     assert plan([5, 9], (), (8, 32)) == [([0], 1, 8), ([1], 1, 32)]
+
+
+def test_split_head_runs_a_prompt_just_past_a_bucket_as_two_smaller_ones():
+    ladder = (16, 32, 64, 128, 256, 512)
+    # 129-192 tokens: 128 + 16/32/64 instead of 256; 193+ would cost the 256 anyway
+    assert [split_head(n, ladder) for n in (129, 144, 160, 192)] == [128] * 4
+    assert [split_head(n, ladder) for n in (193, 256, 128, 16, 1, 513)] == [0] * 6
+    assert split_head(300, ladder) == 256                        # 256 + 64 < 512
+    assert split_head(17, (16,)) == 0 and split_head(17, (8, 16, 32)) == 16
+    # a program the background compile has not made yet: the whole bucket instead
+    assert split_head(129, ladder, lambda name: name != "prefill 16 (cached prefix)") == 0
+    assert split_head(129, ladder, lambda name: name != "prefill 128") == 0
+    assert split_head(129, ladder, lambda name: name != "prefill 256") == 128
 
 
 PROMPTS = [np.random.default_rng(i).integers(1, CFG.vocab_size, n)

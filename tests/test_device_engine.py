@@ -69,6 +69,39 @@ def test_chunked_prefill_gives_the_same_tokens(engine):
     assert whole == chunked
 
 
+def test_a_prompt_just_past_a_bucket_runs_as_two_smaller_programs(engine):
+    """17 tokens (buckets 8/16/32): the first 16 as a fresh chunk, then 1 token after
+    that cached prefix (prefill_plan.split_head), not padded to 32. The same greedy
+    tokens as the whole-bucket path, logprobs within float32 noise, nothing compiled."""
+    prompt = list(np.random.default_rng(4).integers(0, CFG.vocab_size, 17))
+    seeded = SamplingParams(temperature=0.8, top_k=40, logprobs=True, top_logprobs=3)
+    chunks = []
+    engine.prefill_chunk = lambda slot, ids, start, *a: (
+        chunks.append((start, len(ids))), DeviceEngine.prefill_chunk(engine, slot, ids, start,
+                                                                     *a))
+    try:
+        before = compile_count()
+        split = run(engine, 0, prompt, GREEDY, 0, 4)
+        engine.release(0)
+        split_lp = engine.insert(0, np.asarray(prompt), 0, seeded, 3).result()
+        engine.release(0)
+        assert compile_count() == before
+        assert chunks == [(0, 16), (0, 16)]
+        engine._unready = {"prefill 8 (cached prefix)"}          # no split: bucket 32
+        whole = run(engine, 0, prompt, GREEDY, 0, 4)
+        engine.release(0)
+        whole_lp = engine.insert(0, np.asarray(prompt), 0, seeded, 3).result()
+        engine.release(0)
+        assert chunks == [(0, 16), (0, 16)]
+    finally:
+        engine._unready = set()
+        del engine.prefill_chunk
+    assert split == whole
+    assert int(split_lp.tokens[0]) == int(whole_lp.tokens[0])
+    np.testing.assert_allclose(split_lp.top_logprobs[0][:3], whole_lp.top_logprobs[0][:3],
+                               atol=1e-5)
+
+
 def test_an_unready_bucket_gives_way_to_a_ready_larger_one(engine):
     """While the background compilation (serving/engine/warmup.py) has not reached a
     prompt's prefill bucket, the prompt runs in the smallest ready bucket that holds it

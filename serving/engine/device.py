@@ -355,6 +355,16 @@ class DeviceEngine(Warmup):
 
     # -- host API -------------------------------------------------------------------------
 
+    _warmed = False
+
+    def warmup(self, progress=None, background: bool = False):
+        """Warmup.warmup (serving/engine/warmup.py); once it ran, a fresh prompt just past
+        a bucket may run as two of the programs it compiles (`insert`). An engine never
+        warmed up (`flaxserve generate`) compiles on first use, so it keeps one program
+        per prompt rather than compile two."""
+        self._warmed = True
+        return super().warmup(progress, background)
+
     def _bucket(self, n: int, fresh: bool | None = None) -> int:
         """The smallest prefill bucket holding n tokens; fresh (True: from position 0,
         False: after a cached prefix; None: exactly that bucket): the smallest whose
@@ -484,6 +494,13 @@ class DeviceEngine(Warmup):
         if grid:   # from the grid line at or before start (a slot's own block: rewritten)
             start -= start % self.block_size
             start += self._grid_prefill(slot, prompt_ids[start:], start)
+        elif start == 0 and self._warmed:   # just past a bucket: two smaller programs
+            from serving.engine.prefill_plan import split_head
+            head = split_head(len(prompt_ids), self.prefill_buckets,
+                              lambda name: name not in self._unready)
+            if head:
+                self.prefill_chunk(slot, prompt_ids[:head], 0)
+                start = head
         args = self._chunk_args(slot, prompt_ids[start:], start, grid=grid)
         self.state, logits = self._prefill(self.params, self.state, self._tables_arg(), *args)
         return self._activate(slot, prompt_ids, logits, sampling, seed, sample_index, mask,

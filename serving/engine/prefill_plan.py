@@ -5,8 +5,9 @@ together wait for 32 programs before the last one sees a token. A batched prefil
 prompts padded to one bucketed length T as a [R, T] batch (rows of a smaller length and
 padding rows write nothing). To keep the number of compiled programs small, R comes from a
 few row buckets (`row_buckets`) and T from the engine's prefill buckets, and `plan` groups
-prompts by bucket so padding stays low. Pure functions; the device calls are
-DeviceEngine.insert_many's.
+prompts by bucket so padding stays low. A prompt prefilled alone just past a bucket is
+split in two existing programs rather than padded to the next bucket (`split_head`). Pure
+functions; the device calls are DeviceEngine.insert_many's and insert's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,27 @@ def bucket_of(n: int, buckets: tuple[int, ...]) -> int:
         if n <= b:
             return b
     raise ValueError(f"chunk of {n} tokens exceeds the largest prefill bucket {buckets[-1]}")
+
+
+def split_head(n: int, buckets: tuple[int, ...], ready=lambda name: True) -> int:
+    """Tokens of a fresh n-token prompt to prefill first as a chunk of their own (0: the
+    whole prompt in one bucket). A prompt just past a bucket (129 tokens: a 128-token
+    text plus a BOS or a chat template) would run the next bucket, twice the arithmetic;
+    run as the largest bucket below it (fresh) plus the rest in a small bucket after that
+    cached prefix, it costs the two buckets. Done when they sum to at most 3/4 of n's own
+    bucket (129-192 tokens with buckets ..., 128, 256: 144-192 instead of 256) and both
+    programs are compiled (`ready(name)`, warmup.py's job names): the programs already
+    exist, so nothing new compiles and a first request waits for nothing."""
+    whole = next((b for b in buckets if n <= b), None)
+    head = max((b for b in buckets if b < n), default=0)
+    if whole is None or not head:
+        return 0
+    tail = bucket_of(n - head, buckets)
+    if 4 * (head + tail) > 3 * whole:
+        return 0
+    if not (ready(f"prefill {head}") and ready(f"prefill {tail} (cached prefix)")):
+        return 0
+    return head
 
 
 def plan(lengths: list[int], rows: tuple[int, ...], buckets: tuple[int, ...]
