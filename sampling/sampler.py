@@ -117,9 +117,10 @@ def _processors(x, rows, state, keys):
 
 
 def _processors_on(rows):
+    xp = np if isinstance(rows.proc_enabled, np.ndarray) else jnp   # needs_full: host
     if not registry.registered():
-        return jnp.zeros(rows.greedy.shape, bool)
-    return jnp.any(rows.proc_enabled, axis=-1)
+        return xp.zeros(rows.greedy.shape, bool)
+    return xp.any(rows.proc_enabled, axis=-1)
 
 
 def _xtc(x, rows, state, keys):

@@ -174,3 +174,59 @@ print("compiles", compile_count() - before)
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "compiles 0", out.stdout
+
+
+def test_engine_listens_before_it_serves(tmp_path):
+    """`flaxserve engine` opens its gRPC port while its first programs still compile
+    (serving/engine/main.py): health says NOT_SERVING, ListModels and CountTokens answer
+    (the front end reads the model's card and loads its tokenizer meanwhile: `_Server.
+    prefetch`), Generate is UNAVAILABLE at once (a 503 with Retry-After over HTTP; never
+    queued for minutes, never a hang); `serve_now()` turns it SERVING. No program is run."""
+    import dataclasses
+
+    import grpc
+    import pytest
+
+    from checkpoints.tokenizer import load_tokenizer
+    from model.config import named_config
+    from model.decoder import init_params
+    from serving.client import EngineClient
+    from serving.engine.device import DeviceEngine
+    from serving.engine.scheduler import Scheduler
+    from serving.engine.server import EngineServer
+    from serving.http.app import Settings, _Server
+    from serving.http.engine_link import EngineLink, map_rpc_error
+    from tests.tokenizer_fixtures import build_bytelevel_dir
+
+    tok_dir = build_bytelevel_dir(tmp_path / "tok")
+    tok = load_tokenizer(str(tok_dir))
+    cfg = dataclasses.replace(named_config("tiny", dtype="float32"), vocab_size=tok.vocab_size)
+    engine = DeviceEngine(cfg, init_params(cfg, seed=0), max_slots=2, max_len=64,
+                          prefill_buckets=(16,))
+    server = EngineServer(Scheduler(engine, tok), "tiny-early", str(tok_dir), tok)
+    port = server.start("127.0.0.1", 0, serving=False)
+    client = EngineClient(f"127.0.0.1:{port}")
+    link = EngineLink(f"127.0.0.1:{port}")
+    try:
+        assert client.health(timeout=10) == "not serving"
+        card = client.list_models()[0]
+        assert (card.name, card.max_model_len) == ("tiny-early", 64)
+        ids = tok.encode("hello there", add_special_tokens=False)
+        assert client.count_tokens(prompt_text="hello there") == len(ids)
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate([1, 2, 3], {"max_tokens": 2}, timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "starting" in err.value.details()
+        http_err = map_rpc_error(err.value)
+        assert http_err.status == 503 and http_err.retry_after
+        front = _Server(Settings(engine=f"127.0.0.1:{port}"), link)
+        front.prefetch()         # returns once loaded: the engine is still NOT_SERVING
+        assert front._info.served_names == ["tiny-early"]
+        assert front._info.tokenizer.encode("hello there", add_special_tokens=False) == ids
+        assert client.health(timeout=10) == "not serving"
+        server.serve_now()
+        assert client.health(timeout=10) == "serving"
+    finally:
+        link.close()
+        client.close()
+        server.stop(grace_s=1)

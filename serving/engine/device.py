@@ -310,7 +310,8 @@ class DeviceEngine(Warmup):
                 allowed[:self.token_limit] = True
                 words = np.packbits(allowed.reshape(-1, 32), axis=1, bitorder="little")
                 words = words.view("<u4").astype(np.uint32).view(np.int32).reshape(1, -1)
-                self._ones[rows] = jnp.asarray(np.repeat(words, rows, axis=0))
+                # device_put: a copy (jnp.asarray runs an eager program per shape)
+                self._ones[rows] = jax.device_put(np.repeat(words, rows, axis=0))
             return self._ones[rows]
         return np.ascontiguousarray(np.asarray(mask, np.int32)[:rows])
 
@@ -420,7 +421,8 @@ class DeviceEngine(Warmup):
 
     def _tables_arg(self):
         if self._tables_dev is None:
-            self._tables_dev = jnp.asarray(self._tables)
+            # a copy on the device, no program (jnp.asarray: an eager one per shape)
+            self._tables_dev = jax.device_put(self._tables.copy())
             if self.mesh is not None:
                 from jax.sharding import NamedSharding, PartitionSpec
                 replicated = NamedSharding(self.mesh, PartitionSpec())

@@ -161,6 +161,20 @@ def _say(msg: str) -> None:
     logs.say("engine", msg)
 
 
+def _engine_server(args, engine, tokenizer, vectors, speculative, model_dir, token):
+    """The scheduler over `engine` behind a gRPC server (not started yet)."""
+    from checkpoints.resolve import served_name
+    from serving.engine.scheduler import Scheduler
+    from serving.engine.server import EngineServer
+    scheduler = Scheduler(engine, tokenizer, max_queue=args.max_queue,
+                          prefill_budget=args.prefill_budget,
+                          prefix_cache=not args.no_prefix_cache, steering_vectors=vectors,
+                          speculative=speculative)
+    name = args.served_model_name or served_name(args.model, model_dir)
+    return EngineServer(scheduler, name, model_dir, tokenizer, token=token,
+                        reflection=getattr(args, "grpc_reflection", False))
+
+
 def _exit_soon(status: int, after_s: float = 10.0) -> None:
     """Exit with `status` after `after_s` even if the shutdown hangs (a broken engine must
     not keep its port and its supervisor waiting)."""
@@ -194,8 +208,6 @@ def run(args) -> int:
     from checkpoints.loader import load_model
     from checkpoints.tokenizer import load_tokenizer
     from serving.engine.device import DeviceEngine
-    from serving.engine.scheduler import Scheduler
-    from serving.engine.server import EngineServer
 
     t0 = time.monotonic()
     mesh = parse_mesh(args.mesh)
@@ -239,10 +251,25 @@ def run(args) -> int:
              f"{max_slots * max_len * kv_bytes_per_token(config) / 2 ** 30:.2f} GiB); "
              f"decode attention: {engine.attention}"
              + (f" ({engine.paged_kernel} kernel)" if engine.paged_kernel else ""))
+    early = None
+    if role is None and not getattr(args, "warmup_only", False):
+        # listen while the first programs compile: serve and the front end connect and
+        # read the model's card (the front end loads its tokenizer) meanwhile, so they see
+        # SERVING at once; until then Generate is UNAVAILABLE (a 503 over HTTP)
+        early = _engine_server(args, engine, tokenizer, vectors, speculative, model_dir,
+                               token)
+        early.start(args.host, args.grpc_port, serving=False)
     t1 = time.monotonic()
     full = getattr(args, "warmup_only", False) or getattr(args, "full_warmup", False)
     from serving.logs import Progress
-    background = engine.warmup(Progress("engine"), background=not full)
+    try:
+        background = engine.warmup(Progress("engine"), background=not full)
+    except BaseException:
+        if early is not None:
+            early.server.stop(grace=None)
+        raise
+    if early is not None:
+        early.serve_now()
     trim_memory()                # the compiler's freed heap back to the system
     _say(f"warm-up took {time.monotonic() - t1:.1f} s"
          + (f" (compilation cache: {cache_dir})" if cache_dir else "")
@@ -262,18 +289,13 @@ def run(args) -> int:
     if role is not None:
         engine = role.lead(engine)
 
-    scheduler = Scheduler(engine, tokenizer, max_queue=args.max_queue,
-                          prefill_budget=args.prefill_budget,
-                          prefix_cache=not args.no_prefix_cache, steering_vectors=vectors,
-                          speculative=speculative)
-    from checkpoints.resolve import served_name
-    name = args.served_model_name or served_name(args.model, model_dir)
-    server = EngineServer(scheduler, name, model_dir, tokenizer, token=token,
-                          reflection=getattr(args, "grpc_reflection", False))
+    server = early or _engine_server(args, engine, tokenizer, vectors, speculative,
+                                     model_dir, token)
+    scheduler, name = server.scheduler, server.servicer.model_name
     stop = threading.Event()
     old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        port = server.start(args.host, args.grpc_port)
+        port = server.port if early is not None else server.start(args.host, args.grpc_port)
         _say(f"serving {name} on {args.host}:{port} (gRPC)")
         while not stop.wait(0.5):
             if role is not None and role.lost:

@@ -23,7 +23,6 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from serving.engine import requests as rq
 from serving.engine.scheduler import Scheduler
@@ -201,6 +200,7 @@ class FlaxServeServicer(pb_grpc.FlaxServeServicer):
         self.model_name = model_name
         self.model_dir = model_dir
         self.tokenizer = tokenizer
+        self.starting = False     # EngineServer.start(serving=False) until serve_now()
 
     def _prompt(self, ids, text: str, add_special_tokens: bool, context) -> list[int]:
         ids = list(ids)
@@ -215,6 +215,9 @@ class FlaxServeServicer(pb_grpc.FlaxServeServicer):
         return ids
 
     def Generate(self, request, context):
+        if self.starting:     # the port is open early; the device is not ours yet
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is starting (compiling "
+                          "the programs a first request needs); retry in a moment")
         ids = self._prompt(request.prompt_ids, request.prompt_text,
                            request.add_special_tokens, context)
         try:
@@ -304,7 +307,11 @@ class EngineServer:
         self.server: grpc.Server | None = None
         self.port: int | None = None
 
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+    def start(self, host: str = "127.0.0.1", port: int = 0, serving: bool = True) -> int:
+        """Listen and (serving=True) start the scheduler and say SERVING. serving=False:
+        listen while the engine still warms up (health NOT_SERVING, Generate UNAVAILABLE;
+        ListModels, CountTokens and Stats answer), so clients connect and read the model's
+        card before it serves; `serve_now()` then starts the scheduler."""
         # one thread per open stream: queued + running requests, plus room for unary calls
         workers = self.scheduler.max_queue + self.scheduler.engine.max_slots + 16
         self.server = grpc.server(
@@ -317,18 +324,28 @@ class EngineServer:
         pb_grpc.add_FlaxServeServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.reflection:
+            from grpc_reflection.v1alpha import reflection as grpc_reflection
             grpc_reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, grpc_reflection.SERVICE_NAME), self.server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise ValueError(f"--grpc-port: cannot listen on {address}")
+        self.servicer.starting = not serving
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.start()
+        if serving:
+            self.serve_now()
+        return self.port
+
+    def serve_now(self) -> None:
+        """Start the scheduler (its device thread) and say SERVING."""
         if self.scheduler._device_thread is None:
             self.scheduler.start()
-        self.server.start()
+        self.servicer.starting = False
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        return self.port
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Health NOT_SERVING, no new requests, running ones finish, then the server stops."""

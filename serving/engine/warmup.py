@@ -16,6 +16,7 @@ start, not by tracing in parallel (docs/cli.md, the start-up section).
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import time
 from typing import Callable
@@ -296,6 +297,7 @@ class Warmup:
         return self.mesh is not None or any(
             getattr(x, "_committed", True) for x in jax.tree.leaves((self.params, self.state)))
 
+    background_switch_s = 0.001        # Python's switch interval while they run
     _in_progress: set = frozenset()    # background jobs under way (_compile_rest)
     _waiters = 0                       # device-thread calls waiting for one of them
 
@@ -329,21 +331,32 @@ class Warmup:
             yield from map(one, first)
             yield from pool.map(one, rest)       # submitted once the first is done
 
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            for _name in run_all(pool):
-                done += 1
-                elapsed = time.perf_counter() - t0
-                eta = elapsed / done * (len(jobs) - done)   # every one: `say` may thin
-                say(f"background compile: {done}/{len(jobs)} programs, "
-                    f"{elapsed:.1f} s, ETA {eta:.0f} s")
+        # tracing holds the GIL in long runs of bytecode: a thread that wants it back (the
+        # device thread dispatching a request's step, gRPC, detokenizing) waits up to the
+        # switch interval each time, 5 ms by default, many times per decode step
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, self.background_switch_s))
+        try:
+            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+                for _name in run_all(pool):
+                    done += 1
+                    elapsed = time.perf_counter() - t0
+                    eta = elapsed / done * (len(jobs) - done)   # every one: `say` may thin
+                    say(f"background compile: {done}/{len(jobs)} programs, "
+                        f"{elapsed:.1f} s, ETA {eta:.0f} s")
+        finally:
+            sys.setswitchinterval(switch)
         self._unready.clear()
         self.background_done = True
 
 
 def _abstract(x):
     """x as an abstract argument: shape, dtype and placement; uncommitted arrays (numpy,
-    jnp.zeros) lower unplaced."""
-    x = jnp.asarray(x)
+    jnp.zeros) lower unplaced. A host array stays on the host (jnp.asarray of one runs an
+    eager program per shape, on the thread that competes with the first requests)."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        return jax.ShapeDtypeStruct(x.shape, jax.dtypes.canonicalize_dtype(x.dtype))
+    x = jnp.asarray(x)       # a Python scalar keeps its weak type
     sharding = x.sharding if getattr(x, "_committed", True) else None
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 

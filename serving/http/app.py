@@ -185,6 +185,18 @@ class _Server:
                     self._info = self._load_info()
         return self._info
 
+    def prefetch(self, interval_s: float = 0.1) -> None:
+        """`info()` as soon as the engine answers ListModels (it does while it still
+        compiles its first programs), so the first request does not load the tokenizer;
+        retried while the engine is not up (every `interval_s`, after a minute every
+        second), until it works or the link closes."""
+        start = time.monotonic()
+        while self._info is None and not getattr(self.link, "_closed", False):
+            try:
+                self.info()
+            except Exception:  # noqa: BLE001 - not up yet: a request would get a 503
+                time.sleep(interval_s if time.monotonic() - start < 60 else 1.0)
+
     def _load_info(self) -> ModelInfo:
         from serving.http.prompt import load_prompt_tokenizer
         engine_model = self.link.model_info()
@@ -455,10 +467,14 @@ def create_app(settings: Settings, link=None) -> falcon.App:
     if link is None and len(settings.engines) > 1:
         from serving.http.router import EngineSet
         link = EngineSet(settings.engines)
+    own_link = link is None
     if link is None:
         from serving.http.engine_link import EngineLink
         link = EngineLink(settings.engine)
     server = _Server(settings, link)
+    if own_link:       # the model's card and tokenizer before the first request needs them
+        threading.Thread(target=server.prefetch, name="flaxserve-model-info",
+                         daemon=True).start()
     app = falcon.App(middleware=[_Middleware(KeyChecker(settings.api_keys),
                                              settings.metrics_public)])
     app.req_options.strip_url_path_trailing_slash = True
