@@ -94,6 +94,8 @@ class Trace:
     tokens: int = 0
     error: str | None = None
     cached_tokens: int | None = None      # gRPC: prompt tokens from the prefix cache
+    engine_ttft: float | None = None      # gRPC: the engine's own arrival -> first token (s)
+    queue_time: float | None = None       # gRPC: the engine's arrival -> admission (s)
 
     def add(self, count: int) -> None:
         now = time.perf_counter() - self.start
@@ -115,6 +117,7 @@ class GrpcTarget:
                 trace.add(len(r.delta.token_ids))
             if r.HasField("usage"):
                 trace.cached_tokens = r.usage.cached_tokens
+                trace.engine_ttft, trace.queue_time = r.usage.ttft, r.usage.queue_time
 
     def close(self) -> None:
         self.client.close()
@@ -233,6 +236,10 @@ def run_load(target, prompts: list[list[int]], sampling: dict, *, concurrency: i
     itl = [b - a for t in done for a, b in zip(t.token_times, t.token_times[1:]) if b > a]
     tokens = sum(t.tokens for t in done)
     cached = [t.cached_tokens for t in done if t.cached_tokens is not None]
+    # gRPC: the engine's share of TTFT (queue, admission, prefill, first draw); the rest
+    # of the client's TTFT is the way back (detokenize thread, gRPC)
+    engine_ttft = [t.engine_ttft for t in done if t.engine_ttft is not None]
+    queue = [t.queue_time for t in done if t.queue_time is not None]
     return {"cached_tokens_min_after_first": min(sorted(cached)[1:], default=None),
             "cached_tokens_mean": float(np.mean(cached)) if cached else None,
             "concurrency": concurrency, "rate": rate, "requests": len(prompts),
@@ -240,7 +247,9 @@ def run_load(target, prompts: list[list[int]], sampling: dict, *, concurrency: i
             else None, "wall_s": wall, "requests_per_s": len(done) / wall,
             "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
             "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot),
-            "itl_ms": _percentiles(itl)}
+            "itl_ms": _percentiles(itl),
+            **({"engine_ttft_ms": _percentiles(engine_ttft), "queue_ms": _percentiles(queue)}
+               if engine_ttft else {})}
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -401,6 +410,9 @@ def format_report(report: dict) -> str:
                      f"{ms(r['tpot_ms'])} | {ms(r['itl_ms'])}")
         if r["errors"]:
             lines.append(f"{'':>12} {r['errors']} errors, first: {r['first_error']}")
+        if r.get("engine_ttft_ms", {}).get("p50") is not None:
+            lines.append(f"{'':>12} in the engine: TTFT ms mean/p50/p99 "
+                         f"{ms(r['engine_ttft_ms'])}, of which queued {ms(r['queue_ms'])}")
     if "tokens_per_s_paged_vs_dense" in report:
         lines.append(f"token throughput, paged vs dense: "
                      f"{report['tokens_per_s_paged_vs_dense']:.2f}x")
