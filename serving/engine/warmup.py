@@ -298,6 +298,7 @@ class Warmup:
             getattr(x, "_committed", True) for x in jax.tree.leaves((self.params, self.state)))
 
     background_switch_s = 0.001        # Python's switch interval while they run
+    background_yield_s = 1.0           # a job waits this long at most for live slots
     _in_progress: set = frozenset()    # background jobs under way (_compile_rest)
     _waiters = 0                       # device-thread calls waiting for one of them
 
@@ -307,8 +308,13 @@ class Warmup:
         import os
         t0, done = time.perf_counter(), 0
 
-        def one(job):
+        def one(job, yield_s=0.0):
             name, lower = job
+            # a running request first (up to yield_s): its steps need the GIL that
+            # tracing holds, and a few short requests end within it
+            deadline = time.monotonic() + yield_s
+            while self._host_active.any() and time.monotonic() < deadline:
+                time.sleep(0.01)
             with self._programs:
                 self._programs.wait_for(lambda: not self._waiters, 60)
                 self._in_progress.add(name)
@@ -328,8 +334,9 @@ class Warmup:
         rest = [job for job in jobs if job not in first]
 
         def run_all(pool):
-            yield from map(one, first)
-            yield from pool.map(one, rest)       # submitted once the first is done
+            yield from map(one, first)           # a first request may wait for it
+            yield from pool.map(functools.partial(one, yield_s=self.background_yield_s),
+                                rest)            # submitted once the first is done
 
         # tracing holds the GIL in long runs of bytecode: a thread that wants it back (the
         # device thread dispatching a request's step, gRPC, detokenizing) waits up to the
