@@ -228,7 +228,10 @@ def _run(args) -> int:
                "--max-model-len", str(max_len), "--dtype", "float32", "--full-warmup"]
         if args.quantize:
             cmd += ["--quantize", args.quantize]
-        with server(cmd, port, args.server_timeout, "flaxserve") as url:
+        # /health: the engine answers ListModels while its programs compile, and serves
+        # (health SERVING) only after
+        with server(cmd, port, args.server_timeout, "flaxserve",
+                    ready=("/v1/models", "/health")) as url:
             target = TextHttpTarget(url, args.output_len)
             result["runs"]["flaxserve"] = run_traced(target.send, texts, concurrencies, counts)
 

@@ -121,8 +121,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(cmd: list[str], port: int, timeout: float, log_name: str, env=None):
-    """A server subprocess (own process group), up when GET /v1/models answers 200."""
+def server(cmd: list[str], port: int, timeout: float, log_name: str, env=None,
+           ready=("/v1/models",)):
+    """A server subprocess (own process group), up when GET of each `ready` path answers
+    200 (flaxserve: also /health, which is 503 until its engine serves)."""
     import requests
     log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-compare-{log_name}-",
                                       suffix=".log", delete=False)
@@ -137,7 +139,8 @@ def server(cmd: list[str], port: int, timeout: float, log_name: str, env=None):
                 raise RuntimeError(f"{log_name} exited with {proc.returncode}: "
                                    f"{log.read()[-800:]}")
             with contextlib.suppress(requests.RequestException):
-                if requests.get(url + "/v1/models", timeout=5).status_code == 200:
+                if all(requests.get(url + path, timeout=5).status_code == 200
+                       for path in ready):
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{log_name} did not answer within {timeout:.0f} s "
