@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from sampling.params import MAX_NGRAM
 from sampling.rows import SamplingRows
-from sampling.state import SamplerState
+from sampling.state import SamplerState, batch_view
 
 NEG_INF = -jnp.inf
 # llama.cpp's FLOAT_MAX_LOG: DRY's exponent stops where base ** e would overflow float32.
@@ -20,8 +20,9 @@ _FLOAT_MAX_LOG = 88.7228391
 
 
 def apply_bias(logits, rows: SamplingRows, state: SamplerState):
-    """logit_bias plus allowed_token_ids and single-token bad words (as -inf)."""
-    return logits + rows.bias
+    """logit_bias plus allowed_token_ids and single-token bad words (as -inf). `rows.bias`
+    may have more rows than the batch (sampling/state.py `batch_view`): the first S count."""
+    return logits + rows.bias[:logits.shape[0]]
 
 
 def _tail(state: SamplerState, n: int) -> jax.Array:
@@ -103,13 +104,14 @@ def _windowed_counts(state: SamplerState, window, include_prompt):
     lo = jnp.where(window[:, None] > 0, jnp.maximum(lo, n - window[:, None]), lo)
     valid = (j >= lo) & (j < n)
     rows_idx = jnp.arange(s)[:, None]
-    return jnp.zeros(state.out_counts.shape, jnp.int32).at[rows_idx, state.history].add(
-        valid.astype(jnp.int32))
+    return jnp.zeros((s, state.out_counts.shape[1]), jnp.int32).at[
+        rows_idx, state.history].add(valid.astype(jnp.int32))
 
 
 def scoped_counts(rows: SamplingRows, state: SamplerState, include_prompt,
                   windowed: bool = True):
     """windowed=False (a lean sampler program): no row has a penalty_window."""
+    state = batch_view(state, include_prompt.shape[0])
     full = state.out_counts + jnp.where(include_prompt[:, None], state.prompt_counts, 0)
     if not windowed:
         return full

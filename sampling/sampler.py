@@ -58,7 +58,7 @@ from sampling import (adaptive_p, counterfactual, dynamic_top_p, filters, min_k,
                       registry)
 from sampling.params import STAGES
 from sampling.rows import NUM_STAGES, SamplingRows, processor_args
-from sampling.state import SamplerState, append
+from sampling.state import SamplerState, append, batch_view
 
 LOGPROB_FLOOR = -9999.0
 _BLOCK = 256  # tokens per block of the two-level draw
@@ -110,6 +110,7 @@ def row_keys(rows: SamplingRows, step: jax.Array) -> jax.Array:
 # name -> (enabled(rows) -> [S] bool, apply(x, rows, state, keys) -> x over the whole batch)
 
 def _processors(x, rows, state, keys):
+    state = batch_view(state, x.shape[0])     # a processor sees [S, V] counts
     for j, proc in enumerate(registry.registered()):
         args = processor_args(rows, j)
         x = _gated(rows.proc_enabled[:, j], lambda y, f=proc.fn, a=args: f(y, a, state), x)
@@ -256,11 +257,11 @@ def _truncated(logits: jax.Array, rows: SamplingRows, state: SamplerState, *,
     x = _hard_masks(logits, rows, state, mask, lean)
     return _run_stages(x, rows, state, keys, custom_order, lean)
 
-def first_max(x: jax.Array) -> jax.Array:
+def first_max(x: jax.Array, top: jax.Array | None = None) -> jax.Array:
     """argmax over the last axis (the first of tied maxima) as a max and a min-index: two
     plain reductions, which XLA's CPU backend runs ~6x faster than its argmax reduction at
-    [32, 32000]."""
-    top = jnp.max(x, axis=-1, keepdims=True)
+    [32, 32000]. `top`: max(x, axis=-1) when the caller has it (one pass fewer)."""
+    top = jnp.max(x, axis=-1, keepdims=True) if top is None else top[..., None]
     index = jnp.arange(x.shape[-1], dtype=jnp.int32)
     return jnp.min(jnp.where(x == top, index, x.shape[-1] - 1), axis=-1)
 
@@ -297,7 +298,12 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
     `mask` (optional, bool [S, V]) is an extra hard mask, True = allowed (grammars).
     `custom_order=False` compiles without the per-row sampler_order path (rows asking for
     one then run the default order). `lean=True` traces only the common stages (module
-    docstring; rows where `needs_full` is true then get a plain sampler's answer)."""
+    docstring; rows where `needs_full` is true then get a plain sampler's answer).
+
+    `state`'s count arrays and `rows.bias` may have more rows than `logits` (an engine's
+    whole [slots, V] arrays for a batch of its first S slots; sampling/state.py): the
+    stages that read them take the first S rows, and the returned state's out_counts is
+    then the whole array with those rows' tokens counted."""
     logits = logits.astype(jnp.float32)
     s, v = logits.shape
     nan_row = jnp.any(jnp.isnan(logits), axis=-1)
@@ -316,7 +322,8 @@ def sample(logits: jax.Array, rows: SamplingRows, state: SamplerState, *, num_to
     sampling = ~rows.greedy
 
     zeros = jnp.zeros((s,), jnp.int32)
-    greedy_tokens = jax.lax.cond(jnp.any(rows.greedy), lambda: first_max(x), lambda: zeros)
+    greedy_tokens = jax.lax.cond(jnp.any(rows.greedy), lambda: first_max(x, top_x),
+                                 lambda: zeros)
     uniform = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0)))(keys)
     drawn = jax.lax.cond(jnp.any(sampling), lambda: draw(x, uniform), lambda: zeros)
     tokens = jnp.where(error, 0, jnp.where(sampling, drawn, greedy_tokens))

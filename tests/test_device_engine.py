@@ -225,3 +225,40 @@ def test_lean_and_full_sampler_programs_agree(engine):
     for x, y in zip(alone, beside):
         assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(x, y))
     assert compile_count() == before
+
+
+def test_penalties_and_bias_on_a_step_narrower_than_the_slots(engine):
+    """A decode step over the first rows of the slots hands the sampler the engine's whole
+    [slots, V] penalty counts and bias (sampling/state.py `batch_view`): a row with
+    penalties, a logit bias and allowed ids gets the same tokens in slot 0 alone (1-row
+    steps of 4 slots) as in slot 3 of full steps, its counts are its own tokens, and the
+    counts of the slots the narrow steps left out are untouched."""
+    allowed = list(range(10, 60))
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.5, frequency_penalty=1.0,
+                            presence_penalty=0.5, logit_bias={12: 5.0},
+                            allowed_token_ids=allowed)
+    prompt = [11, 12, 13, 12]
+    sampler = lambda: jax.tree.map(np.asarray, engine.state["sampler"])
+    engine.insert(1, np.array([30, 31, 30]), 0, GREEDY, 0).result()   # counts in slot 1
+    engine.release(1)
+    before = sampler()
+    alone = run(engine, 0, prompt, params, 0, 8)
+    after = sampler()
+    engine.release(0)
+    assert all(t in allowed for t in alone)
+    np.testing.assert_array_equal(after.out_counts[0],
+                                  np.bincount(alone, minlength=CFG.vocab_size))
+    np.testing.assert_array_equal(after.prompt_counts[0],
+                                  np.bincount(prompt, minlength=CFG.vocab_size))
+    np.testing.assert_array_equal(after.out_counts[1:], before.out_counts[1:])
+    np.testing.assert_array_equal(after.prompt_counts[1:], before.prompt_counts[1:])
+    plain = run(engine, 0, prompt, SamplingParams(temperature=0.0,
+                                                  allowed_token_ids=allowed), 0, 8)
+    engine.release(0)
+    assert plain != alone                      # the penalties and the bias did something
+    for slot in range(3):
+        engine.insert(slot, np.array([5 + slot, 6]), 0, GREEDY, 0).result()
+    crowded = run(engine, 3, prompt, params, 0, 8)
+    for slot in range(4):
+        engine.release(slot)
+    assert crowded == alone

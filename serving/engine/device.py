@@ -245,15 +245,27 @@ class DeviceEngine(Warmup):
 
     def _sample_step_fn(self, state, logits, mask_bits, custom, rows, lean=False):
         """The sampler over slots [0, rows), written back into the full state (lean: the
-        common stages only, sampling/sampler.py)."""
+        common stages only, sampling/sampler.py).
+
+        The [slots, V] arrays (penalty counts, bias) go in whole: the sampler reads their
+        first `rows` rows only inside the stages that use them and counts the new tokens
+        in place (sampling/state.py), so a batch without penalties or a bias never copies
+        them (slicing, copying and writing them back was ~40% of a 16-row sampler at a
+        49152 vocabulary: docs/speed.md, "At concurrency 16 and 32")."""
         take = lambda x: x[:rows]
-        put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)
+        put = lambda full, part: (part if part.shape == full.shape else
+                                  jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0))
         active, pos, last = take(state["active"]), take(state["pos"]), take(state["last"])
-        out, sampler = sample(logits, jax.tree.map(take, state["rows"]),
-                              jax.tree.map(take, state["sampler"]),
+        full_rows, full_sampler = state["rows"], state["sampler"]
+        wide = ("out_counts", "prompt_counts")
+        part = {f: getattr(full_sampler, f) if f in wide else take(x)
+                for f, x in vars(full_sampler).items()}
+        out, sampler = sample(logits,
+                              jax.tree.map(take, full_rows).replace(bias=full_rows.bias),
+                              full_sampler.replace(**part),
                               num_top=self.num_top_logprobs, mask=self._unpack(mask_bits),
                               custom_order=custom, lean=lean)
-        state = dict(state, sampler=jax.tree.map(put, state["sampler"], sampler),
+        state = dict(state, sampler=jax.tree.map(put, full_sampler, sampler),
                      last=put(state["last"], jnp.where(active, out.tokens, last)),
                      pos=put(state["pos"], jnp.where(active, pos + 1, pos)))
         return state, self._on_every_process(out)
@@ -299,9 +311,12 @@ class DeviceEngine(Warmup):
         return dict(state, cache=cache), tuple(logits[r:r + 1] for r in range(rows))
 
     def _unpack(self, bits):
-        """[R, words] int32 -> bool [R, V]: bit t of word t // 32 allows token t."""
-        ids = jnp.arange(self.vocab_size)
-        return ((bits[:, ids // 32] >> (ids % 32)) & 1).astype(bool)
+        """[R, words] int32 -> bool [R, V]: bit t of word t // 32 allows token t. A shift
+        per bit and a reshape, no gather: XLA fuses it into the one masking select
+        (indexing the words per token was a gather and a transposed copy per step)."""
+        shifts = jnp.arange(32, dtype=jnp.int32)
+        allowed = ((bits[:, :, None] >> shifts) & 1).astype(bool)
+        return allowed.reshape(bits.shape[0], -1)[:, :self.vocab_size]
 
     def _mask_bits(self, rows: int, mask) -> jax.Array:
         if mask is None:
