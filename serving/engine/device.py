@@ -150,8 +150,10 @@ class DeviceEngine(Warmup):
         self.batch_buckets = batch_buckets(max_slots) if mesh is None else (max_slots,)
         self._host_pos = np.zeros(max_slots, np.int64)      # mirrors state["pos"]
         self._host_active = np.zeros(max_slots, bool)       # mirrors state["active"]
-        self._forward_step = jax.jit(self._forward_step_fn, donate_argnums=(1,),
-                                     static_argnums=(3, 4))
+        # the forward takes the cache (donated) and the few arrays it reads, the sampler
+        # the state without the cache (`_split`)
+        self._forward_step = jax.jit(self._forward_cache_fn, donate_argnums=(1,),
+                                     static_argnums=(4, 5))
         # custom=True compiles the reorderable sampler; used only while a row needs it.
         # lean=True: the common stages only (sampling/sampler.py), while no live row needs
         # more (_full_slots); its trace and lower take a fraction of the full one's at start
@@ -242,6 +244,24 @@ class DeviceEngine(Warmup):
                                      block_tables=tables if self.paged else None,
                                      steering=state["steer"][:rows] if self.steering else None)
         return dict(state, cache=cache), logits[:, 0]
+
+    def _forward_cache_fn(self, params, cache, reads, tables, attend_len, rows):
+        """`_forward_step_fn` over the cache and `reads` (`_split`): (cache, logits)."""
+        state, logits = self._forward_step_fn(params, dict(reads, cache=cache), tables,
+                                              attend_len, rows)
+        return state["cache"], logits
+
+    _forward_reads = ("last", "pos", "active", "steer")
+
+    def _split(self, state):
+        """(cache, what a decode forward reads besides it, the rest of the state but the
+        cache). A single step's two programs each take only their part: every array a
+        call takes costs dispatch time on the host (about a microsecond, more for one
+        donated and handed back), and the decode state holds ~90 (the sampling rows and
+        sampler state, ~60, only the sampler reads; the cache, 2 per layer, only the
+        forward: docs/speed.md, "The batch-1 step, op by op")."""
+        reads = {k: state[k] for k in self._forward_reads if k in state}
+        return state["cache"], reads, {k: v for k, v in state.items() if k != "cache"}
 
     def _sample_step_fn(self, state, logits, mask_bits, custom, rows, lean=False):
         """The sampler over slots [0, rows), written back into the full state (lean: the
@@ -548,7 +568,9 @@ class DeviceEngine(Warmup):
             # over the same row and state; only right at start, alone in slot 0
             self.state = self._reset(self.state, np.int32(slot), row, prompt,
                                      np.int32(len(prompt_ids)))
-            self.state, out = self._sample_step(self.state, logits, bits, False, 1, lean=True)
+            cache, _, rest = self._split(self.state)
+            rest, out = self._sample_step(rest, logits, bits, False, 1, lean=True)
+            self.state = dict(rest, cache=cache)
         else:
             carry = np.zeros(len(self._carried), np.float32) if carry is None else carry
             self.state, out = self._first(self.state, logits, np.int32(slot), row, prompt,
@@ -644,8 +666,10 @@ class DeviceEngine(Warmup):
             rows, attend = self.batch_buckets[-1], self.attend_buckets[-1]
         self._await_program(f"decode {rows} slots x {attend}")   # warmup.py
         dispatched = time.perf_counter()
-        self.state, logits = self._forward_step(self.params, self.state, self._tables_arg(),
-                                                attend, rows)
+        cache, reads, _ = self._split(self.state)
+        cache, logits = self._forward_step(self.params, cache, reads, self._tables_arg(),
+                                           attend, rows)
+        self.state = dict(self.state, cache=cache)
         return Forward(logits, rows, dispatched)
 
     def sample_step(self, forward: "Forward", mask=None) -> Pending:
@@ -653,10 +677,11 @@ class DeviceEngine(Warmup):
         if not self._custom_slots:
             self._await_program(f"{'full ' if self._full_slots else ''}sampler "
                                 f"{forward.rows} slots")
-        self.state, out = self._sample_step(self.state, forward.logits,
-                                            self._mask_bits(forward.rows, mask),
-                                            bool(self._custom_slots), forward.rows,
-                                            lean=not self._full_slots)
+        cache, _, rest = self._split(self.state)
+        rest, out = self._sample_step(rest, forward.logits, self._mask_bits(forward.rows, mask),
+                                      bool(self._custom_slots), forward.rows,
+                                      lean=not self._full_slots)
+        self.state = dict(rest, cache=cache)
         self._host_pos[self._host_active] += 1
         return Pending(self, out, self.max_slots, forward.dispatched)
 

@@ -75,7 +75,8 @@ class Warmup:
                 if rows * b > self.warm_run_tokens and b != self.attend_buckets[0]:
                     # compile only: running it would move rows x b tokens of KV per layer
                     # (a 64 x 32k paged step); jit then reuses the compiled program
-                    self._forward_step.lower(self.params, self.state, self._tables_arg(), b,
+                    cache, reads, _ = self._split(self.state)
+                    self._forward_step.lower(self.params, cache, reads, self._tables_arg(), b,
                                              rows).compile()
                     continue
                 self._host_pos[self._host_active] = b - 1
@@ -192,7 +193,7 @@ class Warmup:
             for b in self.attend_buckets:
                 jobs.append((f"decode {rows} slots x {b}",
                              lambda b=b, rows=rows: self._forward_step.lower(
-                                 params, state, tables, b, rows)))
+                                 params, *self._split(state)[:2], tables, b, rows)))
         jobs += self._sampler_jobs(params, state, tables)
         if self.decode_steps > 1:      # multi-step decode (serving/engine/multi_step.py)
             s, k = self.max_slots, self.decode_steps
@@ -279,9 +280,10 @@ class Warmup:
     def _sampler_lower(self, params, state, tables, rows: int, lean: bool):
         """The decode sampler over `rows` slots, lowered (the logits placed as the
         compiled forward places them)."""
-        fwd = self._forward_step.lower(params, state, tables, self.attend_buckets[0], rows)
+        cache, reads, rest = self._split(state)
+        fwd = self._forward_step.lower(params, cache, reads, tables, self.attend_buckets[0], rows)
         return self._sample_step.lower(
-            state, self._logits_of(fwd),
+            rest, self._logits_of(fwd),
             jax.ShapeDtypeStruct((rows, self.mask_words), jnp.int32), False, rows, lean=lean)
 
     def _logits_of(self, lowered):
