@@ -153,3 +153,23 @@ def test_decode_step_reads_the_cache_in_its_own_layout():
     kvh, hd = CFG.num_kv_heads, CFG.head_dim
     own = {(1, length, kvh, hd), (1, length, kvh * hd), (length, kvh * hd)}
     assert set(cache_sized) <= own, sorted(set(cache_sized) - own)
+
+
+def test_the_waterfalls_last_piece_is_the_models_forward():
+    """serving/bench_waterfall.py rebuilds the layer piece by piece; with every piece in
+    (q/k norms included) its program must compute the model's own decode step."""
+    import dataclasses
+
+    from serving.bench_waterfall import _piece
+    config = dataclasses.replace(named_config("tiny"), family="qwen3", qk_norm=True)
+    params = init_params(config)
+    cache = init_cache(config, 1, 16)
+    prompt = jnp.arange(1, 9, dtype=jnp.int32)[None]
+    _, cache = forward(config, params, cache, prompt, jnp.arange(8, dtype=jnp.int32)[None])
+    token, pos = jnp.array([[7]], jnp.int32), jnp.array([[8]], jnp.int32)
+    want, _ = forward(config, params, jax.tree.map(jnp.copy, cache), token, pos,
+                      attend_len=16)
+    got, _ = _piece(config, 4)(params, jax.tree.map(jnp.copy, cache), token, pos)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, 0]), atol=1e-5)
+    fewer, _ = _piece(config, 3)(params, jax.tree.map(jnp.copy, cache), token, pos)
+    assert not np.allclose(np.asarray(fewer), np.asarray(want[:, 0]), atol=1e-3)
