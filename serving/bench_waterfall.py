@@ -1,4 +1,4 @@
-"""`python -m serving.bench_waterfall`: where a batch-1 decode token's time goes, piece by piece.
+"""`flaxserve bench waterfall`: where a batch-1 decode token's time goes, piece by piece.
 
 A token of `bench decode` at batch 1 is slower than its matmuls alone. To find where the
 rest goes, this builds the step up from a program of only its matmuls (same weights, same
@@ -29,14 +29,17 @@ def add_arguments(parser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model reference (as bench decode)")
     src.add_argument("--config", help="a named config with random weights, e.g. qwen3-100m")
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=32,
+                        help="prompt tokens, as bench decode's")
+    parser.add_argument("--new-tokens", type=int, default=64, help="as bench decode's: "
+                        "a step is timed at prompt-len + new-tokens / 2 cached positions")
+    parser.add_argument("--rounds", type=int, default=8,
+                        help="interleaved rounds over every piece (the minimum is kept)")
     parser.add_argument("--calls", type=int, default=4, help="calls of each piece per round")
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
     parser.add_argument("--against", metavar="DIR", help="also time the model forward of "
                         "DIR/model/decoder.py (another checkout), interleaved: an A/B")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _layer(config, p, x, pos, rope, cache, level: int):
@@ -293,7 +296,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m serving.bench_waterfall",
+    parser = argparse.ArgumentParser(prog="flaxserve bench waterfall",
                                      description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

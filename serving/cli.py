@@ -26,6 +26,8 @@ BENCH_COMMANDS = {
     "serve": ("serving.bench_serve", "load generator against the gRPC or HTTP server"),
     "grammar": ("serving.bench_grammar", "constrained decoding: masked vs unmasked step"),
     "speculative": ("serving.bench_speculative", "speculative vs plain decoding, batch 1"),
+    "waterfall": ("serving.bench_waterfall", "a batch-1 token's time piece by piece, from "
+                  "its matmuls alone to the engine loop"),
     "compare": ("serving.bench_compare", "the same prompts through us and transformers / "
                 "llama.cpp: tokens/s, TTFT, TPOT, bytes/token, ratios"),
 }
