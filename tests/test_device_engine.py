@@ -102,6 +102,43 @@ def test_a_prompt_just_past_a_bucket_runs_as_two_smaller_programs(engine):
                                atol=1e-5)
 
 
+def test_a_chunk_after_a_short_cached_prefix_attends_over_its_span_only():
+    """A chunk after a cached prefix that ends within its bucket's prefix span (the
+    smallest attend bucket of at least twice the bucket) runs the program over that span,
+    not over the whole row: the same greedy tokens and logprobs (float32 noise) as the
+    whole-row program. A long prefix, an unready span program or an engine never warmed
+    up take the whole row."""
+    eng = DeviceEngine(CFG, PARAMS, max_slots=2, max_len=512, prefill_buckets=(8, 16, 32))
+    assert eng.prefix_spans == {8: 128, 16: 128, 32: 128}
+    assert eng._attend_of(32, 16, 20) is None                   # never warmed up
+    eng._warmed = True
+    assert (eng._attend_of(32, 0, 20), eng._attend_of(32, 16, 20)) == (32, 128)
+    assert eng._attend_of(32, 100, 29) is None                  # ends past 128
+    prompt = np.random.default_rng(5).integers(0, CFG.vocab_size, 44)
+    seeded = SamplingParams(temperature=0.8, top_k=40, logprobs=True, top_logprobs=3)
+    got, seen, jitted = {}, [], eng._prefill
+    eng._prefill = lambda *args: (seen.append(args[-1]), jitted(*args))[1]   # its `attend`
+    for name in ("span", "whole"):
+        if name == "whole":
+            assert seen == [16, 128, 16, 128]
+            seen.clear()
+            eng._unready = {"prefill 32 (cached prefix) x 128"}
+            assert eng._attend_of(32, 16, 28) is None
+        eng.prefill_chunk(0, prompt[:16], 0)                     # the cached prefix
+        greedy = eng.insert(0, prompt, 16, GREEDY, 0)
+        tokens = [int(greedy.result().tokens[0])] + [int(eng.step().result().tokens[0])
+                                                      for _ in range(5)]
+        eng.release(0)
+        eng.prefill_chunk(1, prompt[:16], 0)
+        got[name] = tokens, eng.insert(1, prompt, 16, seeded, 3).result()
+        eng.release(1)
+    assert seen == [16, None, 16, None]
+    assert got["span"][0] == got["whole"][0]
+    a, b = got["span"][1], got["whole"][1]
+    assert int(a.tokens[0]) == int(b.tokens[0])
+    np.testing.assert_allclose(a.top_logprobs[0][:3], b.top_logprobs[0][:3], atol=1e-5)
+
+
 def test_an_unready_bucket_gives_way_to_a_ready_larger_one(engine):
     """While the background compilation (serving/engine/warmup.py) has not reached a
     prompt's prefill bucket, the prompt runs in the smallest ready bucket that holds it

@@ -146,6 +146,14 @@ class DeviceEngine(Warmup):
         self._carried = tuple(f for f, x in vars(self.state["sampler"]).items()
                               if x.shape == (max_slots,) and x.dtype == jnp.float32)
         self.attend_buckets = attend_buckets(max_len)
+        # a chunk after a cached prefix attends over its row's whole cache, unless it ends
+        # within the first `prefix_spans[b]` positions (the smallest attend bucket of at
+        # least twice its bucket b): then a program over that span runs. A chat prompt
+        # behind a cached system prompt of a block or two is such a chunk: over the whole
+        # 2048 positions its attention cost as much again as its matmuls (docs/speed.md)
+        self.prefix_spans = {b: a for b in self.prefill_buckets
+                             for a in [next((x for x in self.attend_buckets if x >= 2 * b),
+                                            max_len)] if a < max_len}
         # on a mesh the slot axis is sharded: slicing it would reshard, so run every slot
         self.batch_buckets = batch_buckets(max_slots) if mesh is None else (max_slots,)
         self._host_pos = np.zeros(max_slots, np.int64)      # mirrors state["pos"]
@@ -298,23 +306,25 @@ class DeviceEngine(Warmup):
         from jax.sharding import NamedSharding, PartitionSpec
         return jax.lax.with_sharding_constraint(out, NamedSharding(self.mesh, PartitionSpec()))
 
-    def _run_chunk(self, params, state, tables, tokens, start, true_len, slot, fresh):
+    def _run_chunk(self, params, state, tables, tokens, start, true_len, slot, attend):
+        """`attend` (static): the cache positions the chunk attends over, from 0: its own
+        bucket for a fresh prompt (start 0), a span after a short cached prefix
+        (`prefix_spans`), None for the whole row."""
         n = tokens.shape[0]
         idx = jnp.arange(n)
         positions = jnp.where(idx < true_len, start + idx, self._void)[None]
-        # a fresh prompt (start 0) attends only to its own chunk
         logits, cache = self._forward(params, state["cache"], tokens[None], positions,
                                      slot_ids=slot[None], logits_index=(true_len - 1)[None],
-                                     attend_len=n if fresh else None,
+                                     attend_len=attend,
                                      block_tables=tables if self.paged else None,
                                      steering=(state["steer"][slot][None] if self.steering
                                                else None))
         return logits, dict(state, cache=cache)
 
-    def _prefill_fn(self, params, state, tables, tokens, start, true_len, slot, fresh):
+    def _prefill_fn(self, params, state, tables, tokens, start, true_len, slot, attend):
         """One chunk into one slot; returns the logits of its last real token [1, V]."""
         return self._run_chunk(params, state, tables, tokens, start, true_len, slot,
-                               fresh)[::-1]
+                               attend)[::-1]
 
     def _prefill_many_fn(self, params, state, tables, tokens, lengths, slots):
         """R fresh prompts [R, T] (row r: lengths[r] real tokens from position 0) into
@@ -432,10 +442,26 @@ class DeviceEngine(Warmup):
             if -(-(start + n) // self.block_size) > have:
                 raise ValueError(f"slot {slot} holds {have} blocks, too few for positions "
                                  f"up to {start + n}")
-        padded = np.zeros(self._bucket(self.block_size) if grid else
-                          self._bucket(n, fresh=start == 0), np.int32)
+        bucket = self._bucket(self.block_size) if grid else self._bucket(n, fresh=start == 0)
+        padded = np.zeros(bucket, np.int32)
         padded[:n] = token_ids
-        return padded, np.int32(start), np.int32(n), np.int32(slot), start == 0 and not grid
+        return (padded, np.int32(start), np.int32(n), np.int32(slot),
+                self._attend_of(bucket, start, n, grid))
+
+    def _attend_of(self, bucket: int, start: int, n: int, grid: bool = False):
+        """`_prefill`'s static `attend` for n tokens at start in `bucket`: the bucket for a
+        fresh prompt, the bucket's prefix span when the chunk ends inside it and its
+        program is compiled (a warmed-up engine only: one never warmed up would compile it
+        on the request's path), else None (the whole row; a grid chunk always)."""
+        if grid:
+            return None
+        if start == 0:
+            return bucket
+        span = self.prefix_spans.get(bucket)
+        if (span is None or start + n > span or not self._warmed
+                or f"prefill {bucket} (cached prefix) x {span}" in self._unready):
+            return None
+        return span
 
     def set_blocks(self, slot: int, blocks) -> None:
         """Paged layout: slot's block table row (unused entries: the null block 0)."""

@@ -53,6 +53,8 @@ class Warmup:
             self.prefill_chunk(0, np.zeros(n, np.int32), 0)          # a fresh prompt
             n = min(b, self.max_len - 2)
             self.prefill_chunk(0, np.zeros(n, np.int32), 1)          # after a cached prefix
+            if b in self.prefix_spans:     # that was its span's program; now the whole row's
+                self.prefill_chunk(0, np.zeros(n, np.int32), self.prefix_spans[b] - n + 1)
         for rows in self.prefill_rows:    # batched prefill (insert_many), first tokens
             say(f"warm-up: batched prefill of {rows} prompts, buckets "
                 f"{'/'.join(map(str, self.prefill_buckets))}")
@@ -176,11 +178,14 @@ class Warmup:
         i32 = jax.ShapeDtypeStruct((), jnp.int32)
         jobs = []
         for b in self.prefill_buckets:
-            for fresh in (True, False):
-                toks = jax.ShapeDtypeStruct((b,), jnp.int32)
-                jobs.append((f"prefill {b}{'' if fresh else ' (cached prefix)'}",
-                             lambda toks=toks, fresh=fresh: self._prefill.lower(
-                                 params, state, tables, toks, i32, i32, i32, fresh)))
+            toks = jax.ShapeDtypeStruct((b,), jnp.int32)
+            span = self.prefix_spans.get(b)
+            for name, attend in ((f"prefill {b}", b), (f"prefill {b} (cached prefix)", None),
+                                 (f"prefill {b} (cached prefix) x {span}", span)):
+                if name.endswith(" x None"):
+                    continue
+                jobs.append((name, lambda toks=toks, attend=attend: self._prefill.lower(
+                    params, state, tables, toks, i32, i32, i32, attend)))
         for rows in self.prefill_rows:
             for b in self.prefill_buckets:
                 jobs.append((f"batched prefill {rows} x {b}",
@@ -258,7 +263,7 @@ class Warmup:
         def first(lean=False):
             toks = jax.ShapeDtypeStruct((self.prefill_buckets[0],), jnp.int32)
             logits = self._logits_of(self._prefill.lower(params, state, tables, toks, i32, i32,
-                                                         i32, True))
+                                                         i32, self.prefill_buckets[0]))
             row = jax.tree.map(_abstract, make_rows([None], self.vocab_size, [0], [0]))
             return self._first.lower(
                 state, logits, i32, row, jax.ShapeDtypeStruct((self.max_len,), jnp.int32), i32,
