@@ -343,7 +343,7 @@ def run_peer(peer, args, hf_model, source, ids, texts, concurrencies, counts, ma
             import uvicorn  # noqa: F401
         except ImportError:
             skipped[peer] = "transformers serve needs fastapi and uvicorn (pip install " \
-                            "'transformers[serving]')"
+                            "-e '.[bench]', or 'transformers[serving]')"
             return None
         exe = shutil.which("transformers") or os.path.join(os.path.dirname(sys.executable),
                                                             "transformers")
