@@ -86,10 +86,21 @@ class TextHttpTarget:
         self.extra = {"ignore_eos": True}
         self._local = threading.local()
 
-    def send(self, prompt: str, trace: Trace) -> None:
+    def send(self, prompt: str, trace: Trace, retried: bool = False) -> None:
         import requests
         session = getattr(self._local, "s", None) or requests.Session()
         self._local.s = session
+        try:
+            self._post(session, prompt, trace)
+        except requests.ConnectionError:
+            # a kept-alive connection the server has closed meanwhile (llama-server does):
+            # once, on a new connection, if no token had come yet
+            self._local.s = None
+            if retried or trace.tokens:
+                raise
+            self.send(prompt, trace, retried=True)
+
+    def _post(self, session, prompt: str, trace: Trace) -> None:
         body = {"model": self.model, "prompt": prompt, "max_tokens": self.output_len,
                 "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
                 **self.extra}
@@ -97,7 +108,7 @@ class TextHttpTarget:
                           timeout=3600) as r:
             if r.status_code in (400, 422) and "ignore_eos" in r.text and self.extra:
                 self.extra = {}                 # this server has no ignore_eos: plain greedy
-                return self.send(prompt, trace)
+                return self._post(session, prompt, trace)
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
             usage = None
