@@ -26,10 +26,14 @@ def _pick(a: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def removed_mass(unconstrained_logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mass of softmax(unconstrained_logits) on the tokens `mask` (True = allowed) drops."""
-    lse = jax.nn.logsumexp(unconstrained_logits, axis=-1, keepdims=True)
-    p = jnp.exp(unconstrained_logits - lse)
-    return jnp.clip(jnp.sum(jnp.where(mask, 0.0, p), axis=-1), 0.0, 1.0)
+    """Mass of softmax(unconstrained_logits) on the tokens `mask` (True = allowed) drops.
+
+    As 1 - the allowed mass, that mass taken from two logsumexps: summing the dropped
+    probabilities in float32 left an error of ~1e-6 on a mass near 1, so 1 - removed (what
+    a reader renormalises by) was off by a relative 0.4% when 3e-4 of the mass was kept."""
+    lse = jax.nn.logsumexp(unconstrained_logits, axis=-1)
+    allowed = jax.nn.logsumexp(jnp.where(mask, unconstrained_logits, -jnp.inf), axis=-1)
+    return jnp.clip(1.0 - jnp.exp(allowed - lse), 0.0, 1.0)
 
 
 def unconstrained(process: Callable[[], jax.Array], wanted: jax.Array, mask: jax.Array | None,
