@@ -80,8 +80,8 @@ def add_arguments(parser) -> None:
                              "'' turns it off)")
     parser.add_argument("--prefill-budget", type=int, default=None,
                         help="prompt tokens prefilled per scheduler iteration "
-                             "(default: the largest prefill bucket, at least 2048 with "
-                             "--prefill-batch > 1)")
+                             "(default: the largest prefill bucket; with --prefill-batch > 1 "
+                             "at least 512 on CPU, 2048 on GPU/TPU)")
     parser.add_argument("--prefill-batch", type=int, default=None, metavar="N",
                         help="fresh prompts prefilled together in one program, at most "
                              "(batched prefill; 1: one program per prompt; default 16)")

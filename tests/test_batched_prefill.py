@@ -172,3 +172,24 @@ def test_a_burst_through_the_scheduler_equals_one_at_a_time(engine):
         np.testing.assert_allclose(np.array(l1), np.array(l2), atol=1e-5, err_msg=name)
     assert alone[3][2] == 8 and burst[3][2] == 8      # H reused W's two blocks both times
     assert compile_count() == engine.compiles_after_warmup
+
+
+def test_default_prefill_budget_by_backend():
+    """Unset --prefill-budget: the largest chunk without batching; with it, 512 tokens on a
+    CPU (arithmetic-bound: a bigger group only delays every first token) and 2048 on an
+    accelerator, never below the largest chunk."""
+    from serving.engine.scheduler import default_prefill_budget
+    assert default_prefill_budget(256, False, "cpu") == 256
+    assert default_prefill_budget(256, False, "gpu") == 256
+    assert default_prefill_budget(256, True, "cpu") == 512
+    assert default_prefill_budget(256, True, "gpu") == 2048
+    assert default_prefill_budget(256, True, "tpu") == 2048
+    assert default_prefill_budget(1024, True, "cpu") == 1024
+
+
+def test_scheduler_takes_the_backend_default(engine):
+    from serving.engine.scheduler import Scheduler, default_prefill_budget
+    s = Scheduler(engine)
+    assert s.prefill_budget == default_prefill_budget(
+        engine.prefill_buckets[-1], bool(engine.prefill_rows), "cpu")
+    assert Scheduler(engine, prefill_budget=77).prefill_budget == 77

@@ -42,8 +42,8 @@ def add_arguments(parser) -> None:
                         help="requests waiting for a slot before RESOURCE_EXHAUSTED")
     parser.add_argument("--prefill-budget", type=int, default=None,
                         help="prompt tokens prefilled per scheduler iteration "
-                             "(default: the largest prefill bucket, at least 2048 with "
-                             "--prefill-batch > 1)")
+                             "(default: the largest prefill bucket; with --prefill-batch > 1 "
+                             "at least 512 on CPU, 2048 on GPU/TPU)")
     parser.add_argument("--prefill-batch", type=int, default=16, metavar="N",
                         help="fresh prompts prefilled together in one program, at most "
                              "(batched prefill; 1: one program per prompt)")

@@ -53,6 +53,7 @@ import threading
 import time
 import traceback
 
+import jax
 import numpy as np
 
 from serving.engine.requests import (INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, EngineRequest,
@@ -66,6 +67,24 @@ from serving.engine.text_thread import TextThread
 log = logging.getLogger("flaxserve.engine")
 
 IDLE_WAIT_S = 0.05
+
+# prompt tokens per iteration a batched prefill may take, by backend: on an accelerator a
+# [16, 128] prefill costs about what a [4, 128] one does, so 2048 (vLLM's
+# max_num_batched_tokens) lets a burst share programs; a CPU is bound by arithmetic from
+# ~128 rows on, so a bigger group only makes every first token (and every decoding row)
+# wait for all of it: 512 gave 0.61x the mean TTFT of 2048 at concurrency 16 on SmolLM2
+# (docs/speed.md)
+BATCHED_PREFILL_BUDGET = {"cpu": 512}
+BATCHED_PREFILL_BUDGET_DEFAULT = 2048
+
+
+def default_prefill_budget(largest_chunk: int, batching: bool, backend: str) -> int:
+    """Prompt tokens prefilled per scheduler iteration when `--prefill-budget` is unset:
+    the largest prefill chunk, or with batched prefill the backend's budget (never below
+    the largest chunk, so a long prompt's chunk always fits one iteration)."""
+    if not batching:
+        return largest_chunk
+    return max(largest_chunk, BATCHED_PREFILL_BUDGET.get(backend, BATCHED_PREFILL_BUDGET_DEFAULT))
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -89,11 +108,10 @@ class Scheduler(RequestChecks, TextThread, Containment, Preemption):
         self.max_queue = max_queue
         self.largest_chunk = engine.prefill_buckets[-1]
         # batched prefill (DeviceEngine prefill_batch > 1): fresh prompts admitted in one
-        # iteration share prefill programs, and the default budget is 2048 tokens (vLLM's
-        # max_num_batched_tokens) so that a burst of requests fills them
+        # iteration share prefill programs (default_prefill_budget)
         self._batching = bool(getattr(engine, "prefill_rows", ()))
-        self.prefill_budget = prefill_budget or (max(self.largest_chunk, 2048) if self._batching
-                                                 else self.largest_chunk)
+        self.prefill_budget = prefill_budget or default_prefill_budget(
+            self.largest_chunk, self._batching, jax.default_backend())
         self.prefix_cache = prefix_cache
         self.eos_ids = frozenset(engine.eos_ids if eos_ids is None else eos_ids)
         self.max_len = engine.max_len
