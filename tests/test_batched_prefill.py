@@ -30,6 +30,9 @@ def engine():
                        kv_layout="paged", block_size=BLOCK, num_blocks=20, prefill_batch=4)
     eng.warmup()
     eng.compiles_after_warmup = compile_count()
+    # the accelerators' plan (padding is free), so that the batched programs run here;
+    # the CPU's plan by cost has its own test below
+    eng.prefill_padding_costs = False
     return eng
 
 
@@ -62,14 +65,15 @@ SAMPLING = [SamplingParams(temperature=0.0, logprobs=True, top_logprobs=5),
             SamplingParams(temperature=0.9, top_k=20, logprobs=True, top_logprobs=5)] * 2
 
 
-def _engine_run(engine, batched):
+def _engine_run(engine, batched, n=SLOTS):
+    """The first n PROMPTS inserted (together or one at a time), then 5 decode steps."""
     first = 1
-    for s, p in enumerate(PROMPTS):          # the blocks its prompt and 6 tokens need
+    for s, p in enumerate(PROMPTS[:n]):      # the blocks its prompt and 6 tokens need
         need = -(-(len(p) + 6) // BLOCK)
         engine.set_blocks(s, list(range(first, first + need)))
         first += need
     items = [dict(slot=s, prompt_ids=p, sampling=SAMPLING[s], seed=7 + s)
-             for s, p in enumerate(PROMPTS)]
+             for s, p in enumerate(PROMPTS[:n])]
     if batched:
         pending = engine.insert_many(items)
     else:
@@ -80,10 +84,10 @@ def _engine_run(engine, batched):
     tops = [[o.top_logprobs[0][:5]] for o in outs]
     for _ in range(5):
         o = engine.step().result()
-        for s in range(SLOTS):
+        for s in range(n):
             tokens[s].append(int(o.tokens[s]))
             tops[s].append(o.top_logprobs[s][:5])
-    for s in range(SLOTS):
+    for s in range(n):
         engine.release(s)
     return tokens, tops
 
@@ -193,3 +197,41 @@ def test_scheduler_takes_the_backend_default(engine):
     assert s.prefill_budget == default_prefill_budget(
         engine.prefill_buckets[-1], bool(engine.prefill_rows), "cpu")
     assert Scheduler(engine, prefill_budget=77).prefill_budget == 77
+
+
+def test_plan_by_cost_batches_only_where_padding_costs_nothing():
+    ladder = (16, 32, 64, 128, 256, 512)
+    # 3 chat prompts of 158 tokens: alone 128 + 32 each (480 rows), not [4, 256] (1024)
+    assert plan([158] * 3, (4, 16), ladder, True) == [([i], 1, 256) for i in range(3)]
+    assert plan([158] * 3, (4, 16), ladder) == [([0, 1, 2], 4, 256)]
+    # full rows of full buckets: batched as before
+    assert plan([16] * 16, (4, 16), ladder, True) == [(list(range(16)), 16, 16)]
+    # 5 prompts: a [4, 16] and one alone, not a [16, 16] with 11 padding rows
+    assert plan([16] * 5, (4, 16), ladder, True) == [([0, 1, 2, 3], 4, 16), ([4], 1, 16)]
+    # 8 prompts of 100: two [4, 128]; 3 of them: alone (a [4, 128] pads a row)
+    assert plan([100] * 8, (4, 16), ladder, True) == [([0, 1, 2, 3], 4, 128),
+                                                      ([4, 5, 6, 7], 4, 128)]
+    assert plan([100] * 3, (4, 16), ladder, True) == [([i], 1, 128) for i in range(3)]
+    # every index once
+    lengths = [5, 16, 17, 100, 158, 16, 16, 16, 300, 30, 31]
+    got = sorted(i for g, _, _ in plan(lengths, (4, 16), ladder, True) for i in g)
+    assert got == list(range(len(lengths)))
+
+
+def test_insert_many_on_cpu_batches_only_what_padding_does_not_cost(engine):
+    """With the CPU's plan (one 32-token bucket, rows of 4 here): 3 prompts would pad a
+    [4, 32] program by a row, so each is prefilled alone (the same tokens as one at a
+    time); 4 prompts fill it and still share it. Nothing compiles."""
+    alone = _engine_run(engine, batched=False, n=3)
+    before = engine.batched_prefills
+    engine.prefill_padding_costs = True
+    try:
+        three = _engine_run(engine, batched=True, n=3)
+        assert engine.batched_prefills == before
+        _engine_run(engine, batched=True)
+        assert engine.batched_prefills == before + 1
+    finally:
+        engine.prefill_padding_costs = False
+    assert three[0] == alone[0]
+    np.testing.assert_allclose(np.array(three[1]), np.array(alone[1]), atol=1e-6)
+    assert compile_count() == engine.compiles_after_warmup

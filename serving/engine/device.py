@@ -187,6 +187,9 @@ class DeviceEngine(Warmup):
         # batched prefill of fresh prompts (insert_many): R rows from these buckets
         from serving.engine.prefill_plan import row_buckets
         self.prefill_rows = row_buckets(min(prefill_batch, max_slots))
+        # a CPU computes every padding row and position of a batched prefill: group only
+        # where that costs no more than prefilling alone (prefill_plan.plan)
+        self.prefill_padding_costs = jax.default_backend() == "cpu"
         self._prefill_many = jax.jit(self._prefill_many_fn, donate_argnums=(1,))
         self.batched_prefills = self.batched_prompts = 0     # programs run, prompts in them
         # token masks (grammars, forced tokens) as packed bits; all ones when unconstrained
@@ -627,7 +630,7 @@ class DeviceEngine(Warmup):
         prompts = [np.asarray(it["prompt_ids"], np.int32) for it in items]
         out: list[Pending | None] = [None] * len(items)
         for group, rows, t in plan([len(p) for p in prompts], self.prefill_rows,
-                                   self.prefill_buckets):
+                                   self.prefill_buckets, self.prefill_padding_costs):
             if rows == 1 or f"batched prefill {rows} x {t}" in self._unready:
                 for i in group:     # alone, or its batched program is still compiling
                     it = items[i]

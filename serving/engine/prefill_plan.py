@@ -54,15 +54,30 @@ def split_head(n: int, buckets: tuple[int, ...], ready=lambda name: True) -> int
     return head
 
 
-def plan(lengths: list[int], rows: tuple[int, ...], buckets: tuple[int, ...]
-         ) -> list[tuple[list[int], int, int]]:
+def alone_cost(n: int, buckets: tuple[int, ...]) -> int:
+    """Token rows a fresh n-token prompt prefilled alone computes: its bucket, or the two
+    smaller ones `split_head` runs it as."""
+    head = split_head(n, buckets)
+    return head + bucket_of(n - head, buckets) if head else bucket_of(n, buckets)
+
+
+def plan(lengths: list[int], rows: tuple[int, ...], buckets: tuple[int, ...],
+         padding_costs: bool = False) -> list[tuple[list[int], int, int]]:
     """Groups of prompt indices as (indices, R, T): R rows (1: the one-prompt path) of T
     tokens. Prompts are grouped by their bucket, at most rows[-1] to a group; a prompt left
     alone in its bucket joins the next larger bucket's group (it fits there), so only a
     prompt alone at the top is prefilled on its own. Every index appears once, in order
-    within a group."""
+    within a group.
+
+    padding_costs (a CPU, where a prefill is bound by arithmetic, so a padding row or
+    position costs what a real one does): a group is formed only where its R x T token
+    rows are at most what its prompts cost alone (`alone_cost`), so 3 prompts of 158
+    tokens are three 128 + 32 prefills (480 rows), not one [4, 256] (1024); the rest run
+    alone. On an accelerator the padding is nearly free and fewer, wider programs win."""
     if not rows:
         return [([i], 1, bucket_of(n, buckets)) for i, n in enumerate(lengths)]
+    if padding_costs:
+        return _plan_by_cost(lengths, rows, buckets)
     by_bucket: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         by_bucket.setdefault(bucket_of(n, buckets), []).append(i)
@@ -79,4 +94,26 @@ def plan(lengths: list[int], rows: tuple[int, ...], buckets: tuple[int, ...]
             out.append((members, 1, bucket_of(lengths[members[0]], buckets)))
         elif members:
             out.append((members, next(r for r in rows if r >= len(members)), t))
+    return out
+
+
+def _plan_by_cost(lengths, rows, buckets):
+    """`plan` with padding_costs: per bucket, the widest group whose padded rows cost no
+    more than its prompts alone, else the widest unpadded one that does, else alone."""
+    out = []
+    for t in buckets:
+        members = [i for i, n in enumerate(lengths) if bucket_of(n, buckets) == t]
+        while len(members) > 1:
+            k = min(len(members), rows[-1])
+            wide = next(r for r in rows if r >= k)              # k prompts, padded to it
+            exact = max((r for r in rows if r <= k), default=0)  # that many, no padding
+            for r, take in ((wide, k), (exact, exact)):
+                group = members[:take]
+                if take > 1 and r * t <= sum(alone_cost(lengths[i], buckets) for i in group):
+                    out.append((group, r, t))
+                    members = members[take:]
+                    break
+            else:
+                break
+        out += [([i], 1, t) for i in members]
     return out
