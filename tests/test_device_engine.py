@@ -218,6 +218,28 @@ def test_a_full_warmup_compiles_every_chunk_span():
     assert compile_count() == before and not eng._lazy_queued
 
 
+def test_a_background_warmup_compiles_a_wanted_span_after_its_own_list():
+    """With the background warm-up (a warm restart) the prefix spans are in its list
+    (`_unready` until compiled); a chunk wanting another span while the list runs takes
+    the whole row and queues the span, which compiles once the list is done: then the
+    chunk takes it, compiling nothing."""
+    eng = DeviceEngine(CFG, PARAMS, max_slots=2, max_len=512, prefill_buckets=(8, 16, 32))
+    thread = eng.warmup(background=True)
+    assert {n for n in eng._unready if " x " in n} == {
+        programs.cached_prefill_span(b, 128) for b in (8, 16, 32)}
+    eng.prefill_chunk(0, np.zeros(32, np.int32), 0)
+    assert eng._chunk_args(0, np.zeros(30, np.int32), 200)[-1] is None
+    assert eng._lazy_queued == {programs.cached_prefill_span(32, 256)}
+    thread.join()
+    eng.wait_compiled()
+    assert eng._ready_spans == eng._lazy_queued and not eng.lazy_errors
+    before = compile_count()
+    assert eng._chunk_args(0, np.zeros(30, np.int32), 200)[-1] == 256
+    eng.prefill_chunk(0, np.zeros(30, np.int32), 200)
+    jax.block_until_ready(eng.state)
+    assert compile_count() == before
+
+
 def test_an_unready_bucket_gives_way_to_a_ready_larger_one(engine):
     """While the background compilation (serving/engine/warmup.py) has not reached a
     prompt's prefill bucket, the prompt runs in the smallest ready bucket that holds it

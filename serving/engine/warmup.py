@@ -11,6 +11,12 @@ compiling waits for that job (`_await_program`), and new jobs hold off meanwhile
 other program is compiled by the call that needs it. Nothing fails, it waits. Tracing
 holds Python's GIL, so the thread helps by overlapping XLA's compile and the server's
 start, not by tracing in parallel (docs/cli.md, the start-up section).
+
+Programs no warm-up but the full one compiles (a chunk after a cached prefix over a span
+other than its bucket's prefix span: DeviceEngine.chunk_spans) are queued by the chunk
+that first wants one (`_compile_later`) and compiled on a thread of their own once the
+background list is done; that chunk and the next ones run the whole-row program until
+then, so a request never waits for them.
 """
 
 from __future__ import annotations
