@@ -6,6 +6,8 @@
 - nothing compiles after warm-up, whatever the prompt lengths.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from model.config import named_config
 from model.decoder import forward, init_cache, init_params
 from sampling.params import SamplingParams
+from serving.engine import programs
 from serving.engine.device import DeviceEngine, compile_count
 
 CFG = named_config("tiny", dtype="float32")
@@ -106,14 +109,13 @@ def test_a_chunk_after_a_short_cached_prefix_attends_over_its_span_only():
     """A chunk after a cached prefix that ends within its bucket's prefix span (the
     smallest attend bucket of at least twice the bucket) runs the program over that span,
     not over the whole row: the same greedy tokens and logprobs (float32 noise) as the
-    whole-row program. A long prefix, an unready span program or an engine never warmed
-    up take the whole row."""
+    whole-row program. An unready span program or an engine never warmed up take the
+    whole row."""
     eng = DeviceEngine(CFG, PARAMS, max_slots=2, max_len=512, prefill_buckets=(8, 16, 32))
     assert eng.prefix_spans == {8: 128, 16: 128, 32: 128}
     assert eng._attend_of(32, 16, 20) is None                   # never warmed up
     eng._warmed = True
     assert (eng._attend_of(32, 0, 20), eng._attend_of(32, 16, 20)) == (32, 128)
-    assert eng._attend_of(32, 100, 29) is None                  # ends past 128
     prompt = np.random.default_rng(5).integers(0, CFG.vocab_size, 44)
     seeded = SamplingParams(temperature=0.8, top_k=40, logprobs=True, top_logprobs=3)
     got, seen, jitted = {}, [], eng._prefill
@@ -122,7 +124,7 @@ def test_a_chunk_after_a_short_cached_prefix_attends_over_its_span_only():
         if name == "whole":
             assert seen == [16, 128, 16, 128]
             seen.clear()
-            eng._unready = {"prefill 32 (cached prefix) x 128"}
+            eng._unready = {programs.cached_prefill_span(32, 128)}
             assert eng._attend_of(32, 16, 28) is None
         eng.prefill_chunk(0, prompt[:16], 0)                     # the cached prefix
         greedy = eng.insert(0, prompt, 16, GREEDY, 0)
@@ -137,6 +139,105 @@ def test_a_chunk_after_a_short_cached_prefix_attends_over_its_span_only():
     a, b = got["span"][1], got["whole"][1]
     assert int(a.tokens[0]) == int(b.tokens[0])
     np.testing.assert_allclose(a.top_logprobs[0][:3], b.top_logprobs[0][:3], atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["dense", "paged", "sliding window"])
+def test_a_chunk_after_a_long_cached_prefix_attends_over_its_live_length(layout):
+    """A chunk after a cached prefix that ends past its prefix span (a later turn of a
+    conversation, a long prompt's later chunks) attends over the smallest attend bucket
+    holding it (`chunk_spans`), not the whole row. Its program is not compiled at warm-up:
+    the first such chunk runs the whole row and queues the span's program for the
+    background; once compiled, the same prompt takes it and compiles nothing on the
+    request's path. Greedy tokens identical, logprobs within 1e-5 of the whole row's, on
+    the dense and paged layouts and with a sliding window shorter than the prefix."""
+    cfg = CFG if layout != "sliding window" else dataclasses.replace(CFG, sliding_window=40)
+    params = PARAMS
+    paged = dict(kv_layout="paged", block_size=16, num_blocks=70) if layout == "paged" else {}
+    eng = DeviceEngine(cfg, params, max_slots=2, max_len=512, prefill_buckets=(8, 16, 32),
+                       **paged)
+    assert eng.chunk_spans == {8: (128, 256), 16: (128, 256), 32: (128, 256)}
+    eng._warmed = True
+    prompt = np.random.default_rng(6).integers(0, CFG.vocab_size, 230)   # 200 cached + 30
+    seeded = SamplingParams(temperature=0.8, top_k=40, logprobs=True, top_logprobs=3)
+    seen, jitted = [], eng._prefill
+    eng._prefill = lambda *args: (seen.append(args[-1]), jitted(*args))[1]   # its `attend`
+    eng._prefill.lower = jitted.lower            # what the background compiles
+
+    def turn(slot, sampling, steps):
+        if paged:
+            eng.set_blocks(slot, range(1 + 32 * slot, 1 + 32 * slot + 16))
+        for start in range(0, 200, 32):                  # the prefix, in chunks of 32
+            eng.prefill_chunk(slot, prompt[start:min(start + 32, 200)], start)
+        out = eng.insert(slot, prompt, 200, sampling, 3)
+        first = out.result()
+        more = [int(eng.step().result().tokens[slot]) for _ in range(steps)]
+        eng.release(slot)
+        return [int(first.tokens[0])] + more, first
+
+    eng.lazy_spans = False                       # as over several processes: no new spans
+    whole = turn(0, GREEDY, 5), turn(1, seeded, 0)
+    # chunks ending at 32, 64 ... 200, then the 30 tokens at 200 (bucket 32, ends at 230)
+    assert seen == [32, 128, 128, 128, None, None, None, None] * 2
+    assert not eng._lazy_queued
+    eng.lazy_spans = True
+    seen.clear()
+    queued = turn(0, GREEDY, 5), turn(1, seeded, 0)      # queues the 256 span, meanwhile
+    assert seen == [32, 128, 128, 128, None, None, None, None] * 2     # the whole row
+    assert eng._lazy_queued == {programs.cached_prefill_span(32, 256),
+                                programs.cached_prefill_span(8, 256)}
+    eng.wait_compiled()
+    assert not eng.lazy_errors and eng._ready_spans == eng._lazy_queued
+    seen.clear()
+    before = compile_count()
+    spans = turn(0, GREEDY, 5), turn(1, seeded, 0)
+    assert compile_count() == before
+    assert seen == [32, 128, 128, 128, 256, 256, 256, 256] * 2
+    for got in (queued, spans):
+        assert got[0][0] == whole[0][0]
+        a, b = got[1][1], whole[1][1]
+        assert int(a.tokens[0]) == int(b.tokens[0])
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.top_logprobs[0][:3], b.top_logprobs[0][:3], atol=1e-5)
+
+
+def test_a_full_warmup_compiles_every_chunk_span():
+    """The full warm-up (`--full-warmup`) runs every (bucket, span) program of
+    `chunk_spans`: afterwards a chunk ending in any span takes that span's program and
+    nothing compiles, nothing is queued."""
+    eng = DeviceEngine(CFG, PARAMS, max_slots=1, max_len=512, prefill_buckets=(8, 16, 32))
+    eng.warmup()
+    assert eng._ready_spans == {programs.cached_prefill_span(b, a)
+                                for b in (8, 16, 32) for a in (128, 256)}
+    before = compile_count()
+    for bucket, start, n, span in ((8, 100, 7, 128), (8, 130, 7, 256), (16, 240, 16, 256),
+                                   (32, 90, 30, 128), (32, 200, 32, 256), (32, 300, 30, None)):
+        assert eng._bucket(n, fresh=False) == bucket
+        assert eng._attend_of(bucket, start, n) == span
+        eng.prefill_chunk(0, np.zeros(n, np.int32), start)
+    jax.block_until_ready(eng.state)
+    assert compile_count() == before and not eng._lazy_queued
+
+
+def test_a_background_warmup_compiles_a_wanted_span_after_its_own_list():
+    """With the background warm-up (a warm restart) the prefix spans are in its list
+    (`_unready` until compiled); a chunk wanting another span while the list runs takes
+    the whole row and queues the span, which compiles once the list is done: then the
+    chunk takes it, compiling nothing."""
+    eng = DeviceEngine(CFG, PARAMS, max_slots=2, max_len=512, prefill_buckets=(8, 16, 32))
+    thread = eng.warmup(background=True)
+    assert {n for n in eng._unready if " x " in n} == {
+        programs.cached_prefill_span(b, 128) for b in (8, 16, 32)}
+    eng.prefill_chunk(0, np.zeros(32, np.int32), 0)
+    assert eng._chunk_args(0, np.zeros(30, np.int32), 200)[-1] is None
+    assert eng._lazy_queued == {programs.cached_prefill_span(32, 256)}
+    thread.join()
+    eng.wait_compiled()
+    assert eng._ready_spans == eng._lazy_queued and not eng.lazy_errors
+    before = compile_count()
+    assert eng._chunk_args(0, np.zeros(30, np.int32), 200)[-1] == 256
+    eng.prefill_chunk(0, np.zeros(30, np.int32), 200)
+    jax.block_until_ready(eng.state)
+    assert compile_count() == before
 
 
 def test_an_unready_bucket_gives_way_to_a_ready_larger_one(engine):

@@ -45,6 +45,7 @@ from sampling.params import SamplingParams
 from sampling.rows import make_rows, set_row
 from sampling.sampler import needs_full, sample
 from sampling.state import init_state, reset_row
+from serving.engine import programs
 from serving.engine.sizing import attend_buckets, batch_buckets, default_buckets
 from serving.engine.step_output import Forward, Pending
 from serving.engine.warmup import Warmup
@@ -146,14 +147,28 @@ class DeviceEngine(Warmup):
         self._carried = tuple(f for f, x in vars(self.state["sampler"]).items()
                               if x.shape == (max_slots,) and x.dtype == jnp.float32)
         self.attend_buckets = attend_buckets(max_len)
-        # a chunk after a cached prefix attends over its row's whole cache, unless it ends
-        # within the first `prefix_spans[b]` positions (the smallest attend bucket of at
-        # least twice its bucket b): then a program over that span runs. A chat prompt
-        # behind a cached system prompt of a block or two is such a chunk: over the whole
-        # 2048 positions its attention cost as much again as its matmuls (docs/speed.md)
+        # a chunk after a cached prefix attends over the smallest attend bucket holding
+        # start + n, one of `chunk_spans[b]` (the attend buckets >= its bucket b, short of
+        # the whole row), else over the whole row (`_attend_of`). A chat prompt behind a
+        # cached system prompt, a later turn of a conversation or a long prompt's second
+        # chunk over the whole 2048 positions paid as much again in attention as in its
+        # matmuls (docs/speed.md). The `prefix_spans[b]` program (the smallest attend
+        # bucket of at least twice b: a chunk behind a short prefix) is compiled at
+        # warm-up; the other spans in the background the first time a chunk wants one
+        # (`_compile_later`), meanwhile the chunk takes the whole row. Over several
+        # processes every one must run the same programs: the warm-up's spans only
         self.prefix_spans = {b: a for b in self.prefill_buckets
                              for a in [next((x for x in self.attend_buckets if x >= 2 * b),
                                             max_len)] if a < max_len}
+        self.chunk_spans = {b: tuple(a for a in self.attend_buckets if b <= a < max_len)
+                            for b in self.prefill_buckets}
+        self.lazy_spans = jax.process_count() == 1
+        self._ready_spans: set[str] = set()     # other span programs compiled (by name)
+        self._lazy_jobs: list = []              # (name, lower) queued (warmup.py)
+        self._lazy_queued: set[str] = set()
+        self._lazy_lock = threading.Lock()
+        self._lazy_thread = None
+        self.lazy_errors: list[str] = []
         # on a mesh the slot axis is sharded: slicing it would reshard, so run every slot
         self.batch_buckets = batch_buckets(max_slots) if mesh is None else (max_slots,)
         self._host_pos = np.zeros(max_slots, np.int64)      # mirrors state["pos"]
@@ -419,9 +434,9 @@ class DeviceEngine(Warmup):
         False: after a cached prefix; None: exactly that bucket): the smallest whose
         program is ready, if one is (a warm restart serves before every bucket is)."""
         fits = [b for b in self.prefill_buckets if n <= b]
-        suffix = "" if fresh else " (cached prefix)"
+        name = programs.prefill if fresh else programs.cached_prefill
         for b in fits if fresh is not None and self._unready else ():
-            if f"prefill {b}{suffix}" not in self._unready:
+            if name(b) not in self._unready:
                 return b
         if fits:
             return fits[0]
@@ -453,18 +468,34 @@ class DeviceEngine(Warmup):
 
     def _attend_of(self, bucket: int, start: int, n: int, grid: bool = False):
         """`_prefill`'s static `attend` for n tokens at start in `bucket`: the bucket for a
-        fresh prompt, the bucket's prefix span when the chunk ends inside it and its
-        program is compiled (a warmed-up engine only: one never warmed up would compile it
-        on the request's path), else None (the whole row; a grid chunk always)."""
+        fresh prompt; after a cached prefix, the smallest of `chunk_spans[bucket]` holding
+        start + n if its program is compiled, else None (the whole row; a grid chunk
+        always). An engine never warmed up takes the whole row (a span would compile on
+        the request's path); a span not compiled yet is queued for the background
+        (`_compile_later`), so the next such chunk may take it."""
         if grid:
             return None
         if start == 0:
             return bucket
-        span = self.prefix_spans.get(bucket)
-        if (span is None or start + n > span or not self._warmed
-                or f"prefill {bucket} (cached prefix) x {span}" in self._unready):
+        span = next((a for a in self.chunk_spans.get(bucket, ()) if a >= start + n), None)
+        if span is None or not self._warmed:
             return None
-        return span
+        name = programs.cached_prefill_span(bucket, span)
+        if span == self.prefix_spans.get(bucket):           # the warm-up compiles it
+            return None if name in self._unready else span
+        if name in self._ready_spans:
+            return span
+        if self.lazy_spans and name not in self._lazy_queued:
+            self._compile_later(name, self._span_lower(bucket, span))
+        return None
+
+    def _span_lower(self, bucket: int, span: int):
+        """A function lowering the `bucket` chunk over `span` positions (abstract
+        arguments taken now, on the device thread: the state is not touched later)."""
+        params, state, tables = self._abstract_args()
+        toks = jax.ShapeDtypeStruct((bucket,), jnp.int32)
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        return lambda: self._prefill.lower(params, state, tables, toks, i32, i32, i32, span)
 
     def set_blocks(self, slot: int, blocks) -> None:
         """Paged layout: slot's block table row (unused entries: the null block 0)."""
@@ -589,7 +620,7 @@ class DeviceEngine(Warmup):
         orig = len(prompt_ids) if prompt_len is None else prompt_len
         restore = carry is not None
         if (slot == 0 and not full and not custom and not restore and orig == len(prompt_ids)
-                and "first-token sampler" in self._unready and self.batch_buckets[0] == 1
+                and programs.first_sampler() in self._unready and self.batch_buckets[0] == 1
                 and not self._host_active.any() and slot not in self._deterministic_slots):
             # a warm restart's first request, its first-token sampler not compiled yet:
             # reset the slot (a small program), then the one-slot decode sampler draws
@@ -631,7 +662,7 @@ class DeviceEngine(Warmup):
         out: list[Pending | None] = [None] * len(items)
         for group, rows, t in plan([len(p) for p in prompts], self.prefill_rows,
                                    self.prefill_buckets, self.prefill_padding_costs):
-            if rows == 1 or f"batched prefill {rows} x {t}" in self._unready:
+            if rows == 1 or programs.batched_prefill(rows, t) in self._unready:
                 for i in group:     # alone, or its batched program is still compiling
                     it = items[i]
                     out[i] = self.insert(
@@ -693,7 +724,7 @@ class DeviceEngine(Warmup):
         rows = next(b for b in self.batch_buckets if b >= top)
         if self._deterministic_slots:      # batch invariance: one shape for every step
             rows, attend = self.batch_buckets[-1], self.attend_buckets[-1]
-        self._await_program(f"decode {rows} slots x {attend}")   # warmup.py
+        self._await_program(programs.decode(rows, attend))   # warmup.py
         dispatched = time.perf_counter()
         cache, reads, _ = self._split(self.state)
         cache, logits = self._forward_step(self.params, cache, reads, self._tables_arg(),
@@ -704,8 +735,7 @@ class DeviceEngine(Warmup):
     def sample_step(self, forward: "Forward", mask=None) -> Pending:
         """The second half of `step`: sample from `forward`'s logits under `mask`."""
         if not self._custom_slots:
-            self._await_program(f"{'full ' if self._full_slots else ''}sampler "
-                                f"{forward.rows} slots")
+            self._await_program(programs.sampler(forward.rows, bool(self._full_slots)))
         cache, _, rest = self._split(self.state)
         rest, out = self._sample_step(rest, forward.logits, self._mask_bits(forward.rows, mask),
                                       bool(self._custom_slots), forward.rows,

@@ -12,6 +12,8 @@ functions; the device calls are DeviceEngine.insert_many's and insert's.
 
 from __future__ import annotations
 
+from serving.engine import programs
+
 
 def row_buckets(max_rows: int) -> tuple[int, ...]:
     """Row counts a batched prefill program may have: 4, 16, ... below max_rows, then
@@ -49,7 +51,7 @@ def split_head(n: int, buckets: tuple[int, ...], ready=lambda name: True) -> int
     tail = bucket_of(n - head, buckets)
     if 4 * (head + tail) > 3 * whole:
         return 0
-    if not (ready(f"prefill {head}") and ready(f"prefill {tail} (cached prefix)")):
+    if not (ready(programs.prefill(head)) and ready(programs.cached_prefill(tail))):
         return 0
     return head
 

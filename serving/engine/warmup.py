@@ -11,6 +11,12 @@ compiling waits for that job (`_await_program`), and new jobs hold off meanwhile
 other program is compiled by the call that needs it. Nothing fails, it waits. Tracing
 holds Python's GIL, so the thread helps by overlapping XLA's compile and the server's
 start, not by tracing in parallel (docs/cli.md, the start-up section).
+
+Programs no warm-up but the full one compiles (a chunk after a cached prefix over a span
+other than its bucket's prefix span: DeviceEngine.chunk_spans) are queued by the chunk
+that first wants one (`_compile_later`) and compiled on a thread of their own once the
+background list is done; that chunk and the next ones run the whole-row program until
+then, so a request never waits for them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 
 from sampling.params import SamplingParams
 from sampling.rows import make_rows
+from serving.engine import programs
 
 
 class Warmup:
@@ -51,10 +58,16 @@ class Warmup:
             say(f"warm-up: prefill bucket {b} ({i + 1}/{len(self.prefill_buckets)})")
             n = min(b, self.max_len - 1)
             self.prefill_chunk(0, np.zeros(n, np.int32), 0)          # a fresh prompt
+            # after a cached prefix: a chunk ending at each span (DeviceEngine.chunk_spans;
+            # over several processes the prefix span only), then one ending at max_len
+            spans = [a for a in self.chunk_spans[b]
+                     if self.lazy_spans or a == self.prefix_spans.get(b)]
+            self._ready_spans.update(programs.cached_prefill_span(b, a) for a in spans)
+            for a in spans:
+                n = min(b, a - 1)
+                self.prefill_chunk(0, np.zeros(n, np.int32), a - n)
             n = min(b, self.max_len - 2)
-            self.prefill_chunk(0, np.zeros(n, np.int32), 1)          # after a cached prefix
-            if b in self.prefix_spans:     # that was its span's program; now the whole row's
-                self.prefill_chunk(0, np.zeros(n, np.int32), self.prefix_spans[b] - n + 1)
+            self.prefill_chunk(0, np.zeros(n, np.int32), self.max_len - n)   # the whole row
         for rows in self.prefill_rows:    # batched prefill (insert_many), first tokens
             say(f"warm-up: batched prefill of {rows} prompts, buckets "
                 f"{'/'.join(map(str, self.prefill_buckets))}")
@@ -136,7 +149,7 @@ class Warmup:
         self._unready = {name for name, _ in self._rest_jobs()
                          if name.startswith(("prefill ", "batched", "first-token"))
                          and jax.process_count() == 1}
-        self._unready.discard(f"prefill {self._first_bucket()}")
+        self._unready.discard(programs.prefill(self._first_bucket()))
         if self.paged:
             self._tables[:] = 1
             self._tables_dev = None
@@ -155,6 +168,7 @@ class Warmup:
         self.background_errors, self.background_done = [], False
         thread = threading.Thread(target=self._compile_rest, args=(jobs, say),
                                   name="flaxserve-compile", daemon=True)
+        self._background_thread = thread
         thread.start()
         return thread
 
@@ -179,16 +193,16 @@ class Warmup:
         jobs = []
         for b in self.prefill_buckets:
             toks = jax.ShapeDtypeStruct((b,), jnp.int32)
-            span = self.prefix_spans.get(b)
-            for name, attend in ((f"prefill {b}", b), (f"prefill {b} (cached prefix)", None),
-                                 (f"prefill {b} (cached prefix) x {span}", span)):
-                if name.endswith(" x None"):
+            span = self.prefix_spans.get(b)      # the other spans: `_compile_later`
+            for name, attend in ((programs.prefill(b), b), (programs.cached_prefill(b), None),
+                                 (programs.cached_prefill_span(b, span), span)):
+                if name == programs.cached_prefill_span(b, None):
                     continue
                 jobs.append((name, lambda toks=toks, attend=attend: self._prefill.lower(
                     params, state, tables, toks, i32, i32, i32, attend)))
         for rows in self.prefill_rows:
             for b in self.prefill_buckets:
-                jobs.append((f"batched prefill {rows} x {b}",
+                jobs.append((programs.batched_prefill(rows, b),
                              lambda b=b, rows=rows: self._prefill_many.lower(
                                  params, state, tables,
                                  jax.ShapeDtypeStruct((rows, b), jnp.int32),
@@ -196,7 +210,7 @@ class Warmup:
                                  jax.ShapeDtypeStruct((rows,), jnp.int32))))
         for rows in self.batch_buckets:
             for b in self.attend_buckets:
-                jobs.append((f"decode {rows} slots x {b}",
+                jobs.append((programs.decode(rows, b),
                              lambda b=b, rows=rows: self._forward_step.lower(
                                  params, *self._split(state)[:2], tables, b, rows)))
         jobs += self._sampler_jobs(params, state, tables)
@@ -208,21 +222,21 @@ class Warmup:
                 for rows in self.batch_buckets:
                     bits = jax.ShapeDtypeStruct((rows, self.mask_words), jnp.int32)
                     for b in self.attend_buckets:
-                        jobs.append((f"{k}-step decode {rows} slots x {b}"
-                                     f"{'' if lean else ', full sampler'}",
+                        jobs.append((programs.multi_decode(k, rows, b, full=not lean),
                                      lambda b=b, rows=rows, bits=bits, lean=lean:
                                      self._multi.lower(params, state, tables, bits, i32s, i32s,
                                                        ids, k, b, rows, False, lean)))
         if self.paged:
-            jobs.append(("block copy", lambda: self._copy_block.lower(state, i32, i32)))
+            jobs.append((programs.cache_copy(True),
+                         lambda: self._copy_block.lower(state, i32, i32)))
         else:
-            jobs.append(("slot copy", lambda: self._copy.lower(state, i32, i32)))
+            jobs.append((programs.cache_copy(False), lambda: self._copy.lower(state, i32, i32)))
         # a first request's decode step first (one job: its sampler's lowering needs the
         # forward's), then a new prompt of any length needs its fresh prefill; a cached
         # prefix (a second turn, a long prompt's later chunks) comes later (stable: small
         # first). `_await_program` waits for a job under way rather than compile twice
         rows, b = self.batch_buckets[0], self.attend_buckets[0]
-        fwd, smp = f"decode {rows} slots x {b}", f"sampler {rows} slots"
+        fwd, smp = programs.decode(rows, b), programs.sampler(rows)
         lower_step = dict(jobs)[fwd]
 
         def first_step():
@@ -273,14 +287,14 @@ class Warmup:
 
         step = functools.partial(self._sampler_lower, params, state, tables)
         jobs = [] if full_only else [
-            (f"sampler {rows} slots", lambda rows=rows: step(rows, True))
+            (programs.sampler(rows), lambda rows=rows: step(rows, True))
             for rows in self.batch_buckets[1:]]
-        jobs += [(f"full sampler {rows} slots", lambda rows=rows: step(rows, False))
+        jobs += [(programs.sampler(rows, full=True), lambda rows=rows: step(rows, False))
                  for rows in self.batch_buckets]
         # the lean first-token sampler: a warm restart's first request draws its first
         # token with the decode sampler instead (DeviceEngine._activate), the next need it
-        jobs = ([] if full_only else [("first-token sampler", lambda: first(True))]) + jobs
-        return jobs + [("full first-token sampler", first)]
+        jobs = ([] if full_only else [(programs.first_sampler(), lambda: first(True))]) + jobs
+        return jobs + [(programs.first_sampler(full=True), first)]
 
     def _sampler_lower(self, params, state, tables, rows: int, lean: bool):
         """The decode sampler over `rows` slots, lowered (the logits placed as the
@@ -362,6 +376,55 @@ class Warmup:
             sys.setswitchinterval(switch)
         self._unready.clear()
         self.background_done = True
+
+    _background_thread = None          # the warm-up's (`_warm_first`), if it ran one
+
+    def _compile_later(self, name: str, lower) -> None:
+        """Queue a program a chunk wants but the warm-up left out (a cached-prefix chunk
+        over a span other than its bucket's prefix span: DeviceEngine._attend_of) for a
+        thread of its own, which starts once the warm-up's own background jobs are done;
+        when it is compiled its name joins `_ready_spans`. The caller never waits: it runs
+        a program that is compiled meanwhile. Queued once; a failure stays in
+        `lazy_errors` and the chunk keeps the whole row."""
+        with self._lazy_lock:
+            if name in self._lazy_queued:
+                return
+            self._lazy_queued.add(name)
+            self._lazy_jobs.append((name, lower))
+            if self._lazy_thread is None:
+                self._lazy_thread = threading.Thread(target=self._compile_queued,
+                                                     name="flaxserve-compile-later", daemon=True)
+                self._lazy_thread.start()
+
+    def _compile_queued(self) -> None:
+        if self._background_thread is not None:
+            self._background_thread.join()
+        while True:
+            with self._lazy_lock:
+                if not self._lazy_jobs:
+                    self._lazy_thread = None
+                    return
+                name, lower = self._lazy_jobs.pop(0)
+            # a running request first, as `_compile_rest` does (tracing holds the GIL)
+            deadline = time.monotonic() + self.background_yield_s
+            while self._host_active.any() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            switch = sys.getswitchinterval()
+            sys.setswitchinterval(min(switch, self.background_switch_s))
+            try:
+                lower().compile()
+                self._ready_spans.add(name)
+            except Exception as e:  # noqa: BLE001 - the chunk keeps the whole row
+                self.lazy_errors.append(f"{name}: {e}")
+            finally:
+                sys.setswitchinterval(switch)
+
+    def wait_compiled(self, timeout: float = 600.0) -> None:
+        """Wait until the programs `_compile_later` was handed are compiled (tests,
+        benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self._lazy_thread is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def _abstract(x):
