@@ -28,7 +28,6 @@ this class only runs compiled programs over a decode state that never leaves the
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 
@@ -45,8 +44,9 @@ from sampling.params import SamplingParams
 from sampling.rows import make_rows, set_row
 from sampling.sampler import needs_full, sample
 from sampling.state import init_state, reset_row
+from serving.engine import multi_step
 from serving.engine.sizing import attend_buckets, batch_buckets, default_buckets
-from serving.engine.step_output import Forward, Pending
+from serving.engine.step_output import Forward, Pending, pack
 from serving.engine.warmup import Warmup
 
 _compiles = 0
@@ -165,24 +165,24 @@ class DeviceEngine(Warmup):
         # custom=True compiles the reorderable sampler; used only while a row needs it.
         # lean=True: the common stages only (sampling/sampler.py), while no live row needs
         # more (_full_slots); its trace and lower take a fraction of the full one's at start
-        self._sample_step = jax.jit(self._sample_step_fn, donate_argnums=(0,),
+        # the programs a Pending reads hand back their outputs as one packed array
+        # (serving/engine/step_output.py: one device->host read a step)
+        self._sample_step = jax.jit(self._sample_packed_fn, donate_argnums=(0,),
                                     static_argnums=(3, 4, 5), static_argnames=("lean",))
         # multi-step decode (serving/engine/multi_step.py): K steps of the two bodies above
         # in one program, over the lean sampler or (a live row needs it) the full one; the
         # scheduler uses it when every live row allows (decode_steps, multi_step_ok)
         self.decode_steps = decode_steps
-        from serving.engine import multi_step
-        self._multi = jax.jit(functools.partial(multi_step.run, self._forward_step_fn,
-                                                self._sample_step_fn),
-                              donate_argnums=(1,), static_argnums=(7, 8, 9, 10, 11))
+        self._multi = jax.jit(self._multi_fn, donate_argnums=(1,),
+                              static_argnums=(7, 8, 9, 10, 11))
         self._custom_slots: set[int] = set()
         self._full_slots: set[int] = set()       # live slots the lean sampler cannot serve
         # slots of `deterministic: true` requests: while one is live, decode steps run over
         # every slot and the whole cache (one shape, so XLA's reductions never change)
         self._deterministic_slots: set[int] = set()
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnums=(7,))
-        self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(7, 11),
-                              static_argnames=("lean",))
+        self._first = jax.jit(self._first_packed_fn, donate_argnums=(0,),
+                              static_argnums=(7, 11), static_argnames=("lean",))
         self._reset = jax.jit(self._reset_fn, donate_argnums=(0,))    # see _activate
         # batched prefill of fresh prompts (insert_many): R rows from these buckets
         from serving.engine.prefill_plan import row_buckets
@@ -296,11 +296,17 @@ class DeviceEngine(Warmup):
         state = dict(state, sampler=jax.tree.map(put, full_sampler, sampler),
                      last=put(state["last"], jnp.where(active, out.tokens, last)),
                      pos=put(state["pos"], jnp.where(active, pos + 1, pos)))
-        return state, self._on_every_process(out)
+        return state, out
+
+    def _sample_packed_fn(self, state, logits, mask_bits, custom, rows, lean=False):
+        """`_sample_step_fn` with its SampleOutput packed (step_output.pack)."""
+        state, out = self._sample_step_fn(state, logits, mask_bits, custom, rows, lean=lean)
+        return state, self._on_every_process(pack(out))
 
     def _on_every_process(self, out):
-        """Over several processes (serving/engine/lockstep.py) the sampled ids come back
-        replicated, so the leader reads them without a collective of its own."""
+        """Over several processes (serving/engine/lockstep.py) the sampled ids (the packed
+        outputs) come back replicated, so the leader reads them without a collective of its
+        own."""
         if self.mesh is None or jax.process_count() == 1:
             return out
         from jax.sharding import NamedSharding, PartitionSpec
@@ -388,6 +394,22 @@ class DeviceEngine(Warmup):
                      pos=state["pos"].at[slot].set(prompt_len),
                      active=state["active"].at[slot].set(True))
         return state, out
+
+    def _first_packed_fn(self, state, logits, slot, row, prompt, prompt_len, mask_bits, custom,
+                         orig_len, carry, restore, lean=False):
+        """`_first_fn` with its SampleOutput packed (step_output.pack)."""
+        state, out = self._first_fn(state, logits, slot, row, prompt, prompt_len, mask_bits,
+                                    custom, orig_len, carry, restore, lean=lean)
+        return state, pack(out)
+
+    def _multi_fn(self, params, state, tables, mask_bits, budget, min_left, stop_ids,
+                  steps, attend_len, rows, custom, lean=True):
+        """multi_step.run over this engine's two step bodies; its outputs come back packed
+        (step_output.pack), [steps, rows, 9 + 2K + 1], the last column `wrote`."""
+        state, outs = multi_step.run(self._forward_step_fn, self._sample_step_fn, params,
+                                     state, tables, mask_bits, budget, min_left, stop_ids,
+                                     steps, attend_len, rows, custom, lean)
+        return state, self._on_every_process(outs)
 
     def _copy_block_fn(self, state, src, dst):
         hf = self.paged_kernel is not None
@@ -746,16 +768,15 @@ class DeviceEngine(Warmup):
         return not (self._custom_slots or self._deterministic_slots)
 
     def _dispatch_multi(self, steps, attend, rows, budget, min_left, stop_ids):
-        from serving.engine.multi_step import MultiPending
         if not self.multi_step_ok():
             raise ValueError("multi_step: a live row has a custom sampler order or the "
                              "deterministic shape; use step (multi_step_ok)")
         dispatched = time.perf_counter()
-        self.state, out, wrote = self._multi(self.params, self.state, self._tables_arg(),
-                                             self._mask_bits(rows, None), budget, min_left,
-                                             stop_ids, steps, attend, rows, False,
-                                             not self._full_slots)
-        return MultiPending(self, out, wrote, dispatched)
+        self.state, out = self._multi(self.params, self.state, self._tables_arg(),
+                                      self._mask_bits(rows, None), budget, min_left,
+                                      stop_ids, steps, attend, rows, False,
+                                      not self._full_slots)
+        return multi_step.MultiPending(self, out, dispatched)
 
     def release(self, slot: int) -> None:
         self._custom_slots.discard(slot)
