@@ -9,7 +9,8 @@
   entropy rows, and a multi-step call gives StepOutputs byte-identical, field by field, to
   the path before packing: each program's SampleOutput read array by array
   (`OldPathEngine` below keeps that path: the sampler's SampleOutput computed directly,
-  `host_output` and `pad_rows`), and each Pending holds one array.
+  `host_output` and `pad_rows`, the sampling rows donated with the state), and each
+  Pending holds one array.
 """
 
 import dataclasses
@@ -164,10 +165,19 @@ class OldMultiPending:
 
 
 class OldPathEngine(DeviceEngine):
-    """The engine with its programs handing back the SampleOutput itself (unpacked)."""
+    """The engine with its programs handing back the SampleOutput itself (unpacked), and
+    its decode sampler taking the whole state but the cache donated, sampling rows too."""
 
-    def _sample_packed_fn(self, state, logits, mask_bits, custom, rows, lean=False):
-        return self._sample_step_fn(state, logits, mask_bits, custom, rows, lean=lean)
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._old_sample_step = jax.jit(self._sample_step_fn, donate_argnums=(0,),
+                                        static_argnums=(3, 4, 5), static_argnames=("lean",))
+
+    def _sample(self, logits, mask_bits, custom, rows, lean):
+        cache, _, rest = self._split(self.state)
+        rest, out = self._old_sample_step(rest, logits, mask_bits, custom, rows, lean=lean)
+        self.state = dict(rest, cache=cache)
+        return out
 
     def _first_packed_fn(self, state, logits, slot, row, prompt, prompt_len, mask_bits, custom,
                          orig_len, carry, restore, lean=False):

@@ -159,16 +159,19 @@ class DeviceEngine(Warmup):
         self._host_pos = np.zeros(max_slots, np.int64)      # mirrors state["pos"]
         self._host_active = np.zeros(max_slots, bool)       # mirrors state["active"]
         # the forward takes the cache (donated) and the few arrays it reads, the sampler
-        # the state without the cache (`_split`)
+        # the state without the cache (`_split`) and without the sampling rows, which it
+        # takes read-only (`_sample`)
         self._forward_step = jax.jit(self._forward_cache_fn, donate_argnums=(1,),
                                      static_argnums=(4, 5))
         # custom=True compiles the reorderable sampler; used only while a row needs it.
         # lean=True: the common stages only (sampling/sampler.py), while no live row needs
         # more (_full_slots); its trace and lower take a fraction of the full one's at start
         # the programs a Pending reads hand back their outputs as one packed array
-        # (serving/engine/step_output.py: one device->host read a step)
+        # (serving/engine/step_output.py: one device->host read a step). The sampling
+        # rows go in read-only, not donated: a decode step never changes them, and each
+        # donated array handed back costs host time (`_sample`)
         self._sample_step = jax.jit(self._sample_packed_fn, donate_argnums=(0,),
-                                    static_argnums=(3, 4, 5), static_argnames=("lean",))
+                                    static_argnums=(4, 5, 6), static_argnames=("lean",))
         # multi-step decode (serving/engine/multi_step.py): K steps of the two bodies above
         # in one program, over the lean sampler or (a live row needs it) the full one; the
         # scheduler uses it when every live row allows (decode_steps, multi_step_ok)
@@ -298,10 +301,25 @@ class DeviceEngine(Warmup):
                      pos=put(state["pos"], jnp.where(active, pos + 1, pos)))
         return state, out
 
-    def _sample_packed_fn(self, state, logits, mask_bits, custom, rows, lean=False):
-        """`_sample_step_fn` with its SampleOutput packed (step_output.pack)."""
-        state, out = self._sample_step_fn(state, logits, mask_bits, custom, rows, lean=lean)
-        return state, self._on_every_process(pack(out))
+    def _sample_packed_fn(self, state, sampling_rows, logits, mask_bits, custom, rows,
+                          lean=False):
+        """`_sample_step_fn` over `state` without its "rows" (taken apart, read-only) with
+        its SampleOutput packed (step_output.pack): (state without "rows", packed)."""
+        state, out = self._sample_step_fn(dict(state, rows=sampling_rows), logits, mask_bits,
+                                          custom, rows, lean=lean)
+        return ({k: v for k, v in state.items() if k != "rows"},
+                self._on_every_process(pack(out)))
+
+    def _sample(self, logits, mask_bits, custom: bool, rows: int, lean: bool):
+        """Run the decode sampler program on the state; its packed outputs. The sampling
+        rows (52 arrays) stay out of the donated state: donated and handed back they cost
+        ~90 us of host time a step more (docs/speed.md, "One read a step")."""
+        cache, _, rest = self._split(self.state)
+        sampling_rows = rest.pop("rows")
+        rest, out = self._sample_step(rest, sampling_rows, logits, mask_bits, custom, rows,
+                                      lean=lean)
+        self.state = dict(rest, cache=cache, rows=sampling_rows)
+        return out
 
     def _on_every_process(self, out):
         """Over several processes (serving/engine/lockstep.py) the sampled ids (the packed
@@ -616,9 +634,7 @@ class DeviceEngine(Warmup):
             # over the same row and state; only right at start, alone in slot 0
             self.state = self._reset(self.state, np.int32(slot), row, prompt,
                                      np.int32(len(prompt_ids)))
-            cache, _, rest = self._split(self.state)
-            rest, out = self._sample_step(rest, logits, bits, False, 1, lean=True)
-            self.state = dict(rest, cache=cache)
+            out = self._sample(logits, bits, False, 1, lean=True)
         else:
             carry = np.zeros(len(self._carried), np.float32) if carry is None else carry
             self.state, out = self._first(self.state, logits, np.int32(slot), row, prompt,
@@ -725,11 +741,8 @@ class DeviceEngine(Warmup):
         if not self._custom_slots:
             self._await_program(f"{'full ' if self._full_slots else ''}sampler "
                                 f"{forward.rows} slots")
-        cache, _, rest = self._split(self.state)
-        rest, out = self._sample_step(rest, forward.logits, self._mask_bits(forward.rows, mask),
-                                      bool(self._custom_slots), forward.rows,
-                                      lean=not self._full_slots)
-        self.state = dict(rest, cache=cache)
+        out = self._sample(forward.logits, self._mask_bits(forward.rows, mask),
+                           bool(self._custom_slots), forward.rows, lean=not self._full_slots)
         self._host_pos[self._host_active] += 1
         return Pending(self, out, self.max_slots, forward.dispatched)
 
