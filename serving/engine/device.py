@@ -5,14 +5,17 @@ spirit of JetStream's engine API: the scheduler (one thread) decides which slot 
 this class only runs compiled programs over a decode state that never leaves the device.
 
 - The decode state (KV cache, per-slot sampling rows and sampler state, last token,
-  position, active flag) is one pytree, donated to every call, so XLA updates it in place.
+  position, active flag) is one pytree, donated to every call, so XLA updates it in place
+  (but for the decode sampler, which takes the sampling rows read-only: it never changes
+  them, and 52 arrays donated and handed back cost host time every step).
 - `step` is two programs dispatched back to back: the model forward for every slot, then
   the sampler and the state update (logits stay on the device). The forward attends over
   a power-of-two prefix of the cache that covers the longest live sequence ("attend
   buckets"), and both programs run over the first B slots only, B the smallest of a few
   "batch buckets" covering every live slot (the scheduler fills low slots first), so one
   request on a 32-slot engine costs a batch-1 step, not a batch-32 one. Only sampled ids,
-  their logprobs and the top-N logprobs come back to the host.
+  their logprobs and the top-N logprobs come back to the host, packed into one int32
+  array a call (serving/engine/step_output.py), so one read a step.
 - Prompts run in power-of-two buckets (padding writes are dropped), so a new prompt
   length never compiles anything once `warmup` has run. With `prefill_batch` > 1,
   `insert_many` prefills several fresh prompts in one [rows, bucket] program
