@@ -5,14 +5,17 @@ spirit of JetStream's engine API: the scheduler (one thread) decides which slot 
 this class only runs compiled programs over a decode state that never leaves the device.
 
 - The decode state (KV cache, per-slot sampling rows and sampler state, last token,
-  position, active flag) is one pytree, donated to every call, so XLA updates it in place.
+  position, active flag) is one pytree, donated to every call, so XLA updates it in place
+  (but for the decode sampler, which takes the sampling rows read-only: it never changes
+  them, and 52 arrays donated and handed back cost host time every step).
 - `step` is two programs dispatched back to back: the model forward for every slot, then
   the sampler and the state update (logits stay on the device). The forward attends over
   a power-of-two prefix of the cache that covers the longest live sequence ("attend
   buckets"), and both programs run over the first B slots only, B the smallest of a few
   "batch buckets" covering every live slot (the scheduler fills low slots first), so one
   request on a 32-slot engine costs a batch-1 step, not a batch-32 one. Only sampled ids,
-  their logprobs and the top-N logprobs come back to the host.
+  their logprobs and the top-N logprobs come back to the host, packed into one int32
+  array a call (serving/engine/step_output.py), so one read a step.
 - Prompts run in power-of-two buckets (padding writes are dropped), so a new prompt
   length never compiles anything once `warmup` has run. With `prefill_batch` > 1,
   `insert_many` prefills several fresh prompts in one [rows, bucket] program
@@ -28,7 +31,6 @@ this class only runs compiled programs over a decode state that never leaves the
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 
@@ -45,9 +47,9 @@ from sampling.params import SamplingParams
 from sampling.rows import make_rows, set_row
 from sampling.sampler import needs_full, sample
 from sampling.state import init_state, reset_row
-from serving.engine import programs
+from serving.engine import multi_step, programs
 from serving.engine.sizing import attend_buckets, batch_buckets, default_buckets
-from serving.engine.step_output import Forward, Pending
+from serving.engine.step_output import Forward, Pending, pack
 from serving.engine.warmup import Warmup
 
 _compiles = 0
@@ -174,30 +176,33 @@ class DeviceEngine(Warmup):
         self._host_pos = np.zeros(max_slots, np.int64)      # mirrors state["pos"]
         self._host_active = np.zeros(max_slots, bool)       # mirrors state["active"]
         # the forward takes the cache (donated) and the few arrays it reads, the sampler
-        # the state without the cache (`_split`)
+        # the state without the cache (`_split`) and without the sampling rows, which it
+        # takes read-only (`_sample`)
         self._forward_step = jax.jit(self._forward_cache_fn, donate_argnums=(1,),
                                      static_argnums=(4, 5))
         # custom=True compiles the reorderable sampler; used only while a row needs it.
         # lean=True: the common stages only (sampling/sampler.py), while no live row needs
         # more (_full_slots); its trace and lower take a fraction of the full one's at start
-        self._sample_step = jax.jit(self._sample_step_fn, donate_argnums=(0,),
-                                    static_argnums=(3, 4, 5), static_argnames=("lean",))
+        # the programs a Pending reads hand back their outputs as one packed array
+        # (serving/engine/step_output.py: one device->host read a step). The sampling
+        # rows go in read-only, not donated: a decode step never changes them, and each
+        # donated array handed back costs host time (`_sample`)
+        self._sample_step = jax.jit(self._sample_packed_fn, donate_argnums=(0,),
+                                    static_argnums=(4, 5, 6), static_argnames=("lean",))
         # multi-step decode (serving/engine/multi_step.py): K steps of the two bodies above
         # in one program, over the lean sampler or (a live row needs it) the full one; the
         # scheduler uses it when every live row allows (decode_steps, multi_step_ok)
         self.decode_steps = decode_steps
-        from serving.engine import multi_step
-        self._multi = jax.jit(functools.partial(multi_step.run, self._forward_step_fn,
-                                                self._sample_step_fn),
-                              donate_argnums=(1,), static_argnums=(7, 8, 9, 10, 11))
+        self._multi = jax.jit(self._multi_fn, donate_argnums=(1,),
+                              static_argnums=(7, 8, 9, 10, 11))
         self._custom_slots: set[int] = set()
         self._full_slots: set[int] = set()       # live slots the lean sampler cannot serve
         # slots of `deterministic: true` requests: while one is live, decode steps run over
         # every slot and the whole cache (one shape, so XLA's reductions never change)
         self._deterministic_slots: set[int] = set()
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnums=(7,))
-        self._first = jax.jit(self._first_fn, donate_argnums=(0,), static_argnums=(7, 11),
-                              static_argnames=("lean",))
+        self._first = jax.jit(self._first_packed_fn, donate_argnums=(0,),
+                              static_argnums=(7, 11), static_argnames=("lean",))
         self._reset = jax.jit(self._reset_fn, donate_argnums=(0,))    # see _activate
         # batched prefill of fresh prompts (insert_many): R rows from these buckets
         from serving.engine.prefill_plan import row_buckets
@@ -314,11 +319,32 @@ class DeviceEngine(Warmup):
         state = dict(state, sampler=jax.tree.map(put, full_sampler, sampler),
                      last=put(state["last"], jnp.where(active, out.tokens, last)),
                      pos=put(state["pos"], jnp.where(active, pos + 1, pos)))
-        return state, self._on_every_process(out)
+        return state, out
+
+    def _sample_packed_fn(self, state, sampling_rows, logits, mask_bits, custom, rows,
+                          lean=False):
+        """`_sample_step_fn` over `state` without its "rows" (taken apart, read-only) with
+        its SampleOutput packed (step_output.pack): (state without "rows", packed)."""
+        state, out = self._sample_step_fn(dict(state, rows=sampling_rows), logits, mask_bits,
+                                          custom, rows, lean=lean)
+        return ({k: v for k, v in state.items() if k != "rows"},
+                self._on_every_process(pack(out)))
+
+    def _sample(self, logits, mask_bits, custom: bool, rows: int, lean: bool):
+        """Run the decode sampler program on the state; its packed outputs. The sampling
+        rows (52 arrays) stay out of the donated state: donated and handed back they cost
+        ~90 us of host time a step more (docs/speed.md, "One read a step")."""
+        cache, _, rest = self._split(self.state)
+        sampling_rows = rest.pop("rows")
+        rest, out = self._sample_step(rest, sampling_rows, logits, mask_bits, custom, rows,
+                                      lean=lean)
+        self.state = dict(rest, cache=cache, rows=sampling_rows)
+        return out
 
     def _on_every_process(self, out):
-        """Over several processes (serving/engine/lockstep.py) the sampled ids come back
-        replicated, so the leader reads them without a collective of its own."""
+        """Over several processes (serving/engine/lockstep.py) the sampled ids (the packed
+        outputs) come back replicated, so the leader reads them without a collective of its
+        own."""
         if self.mesh is None or jax.process_count() == 1:
             return out
         from jax.sharding import NamedSharding, PartitionSpec
@@ -406,6 +432,22 @@ class DeviceEngine(Warmup):
                      pos=state["pos"].at[slot].set(prompt_len),
                      active=state["active"].at[slot].set(True))
         return state, out
+
+    def _first_packed_fn(self, state, logits, slot, row, prompt, prompt_len, mask_bits, custom,
+                         orig_len, carry, restore, lean=False):
+        """`_first_fn` with its SampleOutput packed (step_output.pack)."""
+        state, out = self._first_fn(state, logits, slot, row, prompt, prompt_len, mask_bits,
+                                    custom, orig_len, carry, restore, lean=lean)
+        return state, pack(out)
+
+    def _multi_fn(self, params, state, tables, mask_bits, budget, min_left, stop_ids,
+                  steps, attend_len, rows, custom, lean=True):
+        """multi_step.run over this engine's two step bodies; its outputs come back packed
+        (step_output.pack), [steps, rows, 9 + 2K + 1], the last column `wrote`."""
+        state, outs = multi_step.run(self._forward_step_fn, self._sample_step_fn, params,
+                                     state, tables, mask_bits, budget, min_left, stop_ids,
+                                     steps, attend_len, rows, custom, lean)
+        return state, self._on_every_process(outs)
 
     def _copy_block_fn(self, state, src, dst):
         hf = self.paged_kernel is not None
@@ -628,9 +670,7 @@ class DeviceEngine(Warmup):
             # over the same row and state; only right at start, alone in slot 0
             self.state = self._reset(self.state, np.int32(slot), row, prompt,
                                      np.int32(len(prompt_ids)))
-            cache, _, rest = self._split(self.state)
-            rest, out = self._sample_step(rest, logits, bits, False, 1, lean=True)
-            self.state = dict(rest, cache=cache)
+            out = self._sample(logits, bits, False, 1, lean=True)
         else:
             carry = np.zeros(len(self._carried), np.float32) if carry is None else carry
             self.state, out = self._first(self.state, logits, np.int32(slot), row, prompt,
@@ -736,11 +776,8 @@ class DeviceEngine(Warmup):
         """The second half of `step`: sample from `forward`'s logits under `mask`."""
         if not self._custom_slots:
             self._await_program(programs.sampler(forward.rows, bool(self._full_slots)))
-        cache, _, rest = self._split(self.state)
-        rest, out = self._sample_step(rest, forward.logits, self._mask_bits(forward.rows, mask),
-                                      bool(self._custom_slots), forward.rows,
-                                      lean=not self._full_slots)
-        self.state = dict(rest, cache=cache)
+        out = self._sample(forward.logits, self._mask_bits(forward.rows, mask),
+                           bool(self._custom_slots), forward.rows, lean=not self._full_slots)
         self._host_pos[self._host_active] += 1
         return Pending(self, out, self.max_slots, forward.dispatched)
 
@@ -779,16 +816,15 @@ class DeviceEngine(Warmup):
         return not (self._custom_slots or self._deterministic_slots)
 
     def _dispatch_multi(self, steps, attend, rows, budget, min_left, stop_ids):
-        from serving.engine.multi_step import MultiPending
         if not self.multi_step_ok():
             raise ValueError("multi_step: a live row has a custom sampler order or the "
                              "deterministic shape; use step (multi_step_ok)")
         dispatched = time.perf_counter()
-        self.state, out, wrote = self._multi(self.params, self.state, self._tables_arg(),
-                                             self._mask_bits(rows, None), budget, min_left,
-                                             stop_ids, steps, attend, rows, False,
-                                             not self._full_slots)
-        return MultiPending(self, out, wrote, dispatched)
+        self.state, out = self._multi(self.params, self.state, self._tables_arg(),
+                                      self._mask_bits(rows, None), budget, min_left,
+                                      stop_ids, steps, attend, rows, False,
+                                      not self._full_slots)
+        return multi_step.MultiPending(self, out, dispatched)
 
     def release(self, slot: int) -> None:
         self._custom_slots.discard(slot)

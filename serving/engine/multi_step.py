@@ -5,7 +5,9 @@ tokens and the scheduler's bookkeeping cost as much as the step itself (the bund
 runs ~2.4 ms a token in process). Running K steps inside one `jax.lax.while_loop` pays that
 once per K tokens (the loop ends early once every row has stopped). Each step is the
 engine's own `_forward_step_fn` then `_sample_step_fn` (the same code as a single step, so
-the numbers are the same), and the outputs of step j land in row j of [K, rows] arrays.
+the numbers are the same), and the outputs of step j land in row j of one packed int32
+array [K, rows, 9 + 2K' + 1] (serving/engine/step_output.py `pack`, K' the top-N width,
+plus a last column: the row was live for that step), which the host reads in one transfer.
 
 Rows stop ON THE DEVICE exactly where the scheduler's `_take` would stop them: an
 all-masked row (error), a stop id or EOS once past min_tokens, max_tokens or the context
@@ -41,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from serving.engine.step_output import host_output, pad_rows
+from serving.engine.step_output import pack, pad_packed, unpack
 
 
 def run(forward_step, sample_step, params, state, tables, mask_bits, budget, min_left,
@@ -50,8 +52,9 @@ def run(forward_step, sample_step, params, state, tables, mask_bits, budget, min
     lean: the lean sampler (no live row needs more) or the full one.
 
     budget, min_left: int32 [max_slots]; stop_ids: int32 [max_slots, M] (-1 pads).
-    Returns (state, outputs, wrote): the sampler's outputs stacked [steps, rows, ...] and
-    wrote [steps, rows] bool (the row was live for that step, so its token counts)."""
+    Returns (state, outputs): int32 [steps, rows, 9 + 2K + 1], step j's row r the sampler's
+    output packed (step_output.pack) and then `wrote` (1: the row was live for that step,
+    so its token counts)."""
     put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)
     budget, min_left, stop_ids = budget[:rows], min_left[:rows], stop_ids[:rows]
     state = dict(state, active=put(state["active"], state["active"][:rows] & (budget > 0)))
@@ -64,26 +67,27 @@ def run(forward_step, sample_step, params, state, tables, mask_bits, budget, min
         hit = jnp.any(out.tokens[:, None] == stop_ids, axis=-1) & (n > min_left)
         stop = out.error | hit | (n >= budget)
         state = dict(state, active=put(state["active"], alive & ~stop))
-        return state, taken + alive.astype(jnp.int32), out, alive
+        packed = jnp.concatenate([pack(out), alive.astype(jnp.int32)[:, None]], axis=1)
+        return state, taken + alive.astype(jnp.int32), packed
 
-    # outputs land in [steps, ...] buffers; the loop ends early once every row stopped
-    shapes = jax.eval_shape(lambda st: one(st, jnp.zeros((rows,), jnp.int32))[2:], state)
-    bufs = jax.tree.map(lambda x: jnp.zeros((steps,) + x.shape, x.dtype), shapes)
+    # outputs land in a [steps, rows, width] buffer; the loop ends early once every row
+    # stopped (a step it never ran stays zero: wrote 0)
+    shape = jax.eval_shape(lambda st: one(st, jnp.zeros((rows,), jnp.int32))[2], state)
+    bufs = jnp.zeros((steps,) + shape.shape, shape.dtype)
 
     def body(carry):
         i, state, taken, bufs = carry
-        state, taken, out, alive = one(state, taken)
-        bufs = jax.tree.map(lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x, i, 0),
-                            bufs, (out, alive))
+        state, taken, packed = one(state, taken)
+        bufs = jax.lax.dynamic_update_index_in_dim(bufs, packed, i, 0)
         return i + 1, state, taken, bufs
 
     def more(carry):
         i, state, _, _ = carry
         return (i < steps) & jnp.any(state["active"][:rows])
 
-    _, state, _, (outs, wrote) = jax.lax.while_loop(
+    _, state, _, outs = jax.lax.while_loop(
         more, body, (jnp.int32(0), state, jnp.zeros((rows,), jnp.int32), bufs))
-    return state, outs, wrote
+    return state, outs
 
 
 @dataclass
@@ -97,27 +101,27 @@ class MultiStepOutput:
 
 
 class MultiPending:
-    """A dispatched multi-step call; `result()` waits and copies (DeviceEngine.Pending's
-    counterpart: the same device-time accounting)."""
+    """A dispatched multi-step call; `result()` waits and copies `run`'s one packed array
+    (DeviceEngine.Pending's counterpart: the same device-time accounting)."""
 
-    def __init__(self, engine, out, wrote, dispatched: float):
-        self._engine, self._out, self._wrote = engine, out, wrote
+    def __init__(self, engine, out, dispatched: float):
+        self._engine, self._out = engine, out
         self._dispatched = dispatched
         self._result: MultiStepOutput | None = None
 
     def result(self) -> MultiStepOutput:
         if self._result is None:
-            out, wrote = jax.device_get((self._out, self._wrote))
+            out = np.asarray(jax.device_get(self._out))
             done = time.perf_counter()
             seconds = max(done - max(self._dispatched, self._engine._last_done), 0.0)
             self._engine._last_done = done
             slots = self._engine.max_slots
-            steps = [pad_rows(host_output(jax.tree.map(lambda x, j=j: x[j], out), 0.0), slots)
-                     for j in range(wrote.shape[0])]
-            full = np.zeros((wrote.shape[0], slots), bool)
-            full[:, :wrote.shape[1]] = wrote
+            steps = [unpack(pad_packed(out[j, :, :-1], slots), 0.0)
+                     for j in range(out.shape[0])]
+            full = np.zeros((out.shape[0], slots), bool)
+            full[:, :out.shape[1]] = out[:, :, -1] != 0
             self._result = MultiStepOutput(steps, full, seconds)
-            self._out = self._wrote = None
+            self._out = None
         return self._result
 
 

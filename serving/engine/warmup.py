@@ -301,8 +301,9 @@ class Warmup:
         compiled forward places them)."""
         cache, reads, rest = self._split(state)
         fwd = self._forward_step.lower(params, cache, reads, tables, self.attend_buckets[0], rows)
+        sampling_rows = rest.pop("rows")         # read-only (DeviceEngine._sample)
         return self._sample_step.lower(
-            rest, self._logits_of(fwd),
+            rest, sampling_rows, self._logits_of(fwd),
             jax.ShapeDtypeStruct((rows, self.mask_words), jnp.int32), False, rows, lean=lean)
 
     def _logits_of(self, lowered):
