@@ -27,12 +27,40 @@ from sampling.sampler import LOGPROB_FLOOR, SampleOutput
 from serving.engine import device as device_module
 from serving.engine import multi_step
 from serving.engine.device import DeviceEngine
-from serving.engine.step_output import (SCALARS, StepOutput, host_output, pack, pad_packed,
-                                        pad_rows, unpack)
+from serving.engine.step_output import SCALARS, StepOutput, pack, pad_packed, unpack
 
 CFG = named_config("tiny", dtype="float32")
 PARAMS = init_params(CFG, seed=3)
 TOP = 5
+
+
+def pad_rows(out: StepOutput, slots: int) -> StepOutput:
+    """The old path (before the packed read): outputs of a step over the first rows, zero-padded to every slot."""
+    def pad(x):
+        if x is None or x.ndim == 0 or x.shape[0] == slots:
+            return x
+        return np.concatenate([x, np.zeros((slots - x.shape[0],) + x.shape[1:], x.dtype)])
+    return StepOutput(tokens=pad(out.tokens), logprobs=pad(out.logprobs), ranks=pad(out.ranks),
+                      top_ids=pad(out.top_ids), top_logprobs=pad(out.top_logprobs),
+                      errors=pad(out.errors), device_seconds=out.device_seconds,
+                      entropies=pad(out.entropies), raw_logprobs=pad(out.raw_logprobs),
+                      processed_logprobs=pad(out.processed_logprobs),
+                      unconstrained_logprobs=pad(out.unconstrained_logprobs),
+                      removed_mass=pad(out.removed_mass))
+
+
+def host_output(out, seconds: float) -> StepOutput:
+    """The old path: a StepOutput from the sampler's SampleOutput copied array by array."""
+    return StepOutput(
+        tokens=np.asarray(out.tokens), logprobs=np.asarray(out.logprob),
+        ranks=np.asarray(out.rank), top_ids=np.asarray(out.top_ids),
+        top_logprobs=np.asarray(out.top_logprobs), errors=np.asarray(out.error),
+        device_seconds=seconds, entropies=np.asarray(out.entropy),
+        raw_logprobs=np.asarray(out.raw_logprob),
+        processed_logprobs=np.asarray(out.processed_logprob),
+        unconstrained_logprobs=np.asarray(out.unconstrained_logprob),
+        removed_mass=np.asarray(out.removed_mass))
+
 
 
 def same(a: StepOutput, b: StepOutput) -> None:

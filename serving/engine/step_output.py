@@ -77,7 +77,7 @@ def pack(out) -> jax.Array:
 
 def pad_packed(packed: np.ndarray, slots: int) -> np.ndarray:
     """A packed array over the first rows, zero-padded to every slot (zero bits: token 0,
-    rank 0, no error, 0.0: what `pad_rows` gives each field)."""
+    rank 0, no error, 0.0 in every field)."""
     if packed.shape[0] == slots:
         return packed
     return np.concatenate([packed, np.zeros((slots - packed.shape[0],) + packed.shape[1:],
@@ -102,34 +102,6 @@ def unpack(packed: np.ndarray, seconds: float) -> StepOutput:
         raw_logprobs=col["raw_logprob"], processed_logprobs=col["processed_logprob"],
         unconstrained_logprobs=col["unconstrained_logprob"],
         removed_mass=col["removed_mass"])
-
-
-def pad_rows(out: StepOutput, slots: int) -> StepOutput:
-    """Outputs of a step over the first rows, zero-padded to every slot."""
-    def pad(x):
-        if x is None or x.ndim == 0 or x.shape[0] == slots:
-            return x
-        return np.concatenate([x, np.zeros((slots - x.shape[0],) + x.shape[1:], x.dtype)])
-    return StepOutput(tokens=pad(out.tokens), logprobs=pad(out.logprobs), ranks=pad(out.ranks),
-                      top_ids=pad(out.top_ids), top_logprobs=pad(out.top_logprobs),
-                      errors=pad(out.errors), device_seconds=out.device_seconds,
-                      entropies=pad(out.entropies), raw_logprobs=pad(out.raw_logprobs),
-                      processed_logprobs=pad(out.processed_logprobs),
-                      unconstrained_logprobs=pad(out.unconstrained_logprobs),
-                      removed_mass=pad(out.removed_mass))
-
-
-def host_output(out, seconds: float) -> StepOutput:
-    """A StepOutput from the sampler's SampleOutput copied to the host."""
-    return StepOutput(
-        tokens=np.asarray(out.tokens), logprobs=np.asarray(out.logprob),
-        ranks=np.asarray(out.rank), top_ids=np.asarray(out.top_ids),
-        top_logprobs=np.asarray(out.top_logprobs), errors=np.asarray(out.error),
-        device_seconds=seconds, entropies=np.asarray(out.entropy),
-        raw_logprobs=np.asarray(out.raw_logprob),
-        processed_logprobs=np.asarray(out.processed_logprob),
-        unconstrained_logprobs=np.asarray(out.unconstrained_logprob),
-        removed_mass=np.asarray(out.removed_mass))
 
 
 class Pending:

@@ -324,6 +324,13 @@ class Warmup:
     _in_progress: set = frozenset()    # background jobs under way (_compile_rest)
     _waiters = 0                       # device-thread calls waiting for one of them
 
+    def _give_way(self, yield_s: float) -> None:
+        """A running request first (up to yield_s) before a background compile: its steps
+        need the GIL that tracing holds, and a few short requests end within it."""
+        deadline = time.monotonic() + yield_s
+        while self._host_active.any() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def _compile_rest(self, jobs, say) -> None:
         """Compile (or read from the persistent cache) every job, a few at a time."""
         from concurrent.futures import ThreadPoolExecutor
@@ -332,11 +339,7 @@ class Warmup:
 
         def one(job, yield_s=0.0):
             name, lower = job
-            # a running request first (up to yield_s): its steps need the GIL that
-            # tracing holds, and a few short requests end within it
-            deadline = time.monotonic() + yield_s
-            while self._host_active.any() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            self._give_way(yield_s)
             with self._programs:
                 self._programs.wait_for(lambda: not self._waiters, 60)
                 self._in_progress.add(name)
@@ -406,10 +409,7 @@ class Warmup:
                     self._lazy_thread = None
                     return
                 name, lower = self._lazy_jobs.pop(0)
-            # a running request first, as `_compile_rest` does (tracing holds the GIL)
-            deadline = time.monotonic() + self.background_yield_s
-            while self._host_active.any() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            self._give_way(self.background_yield_s)
             switch = sys.getswitchinterval()
             sys.setswitchinterval(min(switch, self.background_switch_s))
             try:
