@@ -38,8 +38,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decode-steps", type=positive_int, default=1, metavar="K",
                         help="also time K decode steps per dispatch (multi-step decode, "
                              "serving/engine/multi_step.py) next to one at a time")
-    from serving.flags import add_quantize_argument
+    from serving.flags import add_cpu_matmul_argument, add_quantize_argument
     add_quantize_argument(parser)
+    add_cpu_matmul_argument(parser, default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -90,7 +91,8 @@ def step_flops(config: ModelConfig, context: int) -> float:
 # -- our engine ------------------------------------------------------------------------------
 
 def bench_ours(config, params, batch: int, prompt_len: int, new_tokens: int,
-               decode_steps: int = 1, host: dict | None = None) -> float | tuple[float, float]:
+               decode_steps: int = 1, host: dict | None = None,
+               cpu_matmul: str = "default") -> float | tuple[float, float]:
     """Aggregate decode tokens/s at `batch` through the serving engine's fused step; with
     decode_steps K > 1, (one step per dispatch, K steps per dispatch) on one engine.
 
@@ -104,7 +106,9 @@ def bench_ours(config, params, batch: int, prompt_len: int, new_tokens: int,
     max_len = prompt_len + new_tokens + 2
     engine = DeviceEngine(config, params, max_slots=batch, max_len=max_len,
                           prefill_buckets=(prompt_len,), num_top_logprobs=0,
-                          decode_steps=decode_steps)
+                          decode_steps=decode_steps, cpu_matmul=cpu_matmul)
+    if host is not None:
+        host["cpu_matmul"] = engine.cpu_matmul
     rng = np.random.default_rng(0)
     greedy = SamplingParams(temperature=0.0)
 
@@ -270,12 +274,13 @@ def run(args) -> int:
         raise ValueError(f"--decode-steps must be >= 1, got {k}")
     for b in batches:
         host = {}
-        tps = bench_ours(config, params, b, args.prompt_len, args.new_tokens, k, host)
+        tps = bench_ours(config, params, b, args.prompt_len, args.new_tokens, k, host,
+                         cpu_matmul=args.cpu_matmul or "default")
         multi = None
         if k > 1:
             tps, multi = tps
         entry = {"batch": b, "tokens_s": tps, "gflop_s": tps * flops_per_token / 1e9,
-                 "host_cpu_ms_per_step": 1e3 * host[1]}
+                 "host_cpu_ms_per_step": 1e3 * host[1], "cpu_matmul": host["cpu_matmul"]}
         if multi is not None:
             entry.update(decode_steps=k, multi_tokens_s=multi, multi_vs_single=multi / tps)
         if hf_model is not None and b in hf_batches:
@@ -286,7 +291,8 @@ def run(args) -> int:
         if not args.json:
             line = (f"batch {b:>3}: {tps:9.1f} tokens/s  {entry['gflop_s']:7.1f} GFLOP/s  "
                     f"host thread {entry['host_cpu_ms_per_step']:.2f} ms CPU a step "
-                    f"({100 * host[1] * tps / b:.0f}% of it)")
+                    f"({100 * host[1] * tps / b:.0f}% of it), decode matmuls "
+                    f"{entry['cpu_matmul']}")
             if "hf_tokens_s" in entry:
                 line += f"  transformers {entry['hf_tokens_s']:8.1f} tokens/s ({entry['speedup_vs_hf']:.2f}x)"
             print(line, flush=True)

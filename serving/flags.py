@@ -47,6 +47,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_cpu_matmul_argument(parser, default: str | None = None) -> None:
+    """--cpu-matmul (engine, serve, bench serve, bench decode); docs/speed.md, "Which
+    library runs the decode matmuls"."""
+    parser.add_argument("--cpu-matmul", choices=("auto", "default", "eigen"), default=default,
+                        help="on CPU, the library for the decode programs' matmuls: XLA's "
+                             "default (YNNPACK), Eigen, or auto: measured once per machine "
+                             "and model at start (serving/engine/cpu_matmul.py); default auto")
+
+
 def add_decode_steps_argument(parser) -> None:
     """--decode-steps (engine, serve, generate); see docs/speed.md, "Multi-step decode"."""
     parser.add_argument("--decode-steps", type=positive_int, default=None, metavar="K",

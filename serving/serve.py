@@ -74,6 +74,8 @@ def add_arguments(parser) -> None:
     from serving.flags import add_decode_steps_argument, add_quantize_argument
     add_quantize_argument(parser)
     add_decode_steps_argument(parser)      # passed on to the engine
+    from serving.flags import add_cpu_matmul_argument
+    add_cpu_matmul_argument(parser)        # passed on to the engine
     parser.add_argument("--compile-cache", default=None, metavar="DIR",
                         help="persistent XLA compilation cache (default: "
                              "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/flaxserve/xla; "
@@ -120,6 +122,7 @@ def engine_command(args) -> list[str]:
                         ("--prefill-budget", getattr(args, "prefill_budget", None)),
                         ("--prefill-batch", getattr(args, "prefill_batch", None)),
                         ("--decode-steps", getattr(args, "decode_steps", None)),
+                        ("--cpu-matmul", getattr(args, "cpu_matmul", None)),
                         ("--speculative", getattr(args, "speculative", None)),
                         ("--draft-model", getattr(args, "draft_model", None)),
                         ("--speculative-max-batch", getattr(args, "speculative_max_batch", None)),

@@ -80,11 +80,12 @@ def test_logits_match_transformers_gguf_loader(ours, hf_model, hf_tok):
     # XLA-CPU float32 is off by up to 1.8e-4 and torch float32 by 0.8e-4 (logits up to ~40),
     # so a handful of the ~900k logits per prompt differ by 1.0-1.5e-4: 0.01% at XLA's
     # default optimisation level, 0.023% at the level 0 this suite compiles at
-    # (tests/conftest.py: no FMA contraction).
+    # (tests/conftest.py: no FMA contraction), on AVX-512 machines; on a 2-core AVX2 one
+    # (other kernels, other summation orders) 0.07%, so the bound is 0.1%.
     for i, r in enumerate(rows):
         a, b = logits[i, :len(r)], ref[i, :len(r)]
         np.testing.assert_allclose(a, b, atol=2.5e-4, rtol=0)
-        assert np.mean(np.abs(a - b) > 1e-4) < 5e-4          # all but 0.05% within 1e-4
+        assert np.mean(np.abs(a - b) > 1e-4) < 1e-3          # all but 0.1% within 1e-4
         assert (a.argmax(-1) == b.argmax(-1)).all()
 
 

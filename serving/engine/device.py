@@ -48,6 +48,9 @@ from sampling.rows import make_rows, set_row
 from sampling.sampler import needs_full, sample
 from sampling.state import init_state, reset_row
 from serving.engine import multi_step, programs
+from serving.engine.cpu_matmul import options as decode_compiler_options
+from serving.engine.cpu_matmul import WIDE_ROWS
+from serving.engine.cpu_matmul import resolve as resolve_cpu_matmul
 from serving.engine.sizing import attend_buckets, batch_buckets, default_buckets
 from serving.engine.step_output import Forward, Pending, pack
 from serving.engine.warmup import Warmup
@@ -84,7 +87,8 @@ class DeviceEngine(Warmup):
                  num_top_logprobs: int = 20, eos_ids=(), kv_layout: str = "dense",
                  block_size: int = 16, num_blocks: int | None = None,
                  token_limit: int | None = None, steering: bool = False,
-                 prefill_batch: int = 1, decode_steps: int = 1):
+                 prefill_batch: int = 1, decode_steps: int = 1,
+                 cpu_matmul: str = "default"):
         if kv_layout not in ("dense", "paged"):
             raise ValueError(f"kv_layout must be 'dense' or 'paged', got {kv_layout!r}")
         if kv_layout == "paged":
@@ -175,11 +179,20 @@ class DeviceEngine(Warmup):
         self.batch_buckets = batch_buckets(max_slots) if mesh is None else (max_slots,)
         self._host_pos = np.zeros(max_slots, np.int64)      # mirrors state["pos"]
         self._host_active = np.zeros(max_slots, bool)       # mirrors state["active"]
+        # the decode programs' matmuls on CPU over >= WIDE_ROWS slots: XLA's default
+        # (YNNPACK) or Eigen's, measured where "auto" (serving/engine/cpu_matmul.py);
+        # fewer rows and the prefill keep the default (`_forward_for`, `_multi_for`)
+        self.cpu_matmul = resolve_cpu_matmul(cpu_matmul, config, self.params, max_slots,
+                                              mesh=mesh)
+        wide_options = decode_compiler_options(self.cpu_matmul) or None
         # the forward takes the cache (donated) and the few arrays it reads, the sampler
         # the state without the cache (`_split`) and without the sampling rows, which it
         # takes read-only (`_sample`)
         self._forward_step = jax.jit(self._forward_cache_fn, donate_argnums=(1,),
                                      static_argnums=(4, 5))
+        self._forward_wide = (jax.jit(self._forward_cache_fn, donate_argnums=(1,),
+                                      static_argnums=(4, 5), compiler_options=wide_options)
+                              if wide_options else self._forward_step)
         # custom=True compiles the reorderable sampler; used only while a row needs it.
         # lean=True: the common stages only (sampling/sampler.py), while no live row needs
         # more (_full_slots); its trace and lower take a fraction of the full one's at start
@@ -195,6 +208,10 @@ class DeviceEngine(Warmup):
         self.decode_steps = decode_steps
         self._multi = jax.jit(self._multi_fn, donate_argnums=(1,),
                               static_argnums=(7, 8, 9, 10, 11))
+        self._multi_wide = (jax.jit(self._multi_fn, donate_argnums=(1,),
+                                    static_argnums=(7, 8, 9, 10, 11),
+                                    compiler_options=wide_options)
+                            if wide_options else self._multi)
         self._custom_slots: set[int] = set()
         self._full_slots: set[int] = set()       # live slots the lean sampler cannot serve
         # slots of `deterministic: true` requests: while one is live, decode steps run over
@@ -767,8 +784,8 @@ class DeviceEngine(Warmup):
         self._await_program(programs.decode(rows, attend))   # warmup.py
         dispatched = time.perf_counter()
         cache, reads, _ = self._split(self.state)
-        cache, logits = self._forward_step(self.params, cache, reads, self._tables_arg(),
-                                           attend, rows)
+        cache, logits = self._forward_for(rows)(self.params, cache, reads,
+                                                self._tables_arg(), attend, rows)
         self.state = dict(self.state, cache=cache)
         return Forward(logits, rows, dispatched)
 
@@ -815,12 +832,20 @@ class DeviceEngine(Warmup):
         programs; serving/engine/multi_step.py says why the other two do not)."""
         return not (self._custom_slots or self._deterministic_slots)
 
+    def _forward_for(self, rows: int):
+        """The jitted decode forward over `rows` slots (the matmul library: cpu_matmul)."""
+        return self._forward_wide if rows >= WIDE_ROWS else self._forward_step
+
+    def _multi_for(self, rows: int):
+        """The jitted multi-step decode over `rows` slots (as `_forward_for`)."""
+        return self._multi_wide if rows >= WIDE_ROWS else self._multi
+
     def _dispatch_multi(self, steps, attend, rows, budget, min_left, stop_ids):
         if not self.multi_step_ok():
             raise ValueError("multi_step: a live row has a custom sampler order or the "
                              "deterministic shape; use step (multi_step_ok)")
         dispatched = time.perf_counter()
-        self.state, out = self._multi(self.params, self.state, self._tables_arg(),
+        self.state, out = self._multi_for(rows)(self.params, self.state, self._tables_arg(),
                                       self._mask_bits(rows, None), budget, min_left,
                                       stop_ids, steps, attend, rows, False,
                                       not self._full_slots)

@@ -367,12 +367,13 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
                      progress=None, token: str | None = None,
                      reflection: bool = False, kv: dict | None = None,
                      prefill_batch: int = 1, speculative=None,
-                     decode_steps: int = 1) -> EngineServer:
+                     decode_steps: int = 1, cpu_matmul: str = "default") -> EngineServer:
     """Engine + scheduler + gRPC server in this process (notebooks, tests); warmed up.
     `kv`: DeviceEngine's KV layout arguments (kv_layout, block_size, num_blocks); None:
     the default paged pool (serving/engine/paged_kv.py `pool_args`). `prefill_batch` > 1:
     batched prefill of fresh prompts (DeviceEngine); `decode_steps` > 1: multi-step
-    decode (serving/engine/multi_step.py). `speculative`: a
+    decode (serving/engine/multi_step.py). `cpu_matmul`: the decode matmuls' library on
+    CPU (serving/engine/cpu_matmul.py; "auto" measures). `speculative`: a
     serving/engine/spec_jobs.py SpecConfig (None: only requests that ask speculate)."""
     from serving.engine.device import DeviceEngine
     from serving.engine.paged_kv import pool_args
@@ -387,7 +388,8 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
                           prefill_buckets=prefill_buckets, eos_ids=tuple(sorted(eos_ids)),
                           token_limit=tokenizer.vocab_size if tokenizer else None,
-                          prefill_batch=prefill_batch, decode_steps=decode_steps, **kv)
+                          prefill_batch=prefill_batch, decode_steps=decode_steps,
+                          cpu_matmul=cpu_matmul, **kv)
     engine.warmup(progress)
     scheduler = Scheduler(engine, tokenizer, max_queue=max_queue, prefix_cache=prefix_cache,
                           speculative=speculative)

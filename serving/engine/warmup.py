@@ -91,8 +91,8 @@ class Warmup:
                     # compile only: running it would move rows x b tokens of KV per layer
                     # (a 64 x 32k paged step); jit then reuses the compiled program
                     cache, reads, _ = self._split(self.state)
-                    self._forward_step.lower(self.params, cache, reads, self._tables_arg(), b,
-                                             rows).compile()
+                    self._forward_for(rows).lower(self.params, cache, reads,
+                                                  self._tables_arg(), b, rows).compile()
                     continue
                 self._host_pos[self._host_active] = b - 1
                 self.step().result()
@@ -130,11 +130,11 @@ class Warmup:
         say(f"warm-up: {k}-step decode over {rows} slots")
         for b in self.attend_buckets:
             args = self._multi_args(rows)
-            self._multi.lower(self.params, self.state, self._tables_arg(), *args, k, b,
-                              rows, False, False).compile()
+            self._multi_for(rows).lower(self.params, self.state, self._tables_arg(), *args,
+                                        k, b, rows, False, False).compile()
             if rows * b > self.warm_run_tokens and b != self.attend_buckets[0]:
-                self._multi.lower(self.params, self.state, self._tables_arg(), *args, k, b,
-                                  rows, False, True).compile()
+                self._multi_for(rows).lower(self.params, self.state, self._tables_arg(),
+                                            *args, k, b, rows, False, True).compile()
                 continue
             self._dispatch_multi(k, b, rows, *args[1:]).result()
 
@@ -211,7 +211,7 @@ class Warmup:
         for rows in self.batch_buckets:
             for b in self.attend_buckets:
                 jobs.append((programs.decode(rows, b),
-                             lambda b=b, rows=rows: self._forward_step.lower(
+                             lambda b=b, rows=rows: self._forward_for(rows).lower(
                                  params, *self._split(state)[:2], tables, b, rows)))
         jobs += self._sampler_jobs(params, state, tables)
         if self.decode_steps > 1:      # multi-step decode (serving/engine/multi_step.py)
@@ -224,8 +224,9 @@ class Warmup:
                     for b in self.attend_buckets:
                         jobs.append((programs.multi_decode(k, rows, b, full=not lean),
                                      lambda b=b, rows=rows, bits=bits, lean=lean:
-                                     self._multi.lower(params, state, tables, bits, i32s, i32s,
-                                                       ids, k, b, rows, False, lean)))
+                                     self._multi_for(rows).lower(
+                                         params, state, tables, bits, i32s, i32s, ids, k, b,
+                                         rows, False, lean)))
         if self.paged:
             jobs.append((programs.cache_copy(True),
                          lambda: self._copy_block.lower(state, i32, i32)))
@@ -300,7 +301,8 @@ class Warmup:
         """The decode sampler over `rows` slots, lowered (the logits placed as the
         compiled forward places them)."""
         cache, reads, rest = self._split(state)
-        fwd = self._forward_step.lower(params, cache, reads, tables, self.attend_buckets[0], rows)
+        fwd = self._forward_for(rows).lower(params, cache, reads, tables, self.attend_buckets[0],
+                                           rows)
         sampling_rows = rest.pop("rows")         # read-only (DeviceEngine._sample)
         return self._sample_step.lower(
             rest, sampling_rows, self._logits_of(fwd),
