@@ -19,7 +19,6 @@ with prompts that share their first N tokens (a system prompt), to show the pref
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -275,21 +274,18 @@ def _start_engine(args, max_slots: int, max_len: int, layout: str = "dense"):
     print(f"bench serve: starting an engine on {name} ({max_slots} slots, {layout} KV"
           + (f", {kv['num_blocks']} blocks of {kv['block_size']}" if "num_blocks" in kv else "")
           + "), compiling ...", flush=True)
-    from serving.engine.cpu_matmul import resolve
+    from serving.engine.cpu_matmul import kept_path, label, resolve
     from serving.warmup import default_cache_dir
-    cache = default_cache_dir()
     matmul = resolve(getattr(args, "cpu_matmul", None) or "default", config, params, max_slots,
                      say=lambda m: print(f"bench serve: {m}", flush=True),
-                     cache_path=cache and os.path.join(os.path.expanduser(cache),
-                                                       "cpu_matmul.json"))
+                     cache_path=kept_path(default_cache_dir()))
     server = start_in_process(config, params, max_slots=max_slots, max_len=max_len,
                               model_name=name, max_queue=4096,
                               prefix_cache=bool(args.shared_prefix), kv=kv,
                               prefill_batch=args.prefill_batch,
                               decode_steps=getattr(args, "decode_steps", 1),
                               cpu_matmul=matmul)
-    print(f"bench serve: decode matmuls: {'Eigen' if matmul == 'eigen' else 'XLA default'}",
-          flush=True)
+    print(f"bench serve: decode matmuls: {label(matmul)}", flush=True)
     if getattr(args, "prefill_budget", None):      # read by the scheduler every iteration
         server.scheduler.prefill_budget = args.prefill_budget
     return server, name

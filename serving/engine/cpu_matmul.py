@@ -110,9 +110,18 @@ def decide(times: dict) -> str:
     return "eigen" if times["eigen"] <= _WIN * times["default"] else "default"
 
 
-def _key(config, params, rows: int) -> str:
-    weights = _weights(config, params)
-    shapes = [tuple(w.shape) for w in weights] if weights else []
+def label(choice: str) -> str:
+    """A resolved choice as the start-up lines print it."""
+    return "Eigen" if choice == "eigen" else "XLA default"
+
+
+def kept_path(cache_dir: str | None) -> str | None:
+    """Where the kept choices live: beside the compilation cache (None: nowhere)."""
+    return os.path.join(os.path.expanduser(cache_dir), "cpu_matmul.json") if cache_dir else None
+
+
+def _key(config, weights: list, rows: int) -> str:
+    shapes = [tuple(w.shape) for w in weights]
     cpu = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -143,7 +152,7 @@ def resolve(choice: str, config, params, rows: int, *, mesh=None, cache_path=Non
     if weights is None or sum(w.size * w.dtype.itemsize for w in weights) < _CACHE_BYTES:
         return "default"        # int8, or a model small enough to sit in the cache
     m = min(rows, 16)
-    key = _key(config, params, m)
+    key = _key(config, weights, m)
     kept = _read(cache_path)
     if key in kept:
         return kept[key]

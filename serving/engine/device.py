@@ -846,9 +846,9 @@ class DeviceEngine(Warmup):
                              "deterministic shape; use step (multi_step_ok)")
         dispatched = time.perf_counter()
         self.state, out = self._multi_for(rows)(self.params, self.state, self._tables_arg(),
-                                      self._mask_bits(rows, None), budget, min_left,
-                                      stop_ids, steps, attend, rows, False,
-                                      not self._full_slots)
+                                                self._mask_bits(rows, None), budget,
+                                                min_left, stop_ids, steps, attend, rows,
+                                                False, not self._full_slots)
         return multi_step.MultiPending(self, out, dispatched)
 
     def release(self, slot: int) -> None:

@@ -236,11 +236,9 @@ def run(args) -> int:
     vectors = load_steering(getattr(args, "steering_vectors", None), config)
     from serving.engine.spec_jobs import config_from_args
     speculative = config_from_args(args, dtype=args.dtype)
-    from serving.engine.cpu_matmul import resolve
+    from serving.engine.cpu_matmul import kept_path, label, resolve
     matmul = resolve(getattr(args, "cpu_matmul", None) or "auto", config, params, max_slots,
-                     mesh=mesh, say=_say,
-                     cache_path=cache_dir and os.path.join(os.path.expanduser(cache_dir),
-                                                           "cpu_matmul.json"))
+                     mesh=mesh, say=_say, cache_path=kept_path(cache_dir))
     engine = DeviceEngine(config, params, max_slots=max_slots, max_len=max_len, mesh=mesh,
                           eos_ids=tuple(sorted(eos_ids)),
                           token_limit=tokenizer.vocab_size if tokenizer else None,
@@ -250,7 +248,7 @@ def run(args) -> int:
     from serving.process import rss_mib, trim_memory
     _say(f"loaded in {time.monotonic() - t0:.1f} s: {max_slots} slots, max_model_len "
          f"{max_len}, prefill buckets {list(engine.prefill_buckets)}; decode matmuls "
-         f"{'Eigen' if engine.cpu_matmul == 'eigen' else 'XLA default'}; RSS {rss_mib():.0f} MiB")
+         f"{label(engine.cpu_matmul)}; RSS {rss_mib():.0f} MiB")
     if engine.paged:
         from serving.engine.sizing import kv_bytes_per_token
         pool = engine.num_blocks * engine.block_size * kv_bytes_per_token(config)

@@ -301,8 +301,8 @@ class Warmup:
         """The decode sampler over `rows` slots, lowered (the logits placed as the
         compiled forward places them)."""
         cache, reads, rest = self._split(state)
-        fwd = self._forward_for(rows).lower(params, cache, reads, tables, self.attend_buckets[0],
-                                           rows)
+        fwd = self._forward_for(rows).lower(params, cache, reads, tables,
+                                            self.attend_buckets[0], rows)
         sampling_rows = rest.pop("rows")         # read-only (DeviceEngine._sample)
         return self._sample_step.lower(
             rest, sampling_rows, self._logits_of(fwd),
