@@ -27,8 +27,8 @@ hypothesis = pytest.importorskip("hypothesis")
 # routes get the most; other POSTs and GETs fewer, so the file stays within minutes
 CORE = {"/v1/chat/completions", "/v1/completions", "/v1/messages",
         "/v1/messages/count_tokens"}
-POST_EXAMPLES = 60
-OTHER_POST_EXAMPLES = 20
+POST_EXAMPLES = 40
+OTHER_POST_EXAMPLES = 12
 GET_EXAMPLES = 10
 # routes outside the generation core whose schemas are wide (any-typed fields): few
 # examples each, so generating them does not dominate the file's minutes
