@@ -41,6 +41,9 @@ def add_arguments(parser) -> None:
     from serving.flags import add_cpu_matmul_argument, add_quantize_argument
     add_quantize_argument(parser)
     add_cpu_matmul_argument(parser, default="auto")
+    parser.add_argument("--bandwidth-mib", type=positive_int, default=1024, metavar="MIB",
+                        help="buffer read to measure the memory bandwidth (default 1024: far "
+                             "larger than the caches; smaller only for quick checks)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -259,7 +262,7 @@ def run(args) -> int:
     # roofline: on a shared machine one reading can catch a busy moment and make the
     # fraction look better than it is (the load average is reported next to it)
     load = [os.getloadavg()[0]]
-    bandwidths = [measure_bandwidth()]
+    bandwidths = [measure_bandwidth(args.bandwidth_mib << 20)]
     nbytes = param_bytes_per_token(config, params)
     context = args.prompt_len + args.new_tokens // 2
     flops_per_token = step_flops(config, context)
@@ -300,7 +303,7 @@ def run(args) -> int:
                 line = (f"batch {b:>3}, {k} steps per dispatch: {multi:9.1f} tokens/s "
                         f"({entry['multi_vs_single']:.2f}x one step per dispatch)")
                 print(line, flush=True)
-    bandwidths.append(measure_bandwidth())
+    bandwidths.append(measure_bandwidth(args.bandwidth_mib << 20))
     load.append(os.getloadavg()[0])
     bandwidth = max(bandwidths)
     roofline = bandwidth / nbytes

@@ -16,7 +16,7 @@ def flaxserve(*args):
 
 def test_bench_decode_prints_every_figure():
     proc = flaxserve("bench", "decode", "--config", "tiny", "--batch", "1,4", "--prompt-len", "8",
-                     "--new-tokens", "4", "--hf-batch", "1", "--json")
+                     "--new-tokens", "4", "--hf-batch", "1", "--bandwidth-mib", "64", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["bandwidth_gb_s"] > 0 and out["roofline_tokens_s"] > 0
