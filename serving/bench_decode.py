@@ -262,7 +262,8 @@ def run(args) -> int:
     # roofline: on a shared machine one reading can catch a busy moment and make the
     # fraction look better than it is (the load average is reported next to it)
     load = [os.getloadavg()[0]]
-    bandwidths = [measure_bandwidth(args.bandwidth_mib << 20)]
+    buffer_bytes = args.bandwidth_mib << 20
+    bandwidths = [measure_bandwidth(buffer_bytes)]
     nbytes = param_bytes_per_token(config, params)
     context = args.prompt_len + args.new_tokens // 2
     flops_per_token = step_flops(config, context)
@@ -303,7 +304,7 @@ def run(args) -> int:
                 line = (f"batch {b:>3}, {k} steps per dispatch: {multi:9.1f} tokens/s "
                         f"({entry['multi_vs_single']:.2f}x one step per dispatch)")
                 print(line, flush=True)
-    bandwidths.append(measure_bandwidth(args.bandwidth_mib << 20))
+    bandwidths.append(measure_bandwidth(buffer_bytes))
     load.append(os.getloadavg()[0])
     bandwidth = max(bandwidths)
     roofline = bandwidth / nbytes

@@ -37,6 +37,8 @@ def test_bench_sampling_prints_on_and_off():
 def test_bench_rejects_bad_flags():
     proc = flaxserve("bench", "decode", "--config", "tiny", "--batch", "0")
     assert proc.returncode == 2 and "--batch" in proc.stderr
+    proc = flaxserve("bench", "decode", "--config", "tiny", "--bandwidth-mib", "0")
+    assert proc.returncode == 2 and "--bandwidth-mib" in proc.stderr
     proc = flaxserve("bench", "decode", "--config", "nope")
     assert proc.returncode == 2 and "unknown config" in proc.stderr
 
