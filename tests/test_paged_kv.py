@@ -207,16 +207,15 @@ def test_tiny_pool_preempts_and_recomputes_with_identical_output(want, caplog):
 
 
 MESH_SCRIPT = textwrap.dedent("""
-    import sys
+    import json, sys
     sys.path.insert(0, {root!r})
     import jax
     assert jax.device_count() == 4, jax.devices()
     from model import sharding
     from tests import test_paged_kv as t
+    with open({want!r}) as f:             # the dense engine's output, from one device
+        want = json.load(f)
     mesh = sharding.make_mesh("data=2,model=2")
-    dense = t.make("dense")
-    want = t.run(dense, t.JOBS + t.HITS)
-    dense.stop(1)
     s = t.make("paged", num_blocks=21, mesh=mesh)     # preempts, and hits the cache
     k = s.engine.state["cache"][0][0]
     assert k.sharding.spec[2] == "model", k.sharding
@@ -228,11 +227,16 @@ MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_paged_on_a_4_device_mesh_matches_one_device():
+def test_paged_on_a_4_device_mesh_matches_one_device(want, tmp_path):
+    """The reference is this process's dense engine on one device (the `want` fixture),
+    handed to the 4-device process as JSON (floats round-trip exactly)."""
+    import json
+    path = tmp_path / "want.json"
+    path.write_text(json.dumps(want["jobs"] + want["hits"]))
     env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", MESH_SCRIPT.format(root=ROOT)], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", MESH_SCRIPT.format(root=ROOT, want=str(path))],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert "MESH-OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
 
 
