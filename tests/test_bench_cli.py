@@ -66,3 +66,4 @@ def test_bench_grammar_prints_masked_and_unmasked():
     for r in out["runs"]:
         assert r["unconstrained_step_ms"] > 0 and r["constrained_step_ms"] > 0
         assert r["host_fill_ms_per_row"] > 0
+        assert r["compiled_while_timed"] == 0       # the untimed pass compiled it all
