@@ -132,7 +132,8 @@ def engine_command(args) -> list[str]:
         if value is not None:
             cmd += [flag, str(value)]
     for flag, name in (("--no-prefix-cache", "no_prefix_cache"),
-                       ("--full-warmup", "full_warmup"), ("--warmup-only", "warmup_only")):
+                       ("--full-warmup", "full_warmup"), ("--warmup-only", "warmup_only"),
+                       ("--lazy-compile", "lazy_compile")):
         if getattr(args, name, False):
             cmd.append(flag)
     return cmd

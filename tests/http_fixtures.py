@@ -151,6 +151,17 @@ def one_prompt_prefill(args) -> list[str]:
     return args if "--prefill-batch" in args else args + ["--prefill-batch", "1"]
 
 
+def lazy_compile(args) -> list[str]:
+    """`args` with `--lazy-compile` unless they choose a warm-up: a test server compiles
+    only the programs its requests run (each on first use), not the ~40 a warm-up compiles
+    (a warm-cache start's engine: 20 s of CPU -> 6.5 s on CI's two cores). The warm-ups
+    themselves are tested in tests/test_startup.py, tests/test_device_engine.py and by the
+    servers that tests/reliability/serve_proc.py and tests/test_router.py start."""
+    args = list(args)
+    chosen = {"--lazy-compile", "--full-warmup", "--warmup-only"} & set(args)
+    return args if chosen else args + ["--lazy-compile"]
+
+
 def _wait(check, proc: subprocess.Popen, what: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -188,7 +199,8 @@ class Servers:
         self.log = open(root / "servers.log", "w")
         self.engine = subprocess.Popen(
             [sys.executable, "-m", "serving.cli", "engine", "--model", str(self.model_dir),
-             "--grpc-port", str(self.grpc_port), *one_prompt_prefill(engine_args)],
+             "--grpc-port", str(self.grpc_port),
+             *lazy_compile(one_prompt_prefill(engine_args))],
             cwd=ROOT, env=_env(), stdout=self.log, stderr=subprocess.STDOUT)
         self.http = None
         try:

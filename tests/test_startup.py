@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.request
 
+import pytest
 
 from tests.http_fixtures import ROOT, _env, _stop, free_port
 
@@ -185,7 +186,6 @@ def test_engine_listens_before_it_serves(tmp_path):
     import dataclasses
 
     import grpc
-    import pytest
 
     from checkpoints.tokenizer import load_tokenizer
     from model.config import named_config
@@ -230,3 +230,17 @@ def test_engine_listens_before_it_serves(tmp_path):
         link.close()
         client.close()
         server.stop(grace_s=1)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--full-warmup"], "--lazy-compile and --full-warmup exclude each other"),
+    (["--warmup-only"], "--lazy-compile and --warmup-only exclude each other"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0"],
+     "--lazy-compile: a multi-process engine compiles ahead"),
+])
+def test_lazy_compile_refuses_what_it_cannot_mean(capsys, extra, message):
+    """`--lazy-compile` (the test servers' mode, tests/http_fixtures.py) with a warm-up flag
+    or several processes: exit 2 naming the flags, before any model is loaded."""
+    from serving.cli import main
+    assert main(["engine", "--model", "no-such-model", "--lazy-compile", *extra]) == 2
+    assert message in capsys.readouterr().err

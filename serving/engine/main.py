@@ -85,6 +85,24 @@ def add_warmup_arguments(parser) -> None:
                         help="compile every program before serving (default: serve once the "
                              "programs a first request needs are ready, compile the rest in "
                              "the background)")
+    parser.add_argument("--lazy-compile", action="store_true",
+                        help="compile nothing ahead: each program compiles when a request "
+                             "first needs it (start-up in seconds; the first request of each "
+                             "shape waits for its compile), for development and tests; one "
+                             "process only")
+
+
+def check_warmup_arguments(args, processes: int = 1) -> None:
+    """--lazy-compile excludes the other start-up flags and a multi-process engine (every
+    process must run the same programs, which a full or background warm-up fixes)."""
+    if not getattr(args, "lazy_compile", False):
+        return
+    for flag, name in (("--full-warmup", "full_warmup"), ("--warmup-only", "warmup_only")):
+        if getattr(args, name, False):
+            raise ValueError(f"--lazy-compile and {flag} exclude each other")
+    if processes > 1:
+        raise ValueError("--lazy-compile: a multi-process engine compiles ahead "
+                         f"(--num-processes {processes})")
 
 
 def add_steering_arguments(parser) -> None:
@@ -201,6 +219,7 @@ def run(args) -> int:
         _say(f"warning: the gRPC port listens on {args.host} without a shared token: anyone "
              "who reaches it can generate, bypassing the HTTP API keys "
              "(set FLAXSERVE_GRPC_TOKEN or --grpc-token-file)")
+    check_warmup_arguments(args, getattr(args, "num_processes", None) or 1)
     from serving.warmup import configure_compile_cache
     cache_dir = configure_compile_cache(args.compile_cache)
     from serving.engine import multihost
@@ -269,7 +288,9 @@ def run(args) -> int:
     full = getattr(args, "warmup_only", False) or getattr(args, "full_warmup", False)
     from serving.logs import Progress
     try:
-        background = engine.warmup(Progress("engine"), background=not full)
+        background = None
+        if not getattr(args, "lazy_compile", False):
+            background = engine.warmup(Progress("engine"), background=not full)
     except BaseException:
         if early is not None:
             early.server.stop(grace=None)
@@ -277,9 +298,13 @@ def run(args) -> int:
     if early is not None:
         early.serve_now()
     trim_memory()                # the compiler's freed heap back to the system
-    _say(f"warm-up took {time.monotonic() - t1:.1f} s"
-         + (f" (compilation cache: {cache_dir})" if cache_dir else "")
-         + f"; RSS {rss_mib():.0f} MiB")
+    if getattr(args, "lazy_compile", False):
+        _say("--lazy-compile: nothing compiled ahead, each program compiles when a request "
+             "first needs it")
+    else:
+        _say(f"warm-up took {time.monotonic() - t1:.1f} s"
+             + (f" (compilation cache: {cache_dir})" if cache_dir else "")
+             + f"; RSS {rss_mib():.0f} MiB")
     if background is not None:
         def report(thread=background):
             thread.join()
