@@ -108,7 +108,7 @@ def grpc_setup(lm):
     from serving.engine.server import start_in_process
     srv = start_in_process(lm.config, lm.params, max_slots=2, max_len=128,
                            prefill_buckets=(16, 32), tokenizer=lm.tokenizer,
-                           model_name="default", model_dir=lm.model_dir)
+                           model_name="default", model_dir=lm.model_dir, warmup=False)
     client = EngineClient(f"127.0.0.1:{srv.port}")
     yield client
     client.close()

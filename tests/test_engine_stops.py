@@ -60,7 +60,8 @@ def engine(tmp_path_factory):
     tok = load_tokenizer(str(build_bytelevel_dir(tmp_path_factory.mktemp("tok"))))
     cfg = dataclasses.replace(named_config("tiny", dtype="float32"), vocab_size=tok.vocab_size)
     srv = start_in_process(cfg, init_params(cfg, seed=2), max_slots=4, max_len=128,
-                           prefill_buckets=(16, 32), tokenizer=tok, model_name="tiny-tok")
+                           prefill_buckets=(16, 32), tokenizer=tok, model_name="tiny-tok",
+                           warmup=False)
     client = EngineClient(f"127.0.0.1:{srv.port}")
     yield client, tok
     client.close()

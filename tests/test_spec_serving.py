@@ -42,7 +42,8 @@ def engine(tmp_path_factory):
     srv = start_in_process(cfg, init_params(cfg, seed=2), max_slots=4, max_len=128,
                            prefill_buckets=(16, 32), tokenizer=tok, model_name="tiny-spec",
                            model_dir=str(tok_dir),
-                           speculative=SpecConfig(method="ngram", num_tokens=3, max_batch=1))
+                           speculative=SpecConfig(method="ngram", num_tokens=3, max_batch=1),
+                           warmup=False)
     client = EngineClient(f"127.0.0.1:{srv.port}")
     yield client, tok, srv
     client.close()

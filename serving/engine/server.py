@@ -367,14 +367,17 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
                      progress=None, token: str | None = None,
                      reflection: bool = False, kv: dict | None = None,
                      prefill_batch: int = 1, speculative=None,
-                     decode_steps: int = 1, cpu_matmul: str = "default") -> EngineServer:
+                     decode_steps: int = 1, cpu_matmul: str = "default",
+                     warmup: bool = True) -> EngineServer:
     """Engine + scheduler + gRPC server in this process (notebooks, tests); warmed up.
     `kv`: DeviceEngine's KV layout arguments (kv_layout, block_size, num_blocks); None:
     the default paged pool (serving/engine/paged_kv.py `pool_args`). `prefill_batch` > 1:
     batched prefill of fresh prompts (DeviceEngine); `decode_steps` > 1: multi-step
     decode (serving/engine/multi_step.py). `cpu_matmul`: the decode matmuls' library on
     CPU (serving/engine/cpu_matmul.py; "auto" measures). `speculative`: a
-    serving/engine/spec_jobs.py SpecConfig (None: only requests that ask speculate)."""
+    serving/engine/spec_jobs.py SpecConfig (None: only requests that ask speculate).
+    `warmup=False`: compile each program when a request first needs it, as the engine's
+    `--lazy-compile` (tests that do not test the warm-up)."""
     from serving.engine.device import DeviceEngine
     from serving.engine.paged_kv import pool_args
 
@@ -390,7 +393,8 @@ def start_in_process(config, params, *, max_slots: int, max_len: int, prefill_bu
                           token_limit=tokenizer.vocab_size if tokenizer else None,
                           prefill_batch=prefill_batch, decode_steps=decode_steps,
                           cpu_matmul=cpu_matmul, **kv)
-    engine.warmup(progress)
+    if warmup:
+        engine.warmup(progress)
     scheduler = Scheduler(engine, tokenizer, max_queue=max_queue, prefix_cache=prefix_cache,
                           speculative=speculative)
     server = EngineServer(scheduler, model_name, model_dir, tokenizer, token=token,

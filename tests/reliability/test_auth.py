@@ -135,7 +135,7 @@ def token_engine():
     from serving.engine.server import start_in_process
     cfg = named_config("tiny", dtype="float32")
     srv = start_in_process(cfg, init_params(cfg, seed=0), max_slots=2, max_len=64,
-                           prefill_buckets=(8,), token="s3cret-token")
+                           prefill_buckets=(8,), token="s3cret-token", warmup=False)
     yield srv
     srv.stop(grace_s=5)
 
