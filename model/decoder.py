@@ -30,6 +30,7 @@ import numpy as np
 
 from model import paged_attention as paged
 from model.config import ModelConfig
+from model.quantize import Int8Weight, int8_linear, int8_rows
 
 # Logical axis names of the KV cache arrays [slots, max_len, kv_heads, head_dim].
 CACHE_AXES = ("cache_batch", "cache_seq", "cache_heads", "head_dim")
@@ -127,8 +128,21 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def _param(module: nn.Module, name: str, shape, axes, dtype, init=None):
+    if module.has_variable("params", name):     # an int8 weight (rows) is not Flax's shape
+        value = module.get_variable("params", name)
+        if isinstance(value, Int8Weight):
+            return value
     init = init or nn.initializers.normal(stddev=0.02)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _linear(x: jax.Array, w, k: int) -> jax.Array:
+    """x [..., k] @ w seen as a [k, N] matrix (its leading axes contract: a free reshape;
+    an einsum lets XLA transpose the weight instead of the activation, which copies
+    megabytes per layer per step). An int8 weight goes through model/quantize.py."""
+    if isinstance(w, Int8Weight):
+        return int8_linear(x, w)
+    return x @ w.reshape(k, -1)
 
 
 class RMSNorm(nn.Module):
@@ -156,9 +170,7 @@ class Attention(nn.Module):
         qkv_w = _param(self, "qkv", (cfg.hidden_size, kvh, g + 2, hd),
                        ("embed", "kv_heads", None, "head_dim"), cfg.dtype)
         b, t = x.shape[:2]
-        # Plain 2-D matmuls on free reshapes: an einsum lets XLA transpose the weight
-        # instead of the activation, which copies megabytes per layer per step.
-        qkv = (x @ qkv_w.reshape(cfg.hidden_size, -1)).reshape(b, t, kvh, g + 2, hd)
+        qkv = _linear(x, qkv_w, cfg.hidden_size).reshape(b, t, kvh, g + 2, hd)
         if cfg.qkv_bias:
             qkv = qkv + _param(self, "qkv_bias", (kvh, g + 2, hd), ("kv_heads", None, "head_dim"),
                                cfg.dtype, nn.initializers.zeros)
@@ -222,7 +234,7 @@ class Attention(nn.Module):
         kvh, g, hd = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
         o_w = _param(self, "o", (kvh, g, hd, cfg.hidden_size),
                      ("kv_heads", None, "head_dim", "embed"), cfg.dtype)
-        y = out.reshape(b, t, -1) @ o_w.reshape(-1, cfg.hidden_size)
+        y = _linear(out.reshape(b, t, -1), o_w, kvh * g * hd)
         if cfg.o_bias:
             y = y + _param(self, "o_bias", (cfg.hidden_size,), ("embed",), cfg.dtype,
                            nn.initializers.zeros)
@@ -239,8 +251,8 @@ class MLP(nn.Module):
                          ("embed", None, "mlp"), cfg.dtype)
         down = _param(self, "down", (cfg.intermediate_size, cfg.hidden_size), ("mlp", "embed"),
                       cfg.dtype)
-        h = (x @ gate_up.reshape(cfg.hidden_size, -1)).reshape(x.shape[:-1] + (2, -1))
-        return (jax.nn.silu(h[..., 0, :]) * h[..., 1, :]) @ down
+        h = _linear(x, gate_up, cfg.hidden_size).reshape(x.shape[:-1] + (2, -1))
+        return _linear(jax.nn.silu(h[..., 0, :]) * h[..., 1, :], down, cfg.intermediate_size)
 
 
 class DecoderLayer(nn.Module):
@@ -290,7 +302,7 @@ class Decoder(nn.Module):
         cfg = self.config
         embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                        cfg.dtype)
-        x = embed[tokens]
+        x = int8_rows(embed, tokens, cfg.dtype) if isinstance(embed, Int8Weight) else embed[tokens]
         rope = rope_tables(positions, rope_inv_freq(cfg))
         new_cache = []
         for i in range(cfg.num_layers):
@@ -304,12 +316,15 @@ class Decoder(nn.Module):
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
         x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="final_norm")(x)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and isinstance(embed, Int8Weight):
+            logits = int8_linear(x, embed, jnp.float32)
+        elif cfg.tie_word_embeddings:
             logits = jnp.einsum("...d,vd->...v", x, embed, preferred_element_type=jnp.float32)
         else:
             head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                           cfg.dtype)
-            logits = jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+            logits = (int8_linear(x, head, jnp.float32) if isinstance(head, Int8Weight) else
+                      jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32))
         return logits, tuple(new_cache)
 
 
@@ -360,9 +375,8 @@ def forward(config: ModelConfig, params, cache, tokens, positions, slot_ids=None
     `block_tables` [S, max_blocks] int32: `cache` is a paged pool (see `Decoder`).
     `steering` [B, num_layers, hidden]: per-sequence residual additions (see `Decoder`).
     `paged_kernel`, `interpret`: the paged decode attention (see `Decoder`).
-    `params` may hold int8 weights (model/quantize.py): they are dequantised here."""
-    from model.quantize import dequantize_params
-    params = dequantize_params(params, config.dtype)
+    `params` may hold int8 weights (model/quantize.py): each matmul takes them as they are
+    (`_linear`)."""
     return Decoder(config, paged_kernel, interpret).apply(
         {"params": params}, tokens, positions, cache, slot_ids,
                                  logits_index, attend_len, block_tables, steering)

@@ -1,22 +1,25 @@
 """Weight-only int8 quantization with one float32 scale per output channel.
 
 Decode at small batch reads every weight once per step, so storing the matmul weights as
-int8 (plus a scale per output column) reads about a quarter of float32's bytes. The math
+int8 (plus a scale per output channel) reads about a quarter of float32's bytes. The math
 is symmetric round-to-nearest: scale = max|w| over the input axes / 127, q = round(w /
 scale). Norm scales, biases and an untied embedding table (only one row is gathered per
-token) stay in float. `forward` dequantises inside the jitted program (q * scale); whether
-that saves memory traffic depends on the compiler fusing the convert into the matmul (on
-XLA:CPU it does not: docs/speed.md, "int8").
+token) stay in float. Each weight is kept as rows, one output channel per row contiguous
+along its inputs ([N, K]), the layout the CPU kernel reads (model/int8_kernel.py): a
+decode step's matmuls (`int8_linear`, at most `int8_kernel.MAX_ROWS` rows) go through it
+on CPU; longer calls (prefill) and other backends dequantise inside the jitted program
+(q * scale), where an accelerator's compiler can fuse the convert into the matmul.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import int8_kernel
 from model.config import ModelConfig
 
 # parameter name -> the axes a matmul contracts over (the rest are output channels)
@@ -26,21 +29,54 @@ INPUT_AXES = {"qkv": (0,), "o": (0, 1, 2), "gate_up": (0,), "down": (0,), "lm_he
 @jax.tree_util.register_dataclass
 @dataclass
 class Int8Weight:
-    """An int8 weight and its float32 scales (shape: the weight's, 1 on the input axes)."""
+    """An int8 weight as rows: `q` [N, K] (N the output channels, flattened in the float
+    weight's order; K its input axes, flattened) and `scale` [N, 1] float32. `shape` and
+    `input_axes` (static) say how the float weight is laid out."""
     q: jax.Array
     scale: jax.Array
+    shape: tuple = field(metadata=dict(static=True))
+    input_axes: tuple = field(metadata=dict(static=True))
+
+    def _order(self):
+        out = [i for i in range(len(self.shape)) if i not in self.input_axes]
+        return out + list(self.input_axes)
 
     def dequantize(self, dtype) -> jax.Array:
-        return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
+        """The float weight, in its own shape."""
+        order = self._order()
+        rows = (self.q.astype(jnp.float32) * self.scale).astype(dtype)
+        return rows.reshape([self.shape[i] for i in order]).transpose(np.argsort(order))
 
 
 def quantize_array(w, input_axes: tuple[int, ...]) -> Int8Weight:
-    """Symmetric per-output-channel int8 of `w` (numpy or jax array)."""
+    """Symmetric per-output-channel int8 of `w` (numpy or jax array), as rows."""
     w = np.asarray(jax.device_get(w), np.float32)
-    amax = np.max(np.abs(w), axis=input_axes, keepdims=True)
+    input_axes = tuple(input_axes)
+    order = [i for i in range(w.ndim) if i not in input_axes] + list(input_axes)
+    k = int(np.prod([w.shape[i] for i in input_axes]))
+    rows = w.transpose(order).reshape(-1, k)
+    amax = np.max(np.abs(rows), axis=1, keepdims=True)
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-    return Int8Weight(jnp.asarray(q), jnp.asarray(scale))
+    q = np.ascontiguousarray(np.clip(np.rint(rows / scale), -127, 127).astype(np.int8))
+    return Int8Weight(jnp.asarray(q), jnp.asarray(scale), tuple(w.shape), input_axes)
+
+
+def int8_linear(x: jax.Array, w: Int8Weight, out_dtype=None) -> jax.Array:
+    """x [..., K] times the weight as a [K, N] matrix -> [..., N] (in `out_dtype`, default
+    x's). Few rows on CPU: the kernel; otherwise XLA over the dequantised rows."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] <= int8_kernel.MAX_ROWS and int8_kernel.available():
+        y = int8_kernel.int8_matmul(x2, w.q, w.scale)
+    else:
+        rows = (w.q.astype(jnp.float32) * w.scale).astype(x.dtype)
+        y = jnp.einsum("mk,nk->mn", x2, rows, preferred_element_type=out_dtype)
+    return y.reshape(lead + (w.q.shape[0],)).astype(out_dtype or x.dtype)
+
+
+def int8_rows(w: Int8Weight, index: jax.Array, dtype) -> jax.Array:
+    """Rows `index` of the weight as float (the tied embedding's lookup): [..., K]."""
+    return (w.q[index].astype(jnp.float32) * w.scale[index]).astype(dtype)
 
 
 def _axes_for(config: ModelConfig, name: str):

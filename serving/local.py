@@ -42,11 +42,12 @@ class Completion:
 class LocalModel:
     def __init__(self, model: str = "default", *, max_slots: int = 8, max_len: int | None = None,
                  dtype: str | None = None, steering: bool = False,
-                 steering_vectors: str | dict | None = None):
+                 steering_vectors: str | dict | None = None, quantize: str | None = None):
         from checkpoints.loader import load_model
         from serving.engine.device import DeviceEngine
 
-        self.config, self.params, self.model_dir = load_model(model, dtype=dtype)
+        self.config, self.params, self.model_dir = load_model(model, dtype=dtype,
+                                                              quantize=quantize)
         try:
             from checkpoints.tokenizer import load_tokenizer
             self.tokenizer = load_tokenizer(self.model_dir)

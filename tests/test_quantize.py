@@ -18,11 +18,23 @@ def test_quantize_array_is_per_output_channel_and_within_half_a_step():
     w = rng.standard_normal((16, 3, 5)).astype(np.float32) * np.arange(1, 16)[None, None, :5]
     w[:, 1, 2] = 0.0                                    # an all-zero channel stays zero
     q = quantize_array(w, (0,))
-    assert q.q.dtype == jnp.int8 and q.scale.shape == (1, 3, 5)
+    # rows: one output channel per row, contiguous along the input axis
+    assert q.q.dtype == jnp.int8 and q.q.shape == (15, 16) and q.scale.shape == (15, 1)
     back = np.asarray(q.dequantize(jnp.float32))
-    assert np.all(np.abs(back - w) <= np.asarray(q.scale) / 2 + 1e-7)
+    assert back.shape == w.shape
+    step = np.asarray(q.scale).reshape(1, 3, 5)
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-7)
     assert np.all(back[:, 1, 2] == 0.0)
-    assert int(np.abs(np.asarray(q.q)).max()) == 127   # each channel uses the full range
+    assert np.all(np.abs(np.asarray(q.q)).max(axis=1) == np.where(
+        np.abs(w).reshape(16, 15).max(0) > 0, 127, 0))  # each channel uses the full range
+    # several input axes and a trailing one (the o projection, the tied embedding)
+    for shape, axes in (((2, 3, 4, 6), (0, 1, 2)), ((7, 5), (1,))):
+        v = rng.standard_normal(shape).astype(np.float32)
+        qv = quantize_array(v, axes)
+        k = int(np.prod([shape[i] for i in axes]))
+        assert qv.q.shape == (v.size // k, k)
+        assert np.abs(np.asarray(qv.dequantize(jnp.float32)) - v).max() <= \
+            np.asarray(qv.scale).max() / 2 + 1e-7
 
 
 def test_int8_logits_within_tolerance_of_float32():
