@@ -4,7 +4,8 @@ XLA:CPU dequantises an int8 weight in full before a dot (it does not fuse the co
 the matmul's operand), so a decode step over int8 weights reads more bytes than over
 float32 (docs/speed.md, "int8"). This XLA FFI custom call reads each int8 weight byte once
 per call and keeps the few rows of a decode step in L1, splitting the output channels over
-XLA's own intra-op thread pool. It is compiled here with the machine's C++ compiler
+XLA's own intra-op thread pool; over a prefill chunk's many rows its int16 multiply-adds
+keep pace with XLA's float32 GEMM (docs/speed.md, "int8"). It is compiled here with the machine's C++ compiler
 (`$CXX`, else `c++`; `-O3 -march=native`) against jaxlib's FFI headers, once per source,
 compiler flags, jaxlib and CPU, into `~/.cache/flaxserve/kernels` (`$FLAXSERVE_KERNELS`).
 Where it cannot be built (no compiler) `available()` says why and int8 weights take the
@@ -32,9 +33,6 @@ TARGET = "flaxserve_int8_matmul"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels",
                       "int8_matmul.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-# a call of more rows is a prefill chunk: arithmetic-bound, XLA's GEMM over the dequantised
-# weight does it better (docs/speed.md, "int8")
-MAX_ROWS = 32
 
 _lock = threading.Lock()
 _state: dict = {}        # "lib": the loaded library, or "error": why it is not available

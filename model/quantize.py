@@ -5,10 +5,9 @@ int8 (plus a scale per output channel) reads about a quarter of float32's bytes.
 is symmetric round-to-nearest: scale = max|w| over the input axes / 127, q = round(w /
 scale). Norm scales, biases and an untied embedding table (only one row is gathered per
 token) stay in float. Each weight is kept as rows, one output channel per row contiguous
-along its inputs ([N, K]), the layout the CPU kernel reads (model/int8_kernel.py): a
-decode step's matmuls (`int8_linear`, at most `int8_kernel.MAX_ROWS` rows) go through it
-on CPU; longer calls (prefill) and other backends dequantise inside the jitted program
-(q * scale), where an accelerator's compiler can fuse the convert into the matmul.
+along its inputs ([N, K]), the layout the CPU kernel reads (model/int8_kernel.py): on CPU
+every matmul (`int8_linear`) goes through it; other backends dequantise inside the jitted
+program (q * scale), where an accelerator's compiler can fuse the convert into the matmul.
 """
 
 from __future__ import annotations
@@ -63,10 +62,11 @@ def quantize_array(w, input_axes: tuple[int, ...]) -> Int8Weight:
 
 def int8_linear(x: jax.Array, w: Int8Weight, out_dtype=None) -> jax.Array:
     """x [..., K] times the weight as a [K, N] matrix -> [..., N] (in `out_dtype`, default
-    x's). Few rows on CPU: the kernel; otherwise XLA over the dequantised rows."""
+    x's). On CPU: the kernel; elsewhere (or where it cannot be built) XLA over the
+    dequantised rows."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    if x2.shape[0] <= int8_kernel.MAX_ROWS and int8_kernel.available():
+    if int8_kernel.available():
         y = int8_kernel.int8_matmul(x2, w.q, w.scale)
     else:
         rows = (w.q.astype(jnp.float32) * w.scale).astype(x.dtype)

@@ -55,7 +55,7 @@ def test_decode_through_the_kernel_equals_the_dequantised_model():
     rng = np.random.default_rng(0)
     prompt = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
     run = jax.jit(lambda p, c, t, q: forward(CFG, p, c, t, q))
-    # a 2 x 12 prompt is 24 rows (the kernel); 2 x 40 is 80 (the dequantising path)
+    # prefills of 24 and 80 rows, against the float model over the same weights
     for length in (12, 40):
         toks = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, length)), jnp.int32)
         pos = jnp.broadcast_to(jnp.arange(length), (2, length))
@@ -77,7 +77,7 @@ def test_decode_through_the_kernel_equals_the_dequantised_model():
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
-def test_the_decode_program_reads_int8_not_a_dequantised_copy():
+def test_the_decode_program_reads_int8_not_a_dequantised_copy(monkeypatch):
     params = quantize_params(CFG, init_params(CFG, seed=3))
     tok = jnp.zeros((2, 1), jnp.int32)
     hlo = _decode_program(params, init_cache(CFG, 2, 64), tok, tok)
@@ -85,9 +85,16 @@ def test_the_decode_program_reads_int8_not_a_dequantised_copy():
     assert calls == 4 * CFG.num_layers + 1, calls        # qkv, o, gate_up, down; the head
     k, n = CFG.hidden_size, CFG.intermediate_size * 2
     assert f"f32[{k},{n}]" not in hlo and f"f32[{n},{k}]" not in hlo
-    # a prefill of more rows than the kernel takes dequantises instead
-    long = jnp.zeros((2, int8_kernel.MAX_ROWS), jnp.int32)
-    assert int8_kernel.TARGET not in _decode_program(params, init_cache(CFG, 2, 64), long, long)
+    # where the kernel cannot be built the program dequantises instead, to the same logits
+    toks = jnp.asarray([[3, 9, 27, 81], [5, 25, 125, 7]], jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
+    run = lambda: np.asarray(jax.jit(lambda p, c, t, q: forward(CFG, p, c, t, q)[0])(
+        params, init_cache(CFG, 2, 64), toks, pos))
+    with_kernel = run()
+    monkeypatch.setattr(int8_kernel, "available", lambda: False)
+    assert int8_kernel.TARGET not in _decode_program(params, init_cache(CFG, 2, 64), tok, tok)
+    without = run()
+    np.testing.assert_allclose(with_kernel, without, atol=2e-4 * np.abs(without).max())
 
 
 def test_the_engine_over_int8_weights_gives_the_float_engines_tokens():
