@@ -316,15 +316,13 @@ class Decoder(nn.Module):
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
         x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name="final_norm")(x)
-        if cfg.tie_word_embeddings and isinstance(embed, Int8Weight):
-            logits = int8_linear(x, embed, jnp.float32)
-        elif cfg.tie_word_embeddings:
-            logits = jnp.einsum("...d,vd->...v", x, embed, preferred_element_type=jnp.float32)
-        else:
-            head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                          cfg.dtype)
-            logits = (int8_linear(x, head, jnp.float32) if isinstance(head, Int8Weight) else
-                      jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32))
+        head = embed if cfg.tie_word_embeddings else _param(
+            self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.dtype)
+        if isinstance(head, Int8Weight):
+            logits = int8_linear(x, head, jnp.float32)
+        else:       # the tied embedding is [vocab, embed], a separate head [embed, vocab]
+            spec = "...d,vd->...v" if cfg.tie_word_embeddings else "...d,dv->...v"
+            logits = jnp.einsum(spec, x, head, preferred_element_type=jnp.float32)
         return logits, tuple(new_cache)
 
 

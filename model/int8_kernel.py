@@ -5,11 +5,12 @@ the matmul's operand), so a decode step over int8 weights reads more bytes than 
 float32 (docs/speed.md, "int8"). This XLA FFI custom call reads each int8 weight byte once
 per call and keeps the few rows of a decode step in L1, splitting the output channels over
 XLA's own intra-op thread pool; over a prefill chunk's many rows its int16 multiply-adds
-keep pace with XLA's float32 GEMM (docs/speed.md, "int8"). It is compiled here with the machine's C++ compiler
+keep pace with XLA's float32 GEMM. It is compiled here with the machine's C++ compiler
 (`$CXX`, else `c++`; `-O3 -march=native`) against jaxlib's FFI headers, once per source,
 compiler flags, jaxlib and CPU, into `~/.cache/flaxserve/kernels` (`$FLAXSERVE_KERNELS`).
 Where it cannot be built (no compiler) `available()` says why and int8 weights take the
-dequantising XLA path instead: same numbers, slower.
+dequantising XLA path instead: same numbers, slower. Other backends always take that path
+(their compilers fuse the convert), and say so only at debug level.
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def available() -> bool:
         if not _state:
             _load()
             if "error" in _state:
-                log.warning("int8 CPU kernel unavailable (%s): int8 weights are dequantised "
-                            "by XLA instead", _state["error"])
+                say = log.warning if jax.default_backend() == "cpu" else log.debug
+                say("int8 CPU kernel unavailable (%s): int8 weights are dequantised by XLA "
+                    "instead", _state["error"])
         return "lib" in _state
 
 

@@ -36,22 +36,27 @@ class Int8Weight:
     shape: tuple = field(metadata=dict(static=True))
     input_axes: tuple = field(metadata=dict(static=True))
 
-    def _order(self):
-        out = [i for i in range(len(self.shape)) if i not in self.input_axes]
-        return out + list(self.input_axes)
+    def rows(self, dtype) -> jax.Array:
+        """The float weight as rows, [N, K]."""
+        return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
 
     def dequantize(self, dtype) -> jax.Array:
         """The float weight, in its own shape."""
-        order = self._order()
-        rows = (self.q.astype(jnp.float32) * self.scale).astype(dtype)
-        return rows.reshape([self.shape[i] for i in order]).transpose(np.argsort(order))
+        order = _row_order(len(self.shape), self.input_axes)
+        rows = self.rows(dtype).reshape([self.shape[i] for i in order])
+        return rows.transpose(np.argsort(order))
+
+
+def _row_order(ndim: int, input_axes: tuple) -> list[int]:
+    """The float weight's axes as the rows lay them out: output axes, then input axes."""
+    return [i for i in range(ndim) if i not in input_axes] + list(input_axes)
 
 
 def quantize_array(w, input_axes: tuple[int, ...]) -> Int8Weight:
     """Symmetric per-output-channel int8 of `w` (numpy or jax array), as rows."""
     w = np.asarray(jax.device_get(w), np.float32)
     input_axes = tuple(input_axes)
-    order = [i for i in range(w.ndim) if i not in input_axes] + list(input_axes)
+    order = _row_order(w.ndim, input_axes)
     k = int(np.prod([w.shape[i] for i in input_axes]))
     rows = w.transpose(order).reshape(-1, k)
     amax = np.max(np.abs(rows), axis=1, keepdims=True)
@@ -69,8 +74,7 @@ def int8_linear(x: jax.Array, w: Int8Weight, out_dtype=None) -> jax.Array:
     if int8_kernel.available():
         y = int8_kernel.int8_matmul(x2, w.q, w.scale)
     else:
-        rows = (w.q.astype(jnp.float32) * w.scale).astype(x.dtype)
-        y = jnp.einsum("mk,nk->mn", x2, rows, preferred_element_type=out_dtype)
+        y = jnp.einsum("mk,nk->mn", x2, w.rows(x.dtype), preferred_element_type=out_dtype)
     return y.reshape(lead + (w.q.shape[0],)).astype(out_dtype or x.dtype)
 
 

@@ -32,7 +32,7 @@ def add_quantize_argument(parser) -> None:
     """--quantize (engine, serve, generate, bench decode); see docs/speed.md, "int8"."""
     parser.add_argument("--quantize", choices=("int8",), default=None,
                         help="weight-only int8 with per-channel scales (model/quantize.py); on "
-                             "CPU decode steps run our int8 kernel, built on first use "
+                             "CPU its matmuls run our int8 kernel, built on first use "
                              "(model/int8_kernel.py); default: the weights as loaded")
 
 

@@ -1,8 +1,9 @@
-// y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]: a weight-only int8 matmul for a decode
-// step's few rows on CPU. q holds one output channel per row (int8, contiguous along k),
-// so each weight byte is read once per call, whatever the number of rows; the rows of x
-// stay in L1. The output channels are split in chunks over the calling thread
-// and XLA's intra-op thread pool (model/int8_kernel.py builds and registers this file).
+// y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]: a weight-only int8 matmul on CPU, for a
+// decode step's few rows and a prefill chunk's many. q holds one output channel per row
+// (int8, contiguous along k), so each weight byte is read once per call (a weight chunk
+// stays in L2 while the groups of rows pass over it). The output channels are split in
+// chunks over the calling thread and XLA's intra-op thread pool (model/int8_kernel.py
+// builds and registers this file).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -42,7 +43,7 @@ void Block(const int16_t* xq, const float* xs, const int8_t* q, const float* sca
     const int8_t* w = q + n * k;
     float out[MB];
     int64_t kk = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__)
     __m256 accf[MB];
     for (int r = 0; r < MB; ++r) accf[r] = _mm256_setzero_ps();
     while (kk + 16 * V <= k) {
