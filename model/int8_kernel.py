@@ -5,7 +5,8 @@ the matmul's operand), so a decode step over int8 weights reads more bytes than 
 float32 (docs/speed.md, "int8"). This XLA FFI custom call reads each int8 weight byte once
 per call and keeps the few rows of a decode step in L1, splitting the output channels over
 XLA's own intra-op thread pool; over a prefill chunk's many rows its int16 multiply-adds
-keep pace with XLA's float32 GEMM. It is compiled here with the machine's C++ compiler
+(AVX-512 VNNI where the CPU has it, else AVX2: `vector_path()`) outpace XLA's float32
+GEMM. It is compiled here with the machine's C++ compiler
 (`$CXX`, else `c++`; `-O3 -march=native`) against jaxlib's FFI headers, once per source,
 compiler flags, jaxlib and CPU, into `~/.cache/flaxserve/kernels` (`$FLAXSERVE_KERNELS`).
 Where it cannot be built (no compiler) `available()` says why and int8 weights take the
@@ -35,6 +36,12 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels",
                       "int8_matmul.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
+
+def _flags() -> tuple[str, ...]:
+    """FLAGS and `$FLAXSERVE_KERNEL_FLAGS` after them (e.g. `-mno-avx512f`: the AVX2 path on
+    an AVX-512 machine, as the tests build it)."""
+    return FLAGS + tuple(os.environ.get("FLAXSERVE_KERNEL_FLAGS", "").split())
+
 _lock = threading.Lock()
 _state: dict = {}        # "lib": the loaded library, or "error": why it is not available
 
@@ -60,7 +67,7 @@ def _build(compiler: str) -> str:
         source = f.read()
     include = jax.ffi.include_dir()
     key = hashlib.sha256(b"\0".join([
-        source, " ".join(FLAGS).encode(), compiler.encode(), include.encode(),
+        source, " ".join(_flags()).encode(), compiler.encode(), include.encode(),
         jax.__version__.encode(), platform.machine().encode(), _cpu_flags().encode(),
     ])).hexdigest()[:16]
     path = os.path.join(kernel_dir(), f"int8_matmul-{key}.so")
@@ -70,7 +77,7 @@ def _build(compiler: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=kernel_dir())
     os.close(fd)
     try:
-        run = subprocess.run([compiler, *FLAGS, "-I", include, SOURCE, "-o", tmp],
+        run = subprocess.run([compiler, *_flags(), "-I", include, SOURCE, "-o", tmp],
                              capture_output=True, text=True, timeout=300)
         if run.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[-2000:]}")
@@ -115,6 +122,16 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     available()
     return _state.get("error")
+
+
+def vector_path() -> str | None:
+    """The kernel's inner loop as built for this CPU: "avx512-vnni", "avx2" or "scalar"
+    (None: not available)."""
+    if not available():
+        return None
+    fn = _state["lib"].FlaxserveInt8Path
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:

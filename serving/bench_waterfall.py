@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.decoder import apply_rope, forward, one_query_attention, rms_norm, rope_inv_freq, \
-    rope_tables
+from model.decoder import _linear, apply_rope, forward, one_query_attention, rms_norm, \
+    rope_inv_freq, rope_tables
+from model.quantize import Int8Weight, int8_linear, int8_rows
 
 
 def add_arguments(parser) -> None:
@@ -39,6 +40,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per platform)")
     parser.add_argument("--against", metavar="DIR", help="also time the model forward of "
                         "DIR/model/decoder.py (another checkout), interleaved: an A/B")
+    from serving.flags import add_quantize_argument
+    add_quantize_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -50,7 +53,7 @@ def _layer(config, p, x, pos, rope, cache, level: int):
     kvh, g, hd, d = c.num_kv_heads, c.q_per_kv, c.head_dim, c.hidden_size
     a = p["attn"]
     h = rms_norm(x, p["attn_norm"]["scale"], c.rms_norm_eps) if level >= 1 else x
-    qkv = (h @ a["qkv"].reshape(d, -1)).reshape(1, 1, kvh, g + 2, hd)
+    qkv = _linear(h, a["qkv"], d).reshape(1, 1, kvh, g + 2, hd)
     if c.qkv_bias:
         qkv = qkv + a["qkv_bias"]
     q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]
@@ -70,15 +73,15 @@ def _layer(config, p, x, pos, rope, cache, level: int):
         out = one_query_attention(q, flat(kc), flat(vc), mask)
     else:
         out = q
-    y = out.reshape(1, -1) @ a["o"].reshape(-1, d)
+    y = _linear(out.reshape(1, -1), a["o"], kvh * g * hd)
     if c.o_bias:
         y = y + a["o_bias"]
     x = x + y if level >= 1 else y
     m = p["mlp"]
     h = rms_norm(x, p["mlp_norm"]["scale"], c.rms_norm_eps) if level >= 1 else x
-    gu = (h @ m["gate_up"].reshape(d, -1)).reshape(1, 2, -1)
+    gu = _linear(h, m["gate_up"], d).reshape(1, 2, -1)
     act = jax.nn.silu(gu[:, 0]) * gu[:, 1] if level >= 1 else gu[:, 0]
-    y = act @ m["down"]
+    y = _linear(act, m["down"], c.intermediate_size)
     return (x + y if level >= 1 else y), (kc, vc)
 
 
@@ -87,7 +90,9 @@ def _piece(config, level: int):
     inv = rope_inv_freq(config)
 
     def run(params, cache, token, pos):
-        x = params["embed"][token[:, 0]]
+        embed = params["embed"]
+        x = (int8_rows(embed, token[:, 0], config.dtype) if isinstance(embed, Int8Weight)
+             else embed[token[:, 0]])
         rope = rope_tables(pos, inv)
         new = []
         for i in range(config.num_layers):
@@ -95,7 +100,10 @@ def _piece(config, level: int):
             new.append(kv)
         if level >= 1:
             x = rms_norm(x, params["final_norm"]["scale"], config.rms_norm_eps)
-        head = params["embed"] if config.tie_word_embeddings else params["lm_head"].T
+        head = embed if config.tie_word_embeddings else params["lm_head"]
+        if isinstance(head, Int8Weight):
+            return int8_linear(x, head, jnp.float32), tuple(new)
+        head = head if config.tie_word_embeddings else head.T
         return jnp.einsum("bd,vd->bv", x, head, preferred_element_type=jnp.float32), tuple(new)
 
     return jax.jit(run, donate_argnums=(1,))
@@ -267,10 +275,13 @@ def run(args) -> int:
         from model.decoder import init_params
         config = named_config(args.config, dtype=args.dtype)
         params = init_params(config)
+        if args.quantize:
+            from model.quantize import quantize_params
+            params = quantize_params(config, params)
         name = args.config
     else:
         from checkpoints.loader import load_model
-        config, params, _ = load_model(args.model, dtype=args.dtype)
+        config, params, _ = load_model(args.model, dtype=args.dtype, quantize=args.quantize)
         name = args.model
     load = [os.getloadavg()[0]]
     bw = measure_bandwidth()

@@ -155,14 +155,19 @@ def test_decode_step_reads_the_cache_in_its_own_layout():
     assert set(cache_sized) <= own, sorted(set(cache_sized) - own)
 
 
-def test_the_waterfalls_last_piece_is_the_models_forward():
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_the_waterfalls_last_piece_is_the_models_forward(quantize):
     """serving/bench_waterfall.py rebuilds the layer piece by piece; with every piece in
-    (q/k norms included) its program must compute the model's own decode step."""
+    (q/k norms included) its program must compute the model's own decode step, over float
+    or int8 weights (`--quantize int8`)."""
     import dataclasses
 
+    from model.quantize import quantize_params
     from serving.bench_waterfall import _piece
     config = dataclasses.replace(named_config("tiny"), family="qwen3", qk_norm=True)
     params = init_params(config)
+    if quantize:
+        params = quantize_params(config, params)
     cache = init_cache(config, 1, 16)
     prompt = jnp.arange(1, 9, dtype=jnp.int32)[None]
     _, cache = forward(config, params, cache, prompt, jnp.arange(8, dtype=jnp.int32)[None])

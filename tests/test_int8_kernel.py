@@ -3,6 +3,10 @@ row counts and shapes that exercise its row groups, vector tails and chunking, a
 decoder's decode programs over int8 weights call it (no dequantised weight in the program)
 while giving the dequantised float model's logits and greedy tokens."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +25,16 @@ def kernel():
                     f"{int8_kernel.unavailable_reason()}")
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (3, 40, 7), (4, 64, 1000), (6, 33, 130),
-                                   (32, 128, 48), (1, 5, 3)])
+SHAPES = [(1, 576, 960), (3, 40, 7), (4, 64, 1000), (6, 33, 130), (32, 128, 48), (1, 5, 3),
+          (7, 4100, 37), (2, 2049, 19)]     # the last two: past the int32 flush (2048 inputs)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
 def test_kernel_matches_numpy(m, k, n):
+    _check_against_numpy(m, k, n)
+
+
+def _check_against_numpy(m, k, n):
     rng = np.random.default_rng(m * 1000 + k)
     w = rng.standard_normal((k, n)).astype(np.float32)
     wq = quantize_array(w, (0,))
@@ -37,6 +48,22 @@ def test_kernel_matches_numpy(m, k, n):
     bound = np.abs(x).max(1, keepdims=True) / 32767 / 2 * np.abs(rows).sum(1)[None, :]
     assert np.all(np.abs(got - want) <= bound * 1.01 + 1e-6 * np.abs(want) + 1e-30)
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+
+
+def test_the_avx2_path_matches_numpy_on_an_avx512_machine(tmp_path):
+    """The vector path is chosen when the kernel compiles (-march=native): on an AVX-512 VNNI
+    machine the AVX2 loop (the one other x86 CPUs run) is built with -mno-avx512f and checked
+    in a fresh process (one FFI target per process)."""
+    if int8_kernel.vector_path() != "avx512-vnni":
+        pytest.skip(f"this build already runs the {int8_kernel.vector_path()} path")
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_int8_kernel as t; "
+            "from model import int8_kernel as k; assert k.vector_path() == 'avx2', "
+            "k.vector_path(); [t._check_against_numpy(*s) for s in t.SHAPES]; print('ok')")
+    env = dict(os.environ, FLAXSERVE_KERNEL_FLAGS="-mno-avx512f",
+               FLAXSERVE_KERNELS=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
 CFG = named_config("tiny", dtype="float32")
