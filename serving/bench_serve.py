@@ -71,8 +71,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decode-steps", type=positive_int, default=1, metavar="K",
                         help="in-process engine: decode steps per dispatch while no request "
                              "waits (multi-step decode)")
-    from serving.flags import add_cpu_matmul_argument
+    from serving.flags import add_cpu_matmul_argument, add_quantize_argument
     add_cpu_matmul_argument(parser, default="auto")
+    add_quantize_argument(parser)       # the in-process engine's weights
     parser.add_argument("--prefill-budget", type=positive_int, default=None, metavar="TOKENS",
                         help="in-process engine: prompt tokens prefilled per scheduler "
                              "iteration, as on `engine` and `serve` (default: theirs)")
@@ -265,13 +266,19 @@ def _start_engine(args, max_slots: int, max_len: int, layout: str = "dense"):
     if args.config:
         config = named_config(args.config, dtype=args.dtype)
         params, name = init_params(config, seed=0), args.config
+        if getattr(args, "quantize", None):
+            from model.quantize import quantize_params
+            params = quantize_params(config, params)
     else:
-        config, params, _ = load_model(args.model, dtype=args.dtype)
+        config, params, _ = load_model(args.model, dtype=args.dtype,
+                                       quantize=getattr(args, "quantize", None))
         name = args.model
     from serving.engine.main import kv_engine_args
     args.kv_layout = layout
     kv = kv_engine_args(args, config, max_slots, max_len)
-    print(f"bench serve: starting an engine on {name} ({max_slots} slots, {layout} KV"
+    print(f"bench serve: starting an engine on {name}"
+          + (f" ({args.quantize} weights)" if getattr(args, "quantize", None) else "")
+          + f" ({max_slots} slots, {layout} KV"
           + (f", {kv['num_blocks']} blocks of {kv['block_size']}" if "num_blocks" in kv else "")
           + "), compiling ...", flush=True)
     from serving.engine.cpu_matmul import kept_path, label, resolve
