@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import cpu_attention
 from model import paged_attention as paged
 from model.config import ModelConfig
 from model.quantize import Int8Weight, int8_linear, int8_rows
@@ -114,6 +115,16 @@ def one_query_attention(q, keys, values, mask):
     return out[:, None].astype(values.dtype)
 
 
+def cpu_decode_attention(q, k_cache, v_cache, tables, positions, void: int, cap: int):
+    """A decode step's attention through the CPU kernel (model/cpu_attention.py): row b
+    attends keys [0, position + 1), at most `cap`; rows whose position writes nothing (idle,
+    at or past `void`) attend key 0 only, their output unused."""
+    pos = positions[:, 0]
+    lengths = jnp.minimum(jnp.where((pos >= 0) & (pos < void), pos + 1, 1), cap)
+    out = cpu_attention.decode_attention(q[:, 0], k_cache, v_cache, tables, lengths)
+    return out[:, None].astype(v_cache.dtype)
+
+
 def _one_query_path(kv_heads: int) -> bool:
     """Whether one-token attention takes `one_query_attention` (dense cache or the paged
     gather path): on CPU (where it was measured; GPU and TPU keep the batched dots, or the
@@ -181,6 +192,8 @@ class Attention(nn.Module):
         q = apply_rope(q, rope)
         k = apply_rope(k, rope)
 
+        cpu_kernel = (t == 1 and cfg.layer_window(self.layer) is None
+                      and cpu_attention.available(k_cache.dtype))
         if block_tables is None:
             # Attend over the first attend_len positions only (static): a short sequence in
             # a long cache then costs what its length costs, not what max_len costs.
@@ -190,6 +203,11 @@ class Attention(nn.Module):
             rows = (jnp.arange(x.shape[0]) if slot_ids is None else slot_ids)[:, None]
             k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
             v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+            if cpu_kernel:       # the dense cache as a pool of one block per slot
+                out = cpu_decode_attention(q, k_cache, v_cache, rows.astype(jnp.int32),
+                                           positions, k_cache.shape[1],
+                                           attend_len or k_cache.shape[1])
+                return self._project(out, b, t), k_cache, v_cache
             keys, values = read(k_cache), read(v_cache)
         else:
             # Paged: the same through each row's block table (model/paged_attention.py).
@@ -214,6 +232,10 @@ class Attention(nn.Module):
                 out = decode_attention(q[:, 0], k_cache, v_cache, tables[:, :n], lengths,
                                        kernel=self.paged_kernel, interpret=self.interpret)
                 return self._project(out[:, None].astype(v_cache.dtype), b, t), k_cache, v_cache
+            if cpu_kernel and not hf:    # CPU: read the pool in place through the tables
+                out = cpu_decode_attention(q, k_cache, v_cache, tables[:, :n], positions,
+                                           paged.void_position(tables, bs), n * bs)
+                return self._project(out, b, t), k_cache, v_cache
             keys = paged.gather(k_cache, tables, n, hf)
             values = paged.gather(v_cache, tables, n, hf)
 

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.decoder import _linear, apply_rope, forward, one_query_attention, rms_norm, \
-    rope_inv_freq, rope_tables
+from model import cpu_attention
+from model.decoder import _linear, apply_rope, cpu_decode_attention, forward, \
+    one_query_attention, rms_norm, rope_inv_freq, rope_tables
 from model.quantize import Int8Weight, int8_linear, int8_rows
 
 
@@ -66,7 +67,10 @@ def _layer(config, p, x, pos, rope, cache, level: int):
     if level >= 3:
         kc = kc.at[jnp.zeros((1, 1), jnp.int32), pos].set(k, mode="drop")
         vc = vc.at[jnp.zeros((1, 1), jnp.int32), pos].set(v, mode="drop")
-    if level >= 4:
+    if level >= 4 and cpu_attention.available(kc.dtype):     # as the model's layer does
+        out = cpu_decode_attention(q, kc, vc, jnp.zeros((1, 1), jnp.int32), pos,
+                                   kc.shape[1], kc.shape[1])
+    elif level >= 4:
         s = kc.shape[1]
         mask = jnp.arange(s)[None, :] <= pos[:, :1]
         flat = lambda t: t.reshape(t.shape[:2] + (kvh * hd,))
