@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import cpu_attention
+from model import cpu_attention, cpu_matvec
 from model import paged_attention as paged
 from model.config import ModelConfig
 from model.quantize import Int8Weight, int8_linear, int8_rows
@@ -153,7 +153,10 @@ def _linear(x: jax.Array, w, k: int) -> jax.Array:
     megabytes per layer per step). An int8 weight goes through model/quantize.py."""
     if isinstance(w, Int8Weight):
         return int8_linear(x, w)
-    return x @ w.reshape(k, -1)
+    w2 = w.reshape(k, -1)
+    if cpu_matvec.applies(x, w2):      # a few rows on CPU: our float32 matvec
+        return cpu_matvec.matvec(x.reshape(-1, k), w2).reshape(x.shape[:-1] + w2.shape[1:])
+    return x @ w2
 
 
 class RMSNorm(nn.Module):
@@ -342,6 +345,10 @@ class Decoder(nn.Module):
             self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.dtype)
         if isinstance(head, Int8Weight):
             logits = int8_linear(x, head, jnp.float32)
+        elif cpu_matvec.applies(x, head):
+            tied = cfg.tie_word_embeddings
+            logits = cpu_matvec.matvec(x.reshape(-1, x.shape[-1]), head, transposed=tied)
+            logits = logits.reshape(x.shape[:-1] + logits.shape[-1:])
         else:       # the tied embedding is [vocab, embed], a separate head [embed, vocab]
             spec = "...d,vd->...v" if cfg.tie_word_embeddings else "...d,dv->...v"
             logits = jnp.einsum(spec, x, head, preferred_element_type=jnp.float32)

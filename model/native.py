@@ -1,10 +1,12 @@
 """Our CPU kernels (model/cpu_kernels/*.cc): compiled into one library on first use, loaded,
 and their XLA FFI targets registered with JAX.
 
-XLA:CPU leaves two things of a decode step far from what the machine can do: a matmul over
-int8 weights (it dequantises the weight in full first) and attention over a paged pool (it
-gathers and masks copies of the keys and values first). Both are XLA FFI custom calls
-written in C++ (model/int8_kernel.py, model/cpu_attention.py wrap them). The library is
+XLA:CPU leaves three things of a decode step far from what the machine can do: a matmul
+over int8 weights (it dequantises the weight in full first), attention over a paged pool
+(it gathers and masks copies of the keys and values first) and a batch-1 float32 matmul (it
+streams the weight at a fraction of the memory's rate). Each is an XLA FFI custom call
+written in C++ (model/int8_kernel.py, model/cpu_attention.py, model/cpu_matvec.py wrap
+them; parallel.h shares a call's tasks with XLA's own thread pool). The library is
 built here with the machine's C++ compiler (`$CXX`, else `c++`; `-O3 -march=native`, plus
 `$FLAXSERVE_KERNEL_FLAGS`) against jaxlib's FFI headers, once per sources, flags, jaxlib
 and CPU, into `~/.cache/flaxserve/kernels` (`$FLAXSERVE_KERNELS`); ~10 s. Where it cannot
@@ -30,12 +32,15 @@ import jax
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                              "cpu_kernels", "*.cc"))))
+_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels")
+SOURCES = tuple(sorted(glob.glob(os.path.join(_DIR, "*.cc"))))
+HEADERS = tuple(sorted(glob.glob(os.path.join(_DIR, "*.h"))))     # part of the cache key
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
 # FFI target name -> the handler symbol the library exports
 TARGETS = {"flaxserve_int8_matmul": "FlaxserveInt8Matmul",
-           "flaxserve_paged_attention": "FlaxservePagedAttention"}
+           "flaxserve_paged_attention": "FlaxservePagedAttention",
+           "flaxserve_f32_matvec_kn": "FlaxserveF32MatvecKn",
+           "flaxserve_f32_matvec_nk": "FlaxserveF32MatvecNk"}
 
 _lock = threading.Lock()
 _state: dict = {}        # "lib": the loaded library, or "error": why it is not available
@@ -65,7 +70,7 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> str:
     parts = []
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         with open(source, "rb") as f:
             parts.append(f.read())
     include = jax.ffi.include_dir()

@@ -42,3 +42,24 @@ def smollm2_gguf():
         return resolve("smollm2")
     except ValueError as e:
         pytest.skip(f"the SmolLM2 GGUF is not available: {e}")
+
+
+@pytest.fixture(scope="session")
+def avx2_check(tmp_path_factory):
+    """Runs `code` in a fresh Python process whose CPU kernels (model/native.py) are built
+    with -mno-avx512f: the AVX2 loops other x86 CPUs run, checked on an AVX-512 machine (a
+    process registers one build). One build, in one directory, for the whole session."""
+    import subprocess
+    import sys
+    kernels = str(tmp_path_factory.mktemp("avx2_kernels"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def check(code: str) -> None:
+        code = ("import sys; sys.path.insert(0, 'tests'); from model import native; "
+                "assert native.vector_path() == 'avx2', native.vector_path(); "
+                + code + "; print('ok')")
+        env = dict(os.environ, FLAXSERVE_KERNEL_FLAGS="-mno-avx512f", FLAXSERVE_KERNELS=kernels)
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=300, cwd=root)
+        assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    return check

@@ -4,9 +4,6 @@ lengths of one key, odd tails and a full table, and scattered block ids; the dec
 decode steps call it (dense cache and paged pool) and give the logits of the XLA path;
 the AVX2 build (what CPUs without AVX-512 run) passes the same numpy check."""
 
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -68,19 +65,12 @@ def test_kernel_matches_numpy(shape):
     _check_against_numpy(*shape)
 
 
-def test_the_avx2_build_matches_numpy(tmp_path):
+def test_the_avx2_build_matches_numpy(avx2_check):
     """The kernels compile with -march=native: on an AVX-512 machine the loops other CPUs
     run are built with -mno-avx512f and checked in a fresh process."""
     if native.vector_path() != "avx512-vnni":
         pytest.skip(f"this build already runs the {native.vector_path()} path")
-    code = ("import sys; sys.path.insert(0, 'tests'); import test_cpu_attention as t; "
-            "from model import native; assert native.vector_path() == 'avx2', "
-            "native.vector_path(); [t._check_against_numpy(*s) for s in t.SHAPES]; print('ok')")
-    env = dict(os.environ, FLAXSERVE_KERNEL_FLAGS="-mno-avx512f",
-               FLAXSERVE_KERNELS=str(tmp_path))
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    avx2_check("import test_cpu_attention as t; [t._check_against_numpy(*s) for s in t.SHAPES]")
 
 
 CFG = named_config("tiny", dtype="float32")

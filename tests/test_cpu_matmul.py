@@ -45,7 +45,9 @@ def _tokens(engine, steps=6):
     return out
 
 
-def test_eigen_engine_drops_ynnpack_dots_and_keeps_the_tokens():
+def test_eigen_engine_drops_ynnpack_dots_and_keeps_the_tokens(monkeypatch):
+    # 4 rows would take our own float32 matvec (model/cpu_matvec.py), not XLA's dots
+    monkeypatch.setenv("FLAXSERVE_CPU_MATVEC", "0")
     engines = {c: DeviceEngine(CFG, PARAMS, max_slots=4, max_len=32, prefill_buckets=(16,),
                                cpu_matmul=c) for c in ("default", "eigen")}
     assert engines["eigen"].cpu_matmul == "eigen"

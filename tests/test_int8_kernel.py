@@ -3,9 +3,6 @@ row counts and shapes that exercise its row groups, vector tails and chunking, a
 decoder's decode programs over int8 weights call it (no dequantised weight in the program)
 while giving the dequantised float model's logits and greedy tokens."""
 
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -50,20 +47,13 @@ def _check_against_numpy(m, k, n):
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
 
 
-def test_the_avx2_path_matches_numpy_on_an_avx512_machine(tmp_path):
+def test_the_avx2_path_matches_numpy_on_an_avx512_machine(avx2_check):
     """The vector path is chosen when the kernel compiles (-march=native): on an AVX-512 VNNI
     machine the AVX2 loop (the one other x86 CPUs run) is built with -mno-avx512f and checked
     in a fresh process (one FFI target per process)."""
     if int8_kernel.vector_path() != "avx512-vnni":
         pytest.skip(f"this build already runs the {int8_kernel.vector_path()} path")
-    code = ("import sys; sys.path.insert(0, 'tests'); import test_int8_kernel as t; "
-            "from model import int8_kernel as k; assert k.vector_path() == 'avx2', "
-            "k.vector_path(); [t._check_against_numpy(*s) for s in t.SHAPES]; print('ok')")
-    env = dict(os.environ, FLAXSERVE_KERNEL_FLAGS="-mno-avx512f",
-               FLAXSERVE_KERNELS=str(tmp_path))
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    avx2_check("import test_int8_kernel as t; [t._check_against_numpy(*s) for s in t.SHAPES]")
 
 
 CFG = named_config("tiny", dtype="float32")

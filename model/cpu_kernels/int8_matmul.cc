@@ -7,14 +7,11 @@
 // the machine (-march=native): AVX-512 VNNI where the CPU has it (Zen 4, Ice Lake and
 // later), else AVX2 (a scalar loop without either).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__x86_64__)
@@ -217,32 +214,6 @@ void Rows(const int16_t* xq, const float* xs, const int8_t* q, const float* scal
   }
 }
 
-// Chunks handed out by an atomic counter; late pool tasks find none left and return,
-// touching only the shared state, so the caller waits for finished chunks, not tasks.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t chunks = 0;
-  std::vector<int16_t> xq;   // x as int16, and each row's scale
-  std::vector<float> xs;
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-void RunChunks(Work& work, const int16_t* xq, const float* xs, const int8_t* q,
-               const float* scale, float* y, int64_t m, int64_t k, int64_t n, int64_t chunk) {
-  for (;;) {
-    int64_t c = work.next.fetch_add(1);
-    if (c >= work.chunks) return;
-    int64_t n0 = c * chunk, n1 = n0 + chunk < n ? n0 + chunk : n;
-    Rows(xq, xs, q, scale, y, m, k, n, n0, n1);
-    if (work.done.fetch_add(1) + 1 == work.chunks) {
-      std::lock_guard<std::mutex> lock(work.mu);
-      work.cv.notify_all();
-    }
-  }
-}
-
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
                           ffi::ResultBuffer<ffi::F32> y) {
@@ -257,26 +228,15 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // ~64 KB of weights a chunk: enough chunks to balance, few enough to be cheap to hand out
   int64_t chunk = (64 * 1024) / (k > 0 ? k : 1);
   chunk = chunk < 16 ? 16 : (chunk + 15) / 16 * 16;
-  auto work = std::make_shared<Work>();
-  work->xq.resize(m * k);
-  work->xs.resize(m);
-  QuantizeRows(xp, m, k, work->xq.data(), work->xs.data());
-  const int16_t* xq = work->xq.data();
-  const float* xs = work->xs.data();
-  work->chunks = (n + chunk - 1) / chunk;
-  int64_t helpers = pool.num_threads();
-  if (helpers > work->chunks - 1) helpers = work->chunks - 1;
-  for (int64_t i = 0; i < helpers; ++i)
-    pool.Schedule([=] { RunChunks(*work, xq, xs, qp, sp, yp, m, k, n, chunk); });
-  RunChunks(*work, xq, xs, qp, sp, yp, m, k, n, chunk);
-  // the helpers' last chunks end microseconds after ours: spin a little before sleeping
-  for (int spin = 0; spin < 20000 && work->done.load() != work->chunks; ++spin) {
-#if defined(__x86_64__)
-    _mm_pause();
-#endif
-  }
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done.load() == work->chunks; });
+  std::vector<int16_t> xq_buf(m * k);
+  std::vector<float> xs_buf(m);
+  QuantizeRows(xp, m, k, xq_buf.data(), xs_buf.data());
+  const int16_t* xq = xq_buf.data();
+  const float* xs = xs_buf.data();
+  flaxserve::ParallelFor(pool, (n + chunk - 1) / chunk, [=](int64_t c) {
+    const int64_t n0 = c * chunk, n1 = n0 + chunk < n ? n0 + chunk : n;
+    Rows(xq, xs, qp, sp, yp, m, k, n, n0, n1);
+  }, /*every_thread=*/m > 4);
   return ffi::Error::Success();
 }
 

@@ -4,17 +4,14 @@
 // XLA:CPU's path gathers each row's blocks into a contiguous copy, masks a second copy and
 // runs the products kv_heads times over (model/decoder.py `one_query_attention`); here each
 // key and value is read once, from the pool itself. One task per (row, kv head), handed out
-// by an atomic counter to the calling thread and XLA's intra-op pool, as in int8_matmul.cc.
+// by an atomic counter to the calling thread and XLA's intra-op pool (parallel.h).
 // A dense cache [slots, max_len, kvh, hd] is the same pool with one block per slot.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__x86_64__)
@@ -215,14 +212,6 @@ void TaskAvx512(const Shape& sh, const float* q, const float* kp, const float* v
 }
 #endif
 
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t tasks = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                               ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> lengths,
@@ -243,40 +232,20 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const int32_t* lp = lengths.typed_data();
   float* op = out->typed_data();
   const int64_t cap = sh.max_blocks * sh.bs;
-  auto work = std::make_shared<Work>();
-  work->tasks = sh.rows * sh.kvh;
-  auto run = [=] {
-    std::vector<float> scores;
-    for (;;) {
-      int64_t t = work->next.fetch_add(1);
-      if (t >= work->tasks) return;
-      const int64_t b = t / sh.kvh, h = t % sh.kvh;
-      const int64_t len = std::min<int64_t>(std::max<int64_t>(lp[b], 1), cap);
+  flaxserve::ParallelFor(pool, sh.rows * sh.kvh, [=](int64_t t) {
+    thread_local std::vector<float> scores;
+    const int64_t b = t / sh.kvh, h = t % sh.kvh;
+    const int64_t len = std::min<int64_t>(std::max<int64_t>(lp[b], 1), cap);
 #if defined(__AVX512F__)
-      if (sh.hd % 16 == 0 && sh.g <= 16) {
-        TaskAvx512(sh, qp, kp, vp, tp, len, b, h, op, scores);
-      } else {
-        Task(sh, qp, kp, vp, tp, len, b, h, op, scores);
-      }
-#else
+    if (sh.hd % 16 == 0 && sh.g <= 16) {
+      TaskAvx512(sh, qp, kp, vp, tp, len, b, h, op, scores);
+    } else {
       Task(sh, qp, kp, vp, tp, len, b, h, op, scores);
-#endif
-      if (work->done.fetch_add(1) + 1 == work->tasks) {
-        std::lock_guard<std::mutex> lock(work->mu);
-        work->cv.notify_all();
-      }
     }
-  };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), work->tasks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run] { run(); });
-  run();
-  for (int spin = 0; spin < 20000 && work->done.load() != work->tasks; ++spin) {
-#if defined(__x86_64__)
-    _mm_pause();
+#else
+    Task(sh, qp, kp, vp, tp, len, b, h, op, scores);
 #endif
-  }
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done.load() == work->tasks; });
+  }, /*every_thread=*/sh.rows > 4);    // as the int8 kernel: a big batch is compute-bound
   return ffi::Error::Success();
 }
 
