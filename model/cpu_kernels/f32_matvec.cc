@@ -1,7 +1,7 @@
 // Few-row float32 matmuls on CPU: a batch-1 (or few-row) decode step's products, which read
 // every weight once and do two flops per 4 bytes, so only the rate at which the weights
-// stream from memory counts. XLA:CPU's one-row dot reads them at a third to a half of what
-// this machine's memory gives (docs/speed.md, "Float32 matvec on CPU"); these loops read
+// stream from memory counts. XLA:CPU's one-row dot reads them at a third to two thirds of
+// what this machine's memory gives (docs/speed.md, "Float32 matvec on CPU"); these loops read
 // each weight as a few long sequential streams the hardware prefetchers follow, split over
 // the calling thread and XLA's intra-op pool (parallel.h). Two layouts:
 //   KN: y[m, n] = sum_k x[m, k] * w[k, n]   (a layer's weight, [in, out])
@@ -23,7 +23,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;          // the Python side sends at most this many rows
+constexpr int64_t kMaxRows = 8;          // a guard: the Python side sends at most 4 rows
 constexpr int64_t kTileBytes = 256 * 1024;
 constexpr int64_t kMaxTiles = 16;
 constexpr int64_t kColumns = 4096;        // a KN tile's widest column span (16 KB a row)
@@ -50,19 +50,11 @@ void KnTile(const float* x, const float* w, float* acc, int64_t m, int64_t k, in
   }
 }
 
-ffi::Error KnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                  ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || xd[0] > kMaxRows)
-    return ffi::Error::InvalidArgument("f32 matvec: x [m <= 8, k], w [k, n]");
-  const int64_t m = xd[0], k = xd[1], n = wd[1];
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
-  if (m == 0 || n == 0) return ffi::Error::Success();
+void RunKn(ffi::ThreadPool& pool, const float* xp, const float* wp, float* yp, int64_t m,
+           int64_t k, int64_t n) {
   if (k == 0) {
     std::memset(yp, 0, m * n * sizeof(float));
-    return ffi::Error::Success();
+    return;
   }
   // Tiles: column spans of at most kColumns, and input spans splitting each into enough
   // tiles of >= kTileBytes for both threads to stay busy. Input span 0 writes y; span j > 0
@@ -88,7 +80,6 @@ ffi::Error KnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
 #pragma omp simd
     for (int64_t j = 0; j < m * n; ++j) yp[j] += p[j];
   }
-  return ffi::Error::Success();
 }
 
 // x[0:k] . w[0:k] in one fixed order: four partial sums, 64 inputs a step (the AVX-512 loop
@@ -132,16 +123,8 @@ void NkSpan(const float* x, const float* w, float* y, int64_t m, int64_t k, int6
     for (int64_t r = 0; r < m; ++r) y[r * n + j] = Dot(x + r * k, w + j * k, k);
 }
 
-ffi::Error NkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                  ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || xd[0] > kMaxRows)
-    return ffi::Error::InvalidArgument("f32 matvec: x [m <= 8, k], w [n, k]");
-  const int64_t m = xd[0], k = xd[1], n = wd[0];
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
-  if (m == 0 || n == 0) return ffi::Error::Success();
+void RunNk(ffi::ThreadPool& pool, const float* xp, const float* wp, float* yp, int64_t m,
+           int64_t k, int64_t n) {
   // spans of ~kTileBytes of weights
   int64_t span = kTileBytes / (k > 0 ? 4 * k : 4);
   span = span < 1 ? 1 : span;
@@ -150,19 +133,32 @@ ffi::Error NkImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     const int64_t n0 = t * span, n1 = n0 + span < n ? n0 + span : n;
     NkSpan(xp, wp, yp, m, k, n, n0, n1);
   });
+}
+
+// One handler body for both layouts: w is [k, n] (KN) or, `kNk`, [n, k].
+template <bool kNk>
+ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[kNk ? 1 : 0] || xd[0] > kMaxRows)
+    return ffi::Error::InvalidArgument(kNk ? "f32 matvec: x [m <= 8, k], w [n, k]"
+                                           : "f32 matvec: x [m <= 8, k], w [k, n]");
+  const int64_t m = xd[0], k = xd[1], n = wd[kNk ? 0 : 1];
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  (kNk ? RunNk : RunKn)(pool, x.typed_data(), w.typed_data(), y->typed_data(), m, k, n);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxserveF32MatvecKn, KnImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxserveF32MatvecKn, MatvecImpl<false>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxserveF32MatvecNk, NkImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxserveF32MatvecNk, MatvecImpl<true>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
